@@ -1,0 +1,31 @@
+"""One error type for everything a user can fix, and the CLI wrapper that prints it as one line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """Bad input, bad config or a bad file: the message names the culprit and is all the user needs."""
+
+
+def cli_main(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | None], int]:
+    """Run `main(argv)`; a UserError becomes one line on stderr and exit 2 (a traceback only with --debug)."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in argv
+        if debug:
+            argv.remove("--debug")
+        try:
+            return main(argv) or 0
+        except UserError as err:
+            if debug:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapper

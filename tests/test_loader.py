@@ -1,0 +1,72 @@
+"""Data module: evaluation sees every sample once across ranks x workers; training steps agree."""
+
+import json
+
+import pytest
+import torch
+
+from dfcvae_dist.data.loader import (EvalStream, SplitSource, TrainStream, batches_per_epoch, make_loader)
+from dfcvae_dist.errors import UserError
+
+
+def keys_of(loader):
+    return [k for batch in loader for k in batch["key"]]
+
+
+def test_eval_two_ranks_two_workers_disjoint_and_complete(shard_dir):
+    source = SplitSource.from_manifest(shard_dir, "train")
+    seen = []
+    for rank in range(2):
+        keys = keys_of(make_loader(EvalStream(source, batch_size=7, rank=rank, world=2), num_workers=2))
+        assert keys
+        seen.append(set(keys))
+        assert len(keys) == len(set(keys))
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == source.num_samples == 321
+
+
+def test_eval_batches_carry_image_attrs_landmarks(shard_dir):
+    batch = next(iter(make_loader(EvalStream(SplitSource.from_manifest(shard_dir, "val"), 5, 0, 1), 0)))
+    assert batch["image"].shape == (5, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert 0 <= batch["image"].min() and batch["image"].max() <= 1
+    assert batch["attrs"].shape == (5, 40) and batch["landmarks"].shape == (5, 10)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_every_rank_runs_the_same_number_of_batches(shard_dir, workers):
+    source = SplitSource.from_manifest(shard_dir, "train")
+    n = batches_per_epoch(source.num_samples, batch_size=16, world=2, grad_accum=1)
+    counts, keys = [], []
+    for rank in range(2):
+        stream = TrainStream(source, 16, n, rank, 2, workers, seed=0, shuffle_buffer=50)
+        batches = list(make_loader(stream, workers))
+        counts.append(len(batches))
+        assert all(len(b["key"]) == 16 for b in batches)
+        keys.append({k for b in batches for k in b["key"]})
+    assert counts == [n, n] and n == 321 // 32
+    assert not keys[0] & keys[1]  # ranks read disjoint shards
+
+
+def test_training_order_is_seeded_and_resumes_at_a_batch(shard_dir):
+    source = SplitSource.from_manifest(shard_dir, "train")
+    n = batches_per_epoch(source.num_samples, 8, 1, 1)
+    stream = TrainStream(source, 8, n, 0, 1, 2, seed=5, shuffle_buffer=30)
+    full = [b["key"] for b in make_loader(stream, 2)]
+    stream.set_position(0, 13)
+    tail = [b["key"] for b in make_loader(stream, 2)]
+    assert tail == full[13:]
+    stream.set_position(1, 0)
+    assert [b["key"] for b in make_loader(stream, 2)] != full  # a new epoch, a new order
+
+
+def test_too_few_shards_for_ranks_and_workers(shard_dir):
+    source = SplitSource.from_manifest(shard_dir, "train")  # 9 shards
+    with pytest.raises(UserError, match=r"9 training shard\(s\) for 4 rank\(s\) x 3 worker\(s\): need at least 12"):
+        TrainStream(source, 8, 1, 0, 4, 3, 0, 10)
+
+
+def test_manifest_listing_a_missing_shard(shard_dir, tmp_path):
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"train-000000\.tar: listed in .*manifest\.json but missing on disk"):
+        SplitSource.from_manifest(tmp_path, "train")
