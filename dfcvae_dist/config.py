@@ -49,11 +49,11 @@ class DataConfig:
 class ModelConfig:
     name: str = opt("dfcvae", "Model: dfcvae (feature perceptual loss), pvae (pixel loss) or dcgan.",
                     choices=["dfcvae", "pvae", "dcgan"])
-    image_size: int = opt(64, "Square input/output size; 64 is the paper's, 128 the released code's variant.",
-                          choices=[64, 128])
+    image_size: int = opt(64, "Square input/output size: 64 is the paper's, 128 the released code's variant, "
+                          "32 a small size for tests and demos.", choices=[32, 64, 128])
     latent_dim: int = opt(100, "Size of z.", min=1)
-    base_channels: int = opt(32, "Channels of the first encoder block (doubled per block); DCGAN uses 64.",
-                             min=1)
+    base_channels: int = opt(32, "Channels of the first encoder block, doubled per block (paper: 32); "
+                             "DCGAN: the discriminator's first block (Radford et al.: 64).", min=1)
     init: str = opt("normal", "Weight init: normal (N(0, 0.02) convolutions, as the released code) or "
                     "default (PyTorch's).", choices=["normal", "default"])
 

@@ -1,0 +1,31 @@
+"""The VAE objective: alpha * KL + beta * reconstruction (feature perceptual or pixel)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) per image, summed over z, averaged over the batch (in fp32)."""
+    mu, logvar = mu.float(), logvar.float()
+    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
+
+
+def pixel_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Sum of squared pixel errors per image (a Gaussian log-likelihood up to a constant), batch mean."""
+    return F.mse_loss(x_hat.float(), x.float(), reduction="sum") / x.shape[0]
+
+
+def vae_loss(x, x_hat, mu, logvar, alpha: float, beta: float, perceptual=None) -> dict[str, torch.Tensor]:
+    """Loss terms for logging plus `total`: perceptual losses per layer when a loss network is given
+    (DFC-VAE), otherwise the pixel loss (PVAE)."""
+    terms = {"kl": kl_divergence(mu, logvar)}
+    if perceptual is not None:
+        layers = perceptual(x, x_hat)
+        terms.update({f"rec_{name}": value for name, value in layers.items()})
+        terms["rec"] = sum(layers.values())
+    else:
+        terms["rec"] = pixel_loss(x, x_hat)
+    terms["total"] = alpha * terms["kl"] + beta * terms["rec"]
+    return terms
