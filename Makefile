@@ -22,11 +22,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 QS := quickstart
+LAUNCH_CPU2 := $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
 quickstart: $(STAMP)
 	$(BIN)/python tools/make_synthetic_celeba.py --out $(QS)/celeba --num 4000 --seed 0
-	$(BIN)/python tools/make_shards.py --celeba-root $(QS)/celeba --out $(QS)/shards/paper-64 --shard-size 250
-	$(BIN)/python tools/make_shards.py --celeba-root $(QS)/celeba --out $(QS)/shards/landmarks-64 --crop landmarks --shard-size 250
-	@echo "quickstart data ready under $(QS)/"
+	$(BIN)/python tools/make_shards.py --celeba-root $(QS)/celeba --out $(QS)/shards/paper-32 --image-size 32 --shard-size 250
+	$(BIN)/python tools/make_shards.py --celeba-root $(QS)/celeba --out $(QS)/shards/landmarks-32 --image-size 32 --crop landmarks --shard-size 250
+	MLFLOW_TRACKING_URI=sqlite:///$(QS)/mlflow.db $(LAUNCH_CPU2) -m dfcvae_dist.train --config configs/quickstart.yaml
+	@echo "results: $(QS)/runs/dfcvae (checkpoints), MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(QS)/mlflow.db"
 
 clean-quickstart:
 	rm -rf $(QS)

@@ -1,0 +1,80 @@
+"""Tracking through a real `mlflow server` on loopback, and an unreachable server both ways."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.test_train import train
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                             str(port), "--backend-store-uri", f"sqlite:///{root}/store.db",
+                             "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start within 90 s")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_two_process_run_logs_to_a_real_server(tmp_path, shard_dir, mlflow_server):
+    import mlflow
+
+    run_dir = tmp_path / "run"
+    train(tmp_path, shard_dir, run_dir, "train.max_steps=6", f"log.tracking_uri={mlflow_server}",
+          "log.image_every_steps=3", nproc=2)
+    run_id = json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.batch_size"] == "16"
+    assert [m.step for m in client.get_metric_history(run_id, "train/total")] == list(range(1, 7))
+
+
+def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, shard_dir):
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.time()
+    proc = train(tmp_path, shard_dir, tmp_path / "run", "train.max_steps=2", f"log.tracking_uri={uri}", check=False)
+    assert proc.returncode == 2
+    assert time.time() - start < 60
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: [rank 0] MLflow tracking server " + uri + " is unreachable")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unreachable_server_with_warn_trains_untracked(tmp_path, shard_dir):
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = train(tmp_path, shard_dir, tmp_path / "run", "train.max_steps=2", f"log.tracking_uri={uri}",
+                 "log.on_unavailable=warn", nproc=2)
+    assert "training continues UNTRACKED" in proc.stderr
+    summary = json.loads((tmp_path / "run" / "COMPLETED.json").read_text())
+    assert summary["step"] == 2 and summary["mlflow_run_id"] is None
