@@ -104,14 +104,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
     client = mlflow_client(tmp_path)
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
-    state = json.loads((run_dir / "checkpoints" / "step-00000010" / "trainer_state.json").read_text()) \
-        if (run_dir / "checkpoints" / "step-00000010").exists() else None
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id],
                               filter_string="attributes.run_name = 'killed'")
     assert len(runs) == 1 and runs[0].info.run_id == summary["mlflow_run_id"]
     logged = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "train/total")]
     assert sorted(logged) == list(range(1, 41))  # each step exactly once
-    assert state is None or state["mlflow_run_id"] == summary["mlflow_run_id"]
+    state = json.loads((run_dir / "checkpoints" / "step-00000040" / "trainer_state.json").read_text())
+    assert state["mlflow_run_id"] == summary["mlflow_run_id"] and state["world_size"] == 2
 
 
 def test_sigterm_checkpoints_at_an_agreed_step_and_leaves_resume_marker(tmp_path, shard_dir):
@@ -130,8 +129,7 @@ def test_sigterm_checkpoints_at_an_agreed_step_and_leaves_resume_marker(tmp_path
     assert marker["stopped_early"] and 0 < marker["step"] < 400
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert ckpts == [f"step-{marker['step']:08d}"]  # exactly one checkpoint, at the agreed step
-    train(tmp_path, shard_dir, run_dir, "train.max_steps=400", "checkpoint.every_steps=0",
-          "train.max_steps=" + str(marker["step"] + 5), nproc=2)
+    train(tmp_path, shard_dir, run_dir, f"train.max_steps={marker['step'] + 5}", "checkpoint.every_steps=0", nproc=2)
     assert not (run_dir / "RESUME_ME.json").exists()
     assert json.loads((run_dir / "COMPLETED.json").read_text())["step"] == marker["step"] + 5
 

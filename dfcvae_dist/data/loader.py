@@ -1,0 +1,210 @@
+"""WebDataset pipelines for training (streaming, seeded, resumable) and evaluation (every sample once).
+
+Training order, fixed by (seed, epoch) alone so that every rank can compute it and a resume can find its
+place: the split's shard list is permuted with a (seed, epoch) generator, then split by rank and by
+worker (`shards[rank::world][worker::workers]`). Each worker cycles through its shards, shuffles raw
+samples in a buffer seeded by (seed, epoch, rank, worker) and yields exactly its share of the epoch's
+batches; the DataLoader takes batches from its workers in turn, so batch i of an epoch comes from worker
+i % workers. Every rank therefore runs the same number of batches, and resuming at batch b skips the raw
+(undecoded) samples before b instead of decoding them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torchvision.io import ImageReadMode, decode_image
+
+from dfcvae_dist.data.shards import iter_shard, read_manifest
+from dfcvae_dist.errors import UserError
+
+
+@dataclass
+class SplitSource:
+    """The shard URLs of one split and how many samples they hold."""
+
+    urls: list[str]
+    num_samples: int
+    attributes: list[str]
+
+    @classmethod
+    def from_manifest(cls, directory: str | Path, split: str) -> "SplitSource":
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        if split not in manifest["splits"]:
+            raise UserError(f"{directory / 'manifest.json'}: no split '{split}'")
+        info = manifest["splits"][split]
+        urls = [str(directory / s["name"]) for s in info["shards"]]
+        missing = [u for u in urls if not Path(u).exists()]
+        if missing:
+            raise UserError(f"{missing[0]}: listed in {directory / 'manifest.json'} but missing on disk "
+                            f"({len(missing)} shard(s) missing)")
+        return cls(urls, info["num_samples"], manifest["attributes"])
+
+    @classmethod
+    def from_pattern(cls, pattern: str, num_samples: int | None) -> "SplitSource":
+        if num_samples is None:
+            raise UserError(f"data.num_samples must be set when data.shards is a URL pattern ({pattern})")
+        return cls(list(wds.shardlists.expand_urls(pattern)), num_samples, [])
+
+
+def resolve_split(shards: str, split: str, pattern_samples: int | None = None,
+                  val_pattern: str | None = None) -> SplitSource:
+    """`shards` is a manifest directory, or (training only) a WebDataset URL pattern."""
+    if Path(shards).is_dir():
+        return SplitSource.from_manifest(shards, split)
+    if split == "train":
+        return SplitSource.from_pattern(shards, pattern_samples)
+    if val_pattern:
+        return SplitSource(list(wds.shardlists.expand_urls(val_pattern)), 0, [])
+    raise UserError(f"no '{split}' split: data.shards={shards} is not a manifest directory")
+
+
+def decode_sample(sample: dict) -> dict:
+    """Raw tar sample -> key, float image in [0, 1] (C, H, W), attrs (0/1) and landmarks."""
+    data = sample.get("png") or sample.get("jpg")
+    if data is None:
+        raise UserError(f"{sample.get('__url__')}: sample '{sample['__key__']}' has no png/jpg member")
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (RuntimeError, ValueError) as err:
+        raise CorruptSample(f"{sample.get('__url__')}: sample '{sample['__key__']}' does not decode "
+                            f"({err})") from None
+    attrs = meta.get("attrs") or {}
+    return {
+        "key": sample["__key__"],
+        "image": image.float().div_(255),
+        "attrs": torch.tensor(list(attrs.values()), dtype=torch.uint8),
+        "landmarks": torch.tensor(meta.get("landmarks") or [], dtype=torch.int16),
+    }
+
+
+class CorruptSample(UserError):
+    """One sample does not decode (its shard is intact)."""
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "key": [s["key"] for s in samples],
+        "image": torch.stack([s["image"] for s in samples]),
+        "attrs": torch.stack([s["attrs"] for s in samples]),
+        "landmarks": torch.stack([s["landmarks"] for s in samples]),
+    }
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Exactly `batches_per_epoch` batches of `batch_size` per rank and epoch, from position (epoch, batch)."""
+
+    def __init__(self, source: SplitSource, batch_size: int, batches_per_epoch: int, rank: int, world: int,
+                 num_workers: int, seed: int, shuffle_buffer: int, skip_corrupt: bool = False):
+        self.source, self.batch_size, self.batches_per_epoch = source, batch_size, batches_per_epoch
+        self.rank, self.world, self.num_workers = rank, world, max(1, num_workers)
+        self.seed, self.shuffle_buffer, self.skip_corrupt = seed, shuffle_buffer, skip_corrupt
+        self.epoch, self.start_batch, self.skipped = 0, 0, 0
+        if len(source.urls) < world * self.num_workers:
+            raise UserError(f"{len(source.urls)} training shard(s) for {world} rank(s) x {self.num_workers} "
+                            f"worker(s): need at least {world * self.num_workers} (write smaller shards with "
+                            "--shard-size, or use fewer workers)")
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        self.epoch, self.start_batch = epoch, batch
+
+    def rank_shards(self, epoch: int | None = None) -> list[str]:
+        """This rank's shards in `epoch` (default: the current one), in reading order."""
+        epoch = self.epoch if epoch is None else epoch
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source.urls))
+        return [self.source.urls[i] for i in order[self.rank::self.world]]
+
+    def worker_shards(self, worker: int) -> list[str]:
+        return self.rank_shards()[worker::self.num_workers]
+
+    def __iter__(self):
+        # The DataLoader asks worker 0 first, so after a resume at batch b worker 0 must serve the stream
+        # that owns batch b: physical worker w serves virtual stream (w + b) % workers.
+        workers = self.num_workers
+        worker = (_worker()[0] + self.start_batch) % workers
+        own = len(range(worker, self.batches_per_epoch, workers))
+        done = len(range(worker, self.start_batch, workers))
+        shards = self.worker_shards(worker)
+        raw = itertools.chain.from_iterable(iter_shard(u) for u in itertools.cycle(shards))
+        if self.shuffle_buffer > 1:
+            seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).generate_state(1)[0])
+            raw = wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(raw)
+        raw = itertools.islice(raw, done * self.batch_size, own * self.batch_size)
+        batch = []
+        for sample in raw:
+            try:
+                batch.append(decode_sample(sample))
+            except CorruptSample:
+                if not self.skip_corrupt:
+                    raise
+                self.skipped += 1
+                continue
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:  # corrupt samples were skipped: pad with repeats so every rank steps the same count
+            while len(batch) < self.batch_size:
+                batch.append(batch[len(batch) % max(1, len(batch))])
+            yield collate(batch)
+
+
+class EvalStream(torch.utils.data.IterableDataset):
+    """Every sample of the split exactly once across ranks and workers (shards split by rank, then worker)."""
+
+    def __init__(self, source: SplitSource, batch_size: int, rank: int, world: int):
+        self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
+
+    def shards_for(self, worker: int, workers: int) -> list[str]:
+        return self.source.urls[self.rank::self.world][worker::workers]
+
+    def __iter__(self):
+        worker, workers = _worker()
+        samples = (decode_sample(s) for url in self.shards_for(worker, workers) for s in iter_shard(url))
+        while batch := list(itertools.islice(samples, self.batch_size)):
+            yield collate(batch)
+
+
+def _worker_init(_: int) -> None:
+    """Workers leave SIGTERM/SIGINT to their rank, which stops at an agreed step (a launcher signals the
+    rank's whole process group), and die with their rank."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def make_loader(stream: torch.utils.data.IterableDataset, num_workers: int) -> torch.utils.data.DataLoader:
+    # Its own generator: a DataLoader otherwise draws its base seed from the global torch RNG, which would
+    # shift the model's sampling noise whenever a loader is (re)created, e.g. after a resume.
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                                       generator=torch.Generator().manual_seed(0),
+                                       worker_init_fn=_worker_init if num_workers else None)
+
+
+def batches_per_epoch(num_samples: int, batch_size: int, world: int, grad_accum: int) -> int:
+    """Micro-batches per rank per epoch: whole optimizer steps over the split, the same on every rank."""
+    steps = num_samples // (batch_size * world * grad_accum)
+    if steps < 1:
+        raise UserError(f"training split has {num_samples} samples, fewer than one global batch "
+                        f"({batch_size} x {world} ranks x {grad_accum} accumulation)")
+    return steps * grad_accum
+
+
