@@ -30,6 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dfcvae_dist.config import Config, load_config
 from dfcvae_dist.data.loader import EvalStream, TrainStream, batches_per_epoch, make_loader, resolve_split
+from dfcvae_dist.distributed import any_rank, die_with_parent
 from dfcvae_dist.errors import UserError, cli_main
 from dfcvae_dist.losses import FeaturePerceptualLoss, vae_loss
 from dfcvae_dist.models import build_model
@@ -54,20 +55,12 @@ class StopFlag:
         self.requested = True
 
     def agreed(self, accelerator) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return accelerator.reduce(flag, reduction="sum").item() > 0
-
-
-def die_with_launcher() -> None:
-    """Ranks must not outlive their launcher: ask Linux to SIGKILL this rank when its parent dies."""
-    if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        return any_rank(accelerator, self.requested)
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    die_with_launcher()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun / accelerate launch
+        die_with_parent()  # ranks must not outlive their launcher
     cpu = not torch.cuda.is_available()
     handler = InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
                                      timeout=timedelta(seconds=cfg.train.collective_timeout_s))
@@ -117,9 +110,10 @@ def run(cfg: Config) -> dict:
     console = Console(stderr=True, quiet=not accelerator.is_main_process)
     world, rank = accelerator.num_processes, accelerator.process_index
     run_dir = Path(cfg.train.run_dir)
+    config_text = cfg.to_yaml()
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
+        (run_dir / "config.yaml").write_text(config_text)
     set_seed(cfg.train.seed)
 
     # --- data: an epoch is a fixed number of optimizer steps, the same on every rank --------------
@@ -153,7 +147,6 @@ def run(cfg: Config) -> dict:
         optimizers = [torch.optim.Adam(n.parameters(), cfg.optim.lr, betas=betas) for n in nets]
         *nets, opt_g, opt_d = accelerator.prepare(*nets, *optimizers)
         optimizers = [opt_g, opt_d]
-        trained = model
     else:
         optimizer = torch.optim.Adam(model.parameters(), cfg.optim.lr, betas=betas,
                                      weight_decay=cfg.optim.weight_decay)
@@ -162,7 +155,7 @@ def run(cfg: Config) -> dict:
             ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         model, optimizer = accelerator.prepare(model, optimizer)
         optimizers = [optimizer]
-        trained = model
+    trained = model  # DCGAN: the plain module holding both prepared networks; VAEs: the prepared model
 
     # --- resume: the main process picks the checkpoint, every rank loads it -----------------------
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, accelerator)
@@ -185,8 +178,7 @@ def run(cfg: Config) -> dict:
     tracker = Tracker(cfg, accelerator, run_id)
     if not run_id:
         tracker.log_params(cfg.flat())
-        tracker.log_text(Path(run_dir / "config.yaml").read_text() if accelerator.is_main_process else "",
-                         "config.yaml")
+        tracker.log_text(config_text, "config.yaml")
     tracker.set_tags({"world_size": world, "precision": cfg.train.mixed_precision,
                       "vgg_dtype": str(perceptual.dtype) if perceptual else "none", "vgg_weights": weights_source,
                       "vgg_weights_random": weights_source.startswith("random"), "code_version": code_version(),
@@ -201,8 +193,7 @@ def run(cfg: Config) -> dict:
                          "config_digest": cfg.digest(), "model": cfg.model.name, "skipped_steps": skipped_steps,
                          "vgg_weights": weights_source}
         weights = accelerator.get_state_dict(trained) if cfg.model.name != "dcgan" else trained.state_dict()
-        text = (run_dir / "config.yaml").read_text() if accelerator.is_main_process else ""
-        return checkpointer.save(at_step, trainer_state, weights, text)
+        return checkpointer.save(at_step, trainer_state, weights, config_text)
 
     # --- the loop -----------------------------------------------------------------------------------
     stop = StopFlag()

@@ -70,3 +70,33 @@ def test_manifest_listing_a_missing_shard(shard_dir, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r"train-000000\.tar: listed in .*manifest\.json but missing on disk"):
         SplitSource.from_manifest(tmp_path, "train")
+
+
+def write_shard_with_corrupt_samples(path, good: int, corrupt: int):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(good + corrupt):
+            sink.write({"__key__": f"{i:04d}", "png": buf.getvalue() if i % 2 or i >= 2 * corrupt else b"not a png",
+                        "json": b"{}"})
+
+
+def test_corrupt_samples_stop_naming_shard_and_key(tmp_path):
+    write_shard_with_corrupt_samples(tmp_path / "bad.tar", good=20, corrupt=10)
+    stream = TrainStream(SplitSource([str(tmp_path / "bad.tar")], 30, []), 4, 5, 0, 1, 0, seed=0, shuffle_buffer=0)
+    with pytest.raises(UserError, match=r"bad\.tar: sample '0000' does not decode"):
+        list(make_loader(stream, 0))
+
+
+def test_skipping_more_corrupt_samples_than_a_batch_keeps_the_batch_count(tmp_path):
+    write_shard_with_corrupt_samples(tmp_path / "bad.tar", good=20, corrupt=10)
+    stream = TrainStream(SplitSource([str(tmp_path / "bad.tar")], 30, []), 4, 7, 0, 1, 0, seed=0, shuffle_buffer=0,
+                         skip_corrupt=True)
+    batches = list(make_loader(stream, 0))
+    assert len(batches) == 7 and all(len(b["key"]) == 4 for b in batches)  # 10 corrupt > one batch of 4
+    assert not {k for b in batches for k in b["key"]} & {f"{i:04d}" for i in range(0, 20, 2)}

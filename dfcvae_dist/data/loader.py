@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import webdataset as wds
 from torchvision.io import ImageReadMode, decode_image
 
 from dfcvae_dist.data.shards import iter_shard, read_manifest
+from dfcvae_dist.distributed import die_with_parent
 from dfcvae_dist.errors import UserError
 
 
@@ -114,7 +114,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.source, self.batch_size, self.batches_per_epoch = source, batch_size, batches_per_epoch
         self.rank, self.world, self.num_workers = rank, world, max(1, num_workers)
         self.seed, self.shuffle_buffer, self.skip_corrupt = seed, shuffle_buffer, skip_corrupt
-        self.epoch, self.start_batch, self.skipped = 0, 0, 0
+        self.epoch, self.start_batch = 0, 0
         if len(source.urls) < world * self.num_workers:
             raise UserError(f"{len(source.urls)} training shard(s) for {world} rank(s) x {self.num_workers} "
                             f"worker(s): need at least {world * self.num_workers} (write smaller shards with "
@@ -144,23 +144,24 @@ class TrainStream(torch.utils.data.IterableDataset):
         if self.shuffle_buffer > 1:
             seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).generate_state(1)[0])
             raw = wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(raw)
-        raw = itertools.islice(raw, done * self.batch_size, own * self.batch_size)
+        remaining = own - done
+        if remaining <= 0:
+            return
         batch = []
-        for sample in raw:
+        # Count decoded batches, not raw samples: with skip_corrupt the worker reads on (its shards
+        # cycle) until its share is full, so every rank still runs the same number of batches.
+        for sample in itertools.islice(raw, done * self.batch_size, None):
             try:
                 batch.append(decode_sample(sample))
             except CorruptSample:
                 if not self.skip_corrupt:
                     raise
-                self.skipped += 1
                 continue
             if len(batch) == self.batch_size:
                 yield collate(batch)
-                batch = []
-        if batch:  # corrupt samples were skipped: pad with repeats so every rank steps the same count
-            while len(batch) < self.batch_size:
-                batch.append(batch[len(batch) % max(1, len(batch))])
-            yield collate(batch)
+                batch, remaining = [], remaining - 1
+                if remaining == 0:
+                    return
 
 
 class EvalStream(torch.utils.data.IterableDataset):
@@ -184,10 +185,7 @@ def _worker_init(_: int) -> None:
     rank's whole process group), and die with their rank."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent()
 
 
 def make_loader(stream: torch.utils.data.IterableDataset, num_workers: int) -> torch.utils.data.DataLoader:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dfcvae_dist.distributed import any_rank
 from dfcvae_dist.errors import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -97,7 +98,7 @@ class Checkpointer:
                 _atomic_write(tmp / STATE_FILE, json.dumps(trainer_state, indent=1))
         except OSError as err:
             error = err
-        failed = _any_rank(acc, error is not None)
+        failed = any_rank(acc, error is not None)
         if failed:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -114,8 +115,3 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
-
-
-def _any_rank(accelerator, flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
