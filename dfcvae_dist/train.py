@@ -61,13 +61,17 @@ class StopFlag:
 def make_accelerator(cfg: Config) -> Accelerator:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun / accelerate launch
         die_with_parent()  # ranks must not outlive their launcher
-    cpu = not torch.cuda.is_available()
-    handler = InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = not torch.cuda.is_available() and not deepspeed  # accelerate turns DeepSpeed off when cpu=True
+    handler = InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo",
                                      timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # the explicit backend breaks one-process runs
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               kwargs_handlers=[handler] if distributed else [])
+    if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise UserError(f"the launcher asked for DeepSpeed but accelerate set up {accelerator.distributed_type}; "
+                        "do not set ACCELERATE_USE_CPU with a DeepSpeed config")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local))
     return accelerator

@@ -165,3 +165,17 @@ def test_baselines_train_in_the_same_loop(tmp_path, shard_dir, model):
     assert summary["step"] == 6 and summary["vgg_weights"] == "none"
     history = mlflow_client(tmp_path).get_metric_history(summary["mlflow_run_id"], "train/total")
     assert len(history) == 6
+
+
+def test_torchrun_with_a_webdataset_url_pattern(tmp_path, shard_dir):
+    """The same module under plain torchrun, streaming shards named by a brace pattern instead of a manifest."""
+    n = len(list(shard_dir.glob("train-*.tar")))
+    pattern = f"{shard_dir}/train-{{000000..{n - 1:06d}}}.tar"
+    run_dir = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+           "dfcvae_dist.train", *base_args(shard_dir, run_dir, "train.max_steps=3", "data.num_samples=321")]
+    cmd[cmd.index(f"data.shards={shard_dir}")] = f"data.shards={pattern}"
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "world size 2" in proc.stderr and "10 steps per epoch" in proc.stderr  # 321 // 32
+    assert json.loads((run_dir / "COMPLETED.json").read_text())["step"] == 3
