@@ -18,19 +18,17 @@ import os
 import signal
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torchvision
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dfcvae_dist.config import Config, load_config
 from dfcvae_dist.data.loader import EvalStream, TrainStream, batches_per_epoch, make_loader, resolve_split
-from dfcvae_dist.distributed import any_rank, die_with_parent
+from dfcvae_dist.distributed import any_rank, make_accelerator
 from dfcvae_dist.errors import UserError, cli_main
 from dfcvae_dist.losses import FeaturePerceptualLoss, vae_loss
 from dfcvae_dist.models import build_model
@@ -56,25 +54,6 @@ class StopFlag:
 
     def agreed(self, accelerator) -> bool:
         return any_rank(accelerator, self.requested)
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun / accelerate launch
-        die_with_parent()  # ranks must not outlive their launcher
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    cpu = not torch.cuda.is_available() and not deepspeed  # accelerate turns DeepSpeed off when cpu=True
-    handler = InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo",
-                                     timeout=timedelta(seconds=cfg.train.collective_timeout_s))
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # the explicit backend breaks one-process runs
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum,
-                              kwargs_handlers=[handler] if distributed else [])
-    if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise UserError(f"the launcher asked for DeepSpeed but accelerate set up {accelerator.distributed_type}; "
-                        "do not set ACCELERATE_USE_CPU with a DeepSpeed config")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local))
-    return accelerator
 
 
 def slurm_tags() -> dict:
@@ -110,7 +89,8 @@ def validation_loss(accelerator, model, perceptual, cfg: Config, source) -> floa
 
 def run(cfg: Config) -> dict:
     # --- accelerator, run directory -------------------------------------------------------------
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, cfg.train.collective_timeout_s,
+                                   cfg.train.threads)
     console = Console(stderr=True, quiet=not accelerator.is_main_process)
     world, rank = accelerator.num_processes, accelerator.process_index
     run_dir = Path(cfg.train.run_dir)

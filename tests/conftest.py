@@ -36,3 +36,15 @@ def shard_dir(celeba_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "paper-32"
     run_tool("make_shards.py", "--celeba-root", celeba_dir, "--out", out, "--image-size", "32", "--shard-size", "40")
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(shard_dir, tmp_path_factory) -> Path:
+    """A DFC-VAE (32x32, random VGG) trained for a few steps by the real trainer: its run directory."""
+    work = tmp_path_factory.mktemp("trained")
+    proc = subprocess.run([sys.executable, "-m", "dfcvae_dist.train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                           f"data.shards={shard_dir}", f"train.run_dir={work / 'run'}", "train.max_steps=6",
+                           "train.batch_size=16", "train.val_every_steps=0", "log.enabled=false"],
+                          cwd=work, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "run"

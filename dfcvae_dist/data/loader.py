@@ -85,6 +85,7 @@ def decode_sample(sample: dict) -> dict:
         "image": image.float().div_(255),
         "attrs": torch.tensor(list(attrs.values()), dtype=torch.uint8),
         "landmarks": torch.tensor(meta.get("landmarks") or [], dtype=torch.int16),
+        "partition": int(meta.get("partition", -1)),
     }
 
 
@@ -98,6 +99,7 @@ def collate(samples: list[dict]) -> dict:
         "image": torch.stack([s["image"] for s in samples]),
         "attrs": torch.stack([s["attrs"] for s in samples]),
         "landmarks": torch.stack([s["landmarks"] for s in samples]),
+        "partition": torch.tensor([s["partition"] for s in samples], dtype=torch.int8),
     }
 
 
@@ -178,6 +180,19 @@ class EvalStream(torch.utils.data.IterableDataset):
         samples = (decode_sample(s) for url in self.shards_for(worker, workers) for s in iter_shard(url))
         while batch := list(itertools.islice(samples, self.batch_size)):
             yield collate(batch)
+
+
+def read_images(directory: str | Path, split: str, n: int) -> dict:
+    """The first `n` samples of a split in one process (images, attrs, keys) for figures and metrics."""
+    batches = []
+    for batch in make_loader(EvalStream(SplitSource.from_manifest(directory, split), 256, 0, 1), 0):
+        batches.append(batch)
+        if sum(len(b["key"]) for b in batches) >= n:
+            break
+    if not batches:
+        raise UserError(f"{directory}: the {split} split is empty")
+    return {"image": torch.cat([b["image"] for b in batches])[:n], "attrs": torch.cat([b["attrs"] for b in batches])[:n],
+            "key": [k for b in batches for k in b["key"]][:n]}
 
 
 def _worker_init(_: int) -> None:

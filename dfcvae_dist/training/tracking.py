@@ -58,6 +58,20 @@ def code_version() -> str:
         return "unknown"
 
 
+def resolve_run_id(value: str) -> str:
+    """An MLflow run id, or a training run directory (its COMPLETED.json / RESUME_ME.json names the run)."""
+    import json
+
+    for marker in ("COMPLETED.json", "RESUME_ME.json"):
+        path = Path(value) / marker
+        if path.is_file():
+            run_id = json.loads(path.read_text()).get("mlflow_run_id")
+            if not run_id:
+                raise UserError(f"{path}: the run was not tracked in MLflow")
+            return run_id
+    return value
+
+
 class Tracker:
     """The run's MLflow logger; on ranks other than the main one (or when disabled) every call is a no-op."""
 

@@ -1,0 +1,58 @@
+"""Using a trained model: load a checkpoint's consolidated weights (no accelerate, no DeepSpeed, no
+pickle), encode images, decode latents, sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from dfcvae_dist.config import Config, load_config
+from dfcvae_dist.errors import UserError
+from dfcvae_dist.models import VAE, build_model
+from dfcvae_dist.training.checkpoint import CONFIG_FILE, WEIGHTS_FILE, find_checkpoint
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run directory (its newest complete checkpoint)."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return path
+    found = find_checkpoint(path, "auto") if path.is_dir() else None
+    if found is None:
+        raise UserError(f"{path}: neither a checkpoint (no {WEIGHTS_FILE}) nor a run directory with one")
+    return found
+
+
+def load_trained(path: str | Path, expect: type | None = VAE) -> tuple[torch.nn.Module, Config, Path]:
+    """(model in eval mode, its config, the checkpoint folder). `expect`: the model class required."""
+    checkpoint = resolve_checkpoint(path)
+    cfg = load_config(checkpoint / CONFIG_FILE)
+    model = build_model(cfg.model)
+    if expect is not None and not isinstance(model, expect):
+        raise UserError(f"{checkpoint}: a {cfg.model.name} checkpoint, but this needs a {expect.__name__} "
+                        "(dfcvae or pvae)")
+    try:
+        model.load_state_dict(load_file(checkpoint / WEIGHTS_FILE))
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise UserError(f"{checkpoint / WEIGHTS_FILE}: does not load into {cfg.model.name} "
+                        f"({str(err).splitlines()[0]})") from None
+    return model.eval(), cfg, checkpoint
+
+
+@torch.no_grad()
+def encode(model: VAE, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [0, 1], (N, 3, H, W) -> (mu, logvar)."""
+    return model.encode(images.to(next(model.parameters()).device))
+
+
+@torch.no_grad()
+def decode(model: VAE, z: torch.Tensor) -> torch.Tensor:
+    return model.decode(z.to(next(model.parameters()).device))
+
+
+@torch.no_grad()
+def sample(model: VAE, n: int, seed: int = 0) -> torch.Tensor:
+    return model.sample(n, torch.Generator().manual_seed(seed))
