@@ -99,6 +99,8 @@ class TrainConfig:
     resume: str = opt("auto", "auto (newest complete checkpoint, if any), none, or a checkpoint path.")
     mixed_precision: str = opt("no", "Autocast of the trained model through accelerate.",
                                choices=["no", "fp16", "bf16"])
+    channels_last: bool = opt(True, "Channels-last memory format for the model, loss network and batches "
+                               "(bench: +32% training img/s on a 2-core CPU).")
     val_every_steps: int = opt(0, "Validation loss on the val split every N steps (0: off).", min=0)
     val_batches: int = opt(4, "Batches per rank in one validation pass.", min=1)
     threads: int | None = opt(None, "Torch threads per process (default: cores / local processes).", min=1)

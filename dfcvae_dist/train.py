@@ -116,15 +116,17 @@ def run(cfg: Config) -> dict:
                   f"{steps_per_epoch} steps per epoch, {total_steps} steps")
 
     # --- model, frozen loss network (never prepared, never saved), optimizers ----------------------
-    model = build_model(cfg.model)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # ZeRO cannot flatten channels-last params
+    model = build_model(cfg.model).to(memory_format=torch.contiguous_format if deepspeed else memory_format)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     perceptual, weights_source = None, "none"
     if cfg.model.name == "dfcvae":
         with accelerator.main_process_first():  # the main process fetches ImageNet weights, others load the cache
-            perceptual = FeaturePerceptualLoss.from_config(cfg.loss, accelerator.device)
+            perceptual = FeaturePerceptualLoss.from_config(cfg.loss, accelerator.device).to(memory_format=memory_format)
         weights_source = perceptual.weights_source
     if cfg.model.name == "dcgan":
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if deepspeed:
             raise UserError("model.name=dcgan is not supported under DeepSpeed (two models, two optimizers); "
                             "use DDP (an accelerate config without deepspeed)")
         nets = [model.generator, model.discriminator]
@@ -134,7 +136,7 @@ def run(cfg: Config) -> dict:
     else:
         optimizer = torch.optim.Adam(model.parameters(), cfg.optim.lr, betas=betas,
                                      weight_decay=cfg.optim.weight_decay)
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if deepspeed:
             ds = accelerator.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -186,7 +188,7 @@ def run(cfg: Config) -> dict:
                         TimeRemainingColumn(), console=console, disable=not accelerator.is_main_process)
     task = progress.add_task("training", total=total_steps, completed=step)
     last_saved, stopped_early, tick, tick_step = step, False, time.perf_counter(), step
-    micro, terms = 0, None
+    micro, terms, warm = 0, None, None  # warm: (time, step) after the first step, for the summary's img/s
     epoch, batch_in_epoch = divmod(step * cfg.train.grad_accum, per_epoch)
     progress.start()
     while step < total_steps and not stopped_early:
@@ -196,7 +198,7 @@ def run(cfg: Config) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
         for batch in make_loader(stream, cfg.data.num_workers):
-            x = batch["image"].to(accelerator.device, non_blocking=True)
+            x = batch["image"].to(accelerator.device, non_blocking=True).contiguous(memory_format=memory_format)
             if cfg.model.name == "dcgan":
                 terms = gan_step(accelerator, nets, optimizers, x, cfg, step + 1)
             else:
@@ -206,6 +208,7 @@ def run(cfg: Config) -> dict:
                 continue
             step += 1
             skipped_steps += terms is None
+            warm = warm or (time.perf_counter(), step)
             progress.update(task, completed=step, description=f"epoch {epoch + 1} step {step}")
 
             if terms is not None and (step % cfg.log.every_steps == 0 or step == total_steps):
@@ -238,6 +241,7 @@ def run(cfg: Config) -> dict:
             continue
         epoch, batch_in_epoch = divmod(step * cfg.train.grad_accum, per_epoch)
     progress.stop()
+    img_per_s = (step - warm[1]) * global_batch / (time.perf_counter() - warm[0]) if warm and step > warm[1] else None
 
     # --- the end -------------------------------------------------------------------------------------
     if last_saved != step:
@@ -246,7 +250,7 @@ def run(cfg: Config) -> dict:
         log_images(tracker, accelerator, trained, terms["_images"], fixed_z, step)
     summary = {"step": step, "total_steps": total_steps, "stopped_early": stopped_early,
                "mlflow_run_id": tracker.run_id, "checkpoint": str(find_checkpoint(run_dir, "auto")),
-               "vgg_weights": weights_source, "skipped_steps": skipped_steps}
+               "vgg_weights": weights_source, "skipped_steps": skipped_steps, "img_per_s": img_per_s}
     record_rank(run_dir, rank, trained, stream)
     if accelerator.is_main_process:
         marker = run_dir / (RESUME_MARKER if stopped_early else DONE_MARKER)
