@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test quickstart clean-quickstart
+.PHONY: venv test slurm-tools quickstart clean-quickstart
 
 venv: $(STAMP)
 
@@ -18,8 +18,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) slurm-tools
 	$(BIN)/python -m pytest tests
+
+# The Slurm tests start a private two-node cluster from Debian's slurm-wlm and munge; installed here when
+# running as root and missing (otherwise those tests are skipped with the reason).
+slurm-tools:
+	@if [ "$$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
+		|| echo "could not install slurm-wlm and munge: the Slurm tests will be skipped"; fi
 
 QS := quickstart
 LAUNCH_CPU2 := $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
