@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from typing import Callable
 
 
 class UserError(Exception):
     """Bad input, bad config or a bad file: the message names the culprit and is all the user needs."""
+
+
+def one_line(err: Exception) -> str:
+    """The message itself, also when a DataLoader worker wrapped it in "Caught ... Original Traceback":
+    then it is the traceback's last line without its `module.ExceptionClass: ` prefix."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+: ", "", last)
+    return text
 
 
 def cli_main(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | None], int]:
@@ -25,7 +36,7 @@ def cli_main(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | N
         except UserError as err:
             if debug:
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
 
     return wrapper

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import signal
 import sys
 import time
@@ -29,7 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from dfcvae_dist.config import Config, load_config
 from dfcvae_dist.data.loader import EvalStream, TrainStream, batches_per_epoch, make_loader, resolve_split
 from dfcvae_dist.distributed import any_rank, make_accelerator
-from dfcvae_dist.errors import UserError, cli_main
+from dfcvae_dist.errors import UserError, cli_main, one_line
 from dfcvae_dist.losses import FeaturePerceptualLoss, vae_loss
 from dfcvae_dist.models import build_model
 from dfcvae_dist.training.checkpoint import Checkpointer, find_checkpoint, read_trainer_state
@@ -91,7 +92,7 @@ def run(cfg: Config) -> dict:
     # --- accelerator, run directory -------------------------------------------------------------
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, cfg.train.collective_timeout_s,
                                    cfg.train.threads)
-    console = Console(stderr=True, quiet=not accelerator.is_main_process)
+    console = Console(stderr=True, quiet=not accelerator.is_main_process, soft_wrap=True)  # no breaks in paths
     world, rank = accelerator.num_processes, accelerator.process_index
     run_dir = Path(cfg.train.run_dir)
     config_text = cfg.to_yaml()
@@ -110,6 +111,9 @@ def run(cfg: Config) -> dict:
     val_source = None
     if cfg.train.val_every_steps and cfg.model.name != "dcgan":
         val_source = resolve_split(cfg.data.shards, "val", val_pattern=cfg.data.val_shards)
+        if not val_source.urls or (Path(cfg.data.shards).is_dir() and val_source.num_samples == 0):
+            raise UserError(f"the val split of {cfg.data.shards} is empty; set train.val_every_steps=0 or "
+                            "write shards with a val partition")
     global_batch = cfg.train.batch_size * world * cfg.train.grad_accum
     console.print(f"[bold]{cfg.model.name}[/] world size {world}, global batch {global_batch} = "
                   f"{cfg.train.batch_size} per rank x {world} ranks x {cfg.train.grad_accum} accumulation; "
@@ -156,7 +160,10 @@ def run(cfg: Config) -> dict:
                             "start a new run (train.resume=none, another train.run_dir)")
         if state["model"] != cfg.model.name:
             raise UserError(f"{choice[0]}: a {state['model']} checkpoint, but model.name={cfg.model.name}")
-        accelerator.load_state(choice[0])
+        try:  # accelerate loads with weights_only=True: a file that would run code is refused, not executed
+            accelerator.load_state(choice[0])
+        except (pickle.UnpicklingError, RuntimeError, OSError) as err:
+            raise UserError(f"{choice[0]}: checkpoint refused or unreadable ({str(err).splitlines()[0][:300]})") from None
         step, run_id, skipped_steps = state["step"], state["mlflow_run_id"], state.get("skipped_steps", 0)
         console.print(f"resumed from {choice[0]} at step {step}")
 
@@ -301,7 +308,7 @@ def main(argv: list[str]) -> int:
         run(cfg)
     except UserError as err:
         rank = os.environ.get("RANK", "0")
-        raise UserError(f"[rank {rank}] {err}") from None
+        raise UserError(f"[rank {rank}] {one_line(err)}") from None
     return 0
 
 

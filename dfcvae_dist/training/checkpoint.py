@@ -96,14 +96,14 @@ class Checkpointer:
                 save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / WEIGHTS_FILE))
                 (tmp / CONFIG_FILE).write_text(config_text)
                 _atomic_write(tmp / STATE_FILE, json.dumps(trainer_state, indent=1))
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
             error = err
         failed = any_rank(acc, error is not None)
         if failed:
+            reason = _reason(error, self.directory) if error is not None else "failed on another rank"
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             latest = find_checkpoint(self.directory.parent, "auto")
-            reason = os.strerror(error.errno) if error is not None and error.errno else "failed on another rank"
             raise UserError(f"writing checkpoint {final} failed on rank {acc.process_index} ({reason}); "
                             f"the previous checkpoint {latest} is intact")
         if acc.is_main_process:
@@ -115,3 +115,14 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+
+def _reason(error: Exception, directory: Path) -> str:
+    """A one-line cause. torch.save reports a full disk only as an 'unexpected pos' enforce failure, so
+    the free space of the checkpoint's filesystem is measured (before the partial folder is removed)."""
+    free = shutil.disk_usage(directory).free
+    if (isinstance(error, OSError) and error.errno == 28) or free < 64 * 2**20:
+        return f"No space left on device: {free / 2**20:.1f} MiB free on {directory}"
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -80,6 +80,7 @@ class Tracker:
         self.run_id = run_id
         self.last_logged_step = -1
         self.buffer: deque = deque(maxlen=MAX_BUFFERED)
+        self.failing = False
         decision = [None]
         if accelerator.is_main_process and cfg.log.enabled:
             decision = [self._start(cfg, run_id)]
@@ -175,12 +176,19 @@ class Tracker:
             self.active = False
 
     def _safely(self, fn, *args, **kwargs) -> bool:
+        """Call MLflow; a failure never stops training. Warn once when an outage starts and once when
+        the server answers again."""
         try:
             fn(*args, **kwargs)
-            return True
         except Exception as err:  # noqa: BLE001 - tracking must never stop training
-            log.warning("MLflow call %s failed (%s); will retry with the next call",
-                        getattr(fn, "__name__", fn), str(err).splitlines()[0][:200])
+            if not self.failing:
+                log.warning("MLflow unreachable (%s: %s); training goes on, metrics are buffered and resent",
+                            getattr(fn, "__name__", fn), str(err).splitlines()[0][:200])
+            self.failing = True
             return False
+        if self.failing:
+            log.warning("MLflow reachable again; sending %d buffered metric points", len(self.buffer))
+            self.failing = False
+        return True
 
 

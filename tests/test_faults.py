@@ -1,0 +1,146 @@
+"""Faults injected for real into training runs: the user gets a clear message and loses nothing beyond
+the last checkpoint interval."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.test_train import base_args, env_for, launch_cmd, train
+
+pytestmark = pytest.mark.slow
+
+
+def start(tmp_path, shard_dir, run_dir, *overrides, nproc=2):
+    return subprocess.Popen([*launch_cmd(nproc), *base_args(shard_dir, run_dir, *overrides)], cwd=tmp_path,
+                            env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(path: Path, timeout: float = 300, poll: float = 0.05) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(poll)
+
+
+def rank_pid(launcher: int, local_rank: int) -> int:
+    """The training process of `local_rank` started by the launcher `launcher`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if int((proc / "stat").read_text().split()[3]) != launcher:
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(proc.name)
+    raise AssertionError(f"no rank {local_rank} under launcher {launcher}")
+
+
+def test_sigkill_of_one_rank_ends_the_job_and_auto_resume_continues(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    steps = ["train.max_steps=60", "checkpoint.every_steps=10", "train.collective_timeout_s=60"]
+    proc = start(tmp_path, shard_dir, run_dir, *steps)
+    wait_for(run_dir / "checkpoints" / "step-00000010")
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+    start_wait = time.time()
+    proc.communicate(timeout=180)  # the other rank must not hang
+    assert proc.returncode != 0 and time.time() - start_wait < 180
+    assert not (run_dir / "COMPLETED.json").exists()
+    resumed = train(tmp_path, shard_dir, run_dir, *steps, nproc=2)
+    assert "resumed from" in resumed.stderr
+    assert json.loads((run_dir / "COMPLETED.json").read_text())["step"] == 60
+
+
+def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, shard_dir):
+    # A wide model makes each checkpoint ~200 MB, so the write lasts long enough to be interrupted.
+    steps = ["train.max_steps=30", "checkpoint.every_steps=10", "model.base_channels=128"]
+    run_dir = tmp_path / "run"
+    proc = start(tmp_path, shard_dir, run_dir, *steps)
+    wait_for(run_dir / "checkpoints" / ".tmp-step-00000020", poll=0.001)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-write
+    proc.communicate()
+    checkpoints = run_dir / "checkpoints"
+    assert not (checkpoints / "step-00000020" / "trainer_state.json").exists()
+    assert (checkpoints / "latest").read_text().strip() == "step-00000010"
+    resumed = train(tmp_path, shard_dir, run_dir, *steps, nproc=2)
+    assert f"resumed from {checkpoints / 'step-00000010'} at step 10" in resumed.stderr
+    train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000030" / "weights.safetensors")
+    b = load_file(checkpoints / "step-00000030" / "weights.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)  # nothing lost beyond the interval, bit for bit
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a small tmpfs")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, shard_dir, small_disk):
+    run_dir = small_disk / "run"  # one checkpoint (~14 MB) fits in 20 MB, a second beside it does not
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=20", "checkpoint.every_steps=10", nproc=1,
+                 check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: [rank 0] writing checkpoint {run_dir / 'checkpoints' / 'step-00000020'} failed")
+    assert "No space left on device" in last and f"{run_dir / 'checkpoints' / 'step-00000010'} is intact" in last
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000010"
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert load_file(run_dir / "checkpoints" / "step-00000010" / "weights.safetensors")
+
+
+def test_truncated_shard_stops_training_naming_the_shard(tmp_path, shard_dir):
+    damaged = tmp_path / "shards"
+    shutil.copytree(shard_dir, damaged)
+    for shard in damaged.glob("train-*.tar"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    proc = train(tmp_path, damaged, tmp_path / "run", "train.max_steps=5", nproc=1, check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: [rank 0] {damaged}/train-") and ".tar: damaged shard" in last
+    assert "Traceback" not in proc.stderr
+
+
+class Boom:
+    def __reduce__(self):
+        return (eval, ("__import__('pathlib').Path('PWNED').touch()",))
+
+
+def test_malicious_pickle_in_a_checkpoint_is_refused(tmp_path, shard_dir):
+    import pickle
+
+    run_dir = tmp_path / "run"
+    train(tmp_path, shard_dir, run_dir, "train.max_steps=2")
+    with open(run_dir / "checkpoints" / "step-00000002" / "optimizer.bin", "wb") as f:
+        pickle.dump({"state": Boom()}, f)
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=4", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "PWNED").exists()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: [rank 0] {run_dir / 'checkpoints' / 'step-00000002'}: checkpoint refused")
+
+
+def test_empty_val_split_is_refused_before_any_step(tmp_path, shard_dir):
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["val"] = {"num_samples": 0, "shards": []}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    proc = train(tmp_path, shards, tmp_path / "run", "train.max_steps=2", "train.val_every_steps=1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: [rank 0] the val split of {shards} is empty; set " \
+        "train.val_every_steps=0 or write shards with a val partition"
+    assert not (tmp_path / "run" / "checkpoints").exists()
