@@ -23,28 +23,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+def start_server(root, port):
+    return subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                              str(port), "--backend-store-uri", f"sqlite:///{root}/store.db",
                              "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root, start_new_session=True,
                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+
+
+def kill_server(proc):
+    """`mlflow server` serves from worker children: end the whole process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_healthy(uri, timeout=90):
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             urllib.request.urlopen(uri + "/health", timeout=1)
-            break
+            return
         except OSError:
-            time.sleep(0.5)
-    else:
+            time.sleep(0.3)
+    raise AssertionError(f"{uri} did not come up")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    port = free_port()
+    proc = start_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
         kill_server(proc)
-        pytest.fail("mlflow server did not start within 90 s")
-    yield uri
-    kill_server(proc)
 
 
 def test_two_process_run_logs_to_a_real_server(tmp_path, shard_dir, mlflow_server):
@@ -78,34 +93,6 @@ def test_unreachable_server_with_warn_trains_untracked(tmp_path, shard_dir):
     assert "training continues UNTRACKED" in proc.stderr
     summary = json.loads((tmp_path / "run" / "COMPLETED.json").read_text())
     assert summary["step"] == 2 and summary["mlflow_run_id"] is None
-
-
-def start_server(root, port):
-    return subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                             str(port), "--backend-store-uri", f"sqlite:///{root}/store.db",
-                             "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-
-
-def kill_server(proc):
-    """`mlflow server` serves from worker children: end the whole process group."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
-def wait_healthy(uri, timeout=90):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=1)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{uri} did not come up")
 
 
 def test_server_killed_mid_run_training_goes_on_and_buffered_metrics_arrive(tmp_path, shard_dir):
