@@ -69,10 +69,12 @@ def test_preemption_checkpoints_requeues_and_resumes_into_the_same_run(cluster, 
     deadline = time.time() + 300
     while not (run_dir / "checkpoints" / "step-00000010").exists() and time.time() < deadline:
         time.sleep(0.2)
-    cluster.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@N sends before the limit
+    # What --signal=B:USR1@N sends before the limit. scancel's own exit status is not the contract (it was
+    # seen to return 1 once although the signal had been delivered): the job's log and state are.
+    sent = cluster.run("scancel", "--batch", "--signal=USR1", job, check=False)
     wait_done(cluster, job, out, timeout=600)
     log = out.read_text()
-    assert "preemption signal" in log and "requeueing (restart 1" in log and "restart 1:" in log
+    assert "preemption signal" in log and "requeueing (restart 1" in log and "restart 1:" in log, sent.stderr
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
     assert summary["step"] == 60 and not (run_dir / "RESUME_ME.json").exists()
     client, run = run_of(tmp_path, run_dir)
