@@ -1,6 +1,11 @@
 """Data module: evaluation sees every sample once across ranks x workers; training steps agree."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -100,3 +105,67 @@ def test_skipping_more_corrupt_samples_than_a_batch_keeps_the_batch_count(tmp_pa
     batches = list(make_loader(stream, 0))
     assert len(batches) == 7 and all(len(b["key"]) == 4 for b in batches)  # 10 corrupt > one batch of 4
     assert not {k for b in batches for k in b["key"]} & {f"{i:04d}" for i in range(0, 20, 2)}
+
+
+# Both worker-signal tests run a loader in a child process: the first checks how it exits, the second
+# signals its workers the way a launcher or Slurm signals a whole process group or step.
+WORKER_FAILS_AND_EXCEPTION_OUTLIVES_MAIN = """
+import torch
+from dfcvae_dist.data.loader import make_loader
+
+class Failing(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(1)
+        raise ValueError("damaged")
+
+kept = []
+try:
+    for _ in make_loader(Failing(), 1):
+        pass
+except ValueError as err:
+    kept.append(err)  # as when the error sits in a reference cycle: the loader is shut down only at exit
+"""
+
+WORKERS_SIGNALLED_MID_STREAM = """
+import os, sys, time, torch
+from dfcvae_dist.data.loader import make_loader
+
+class Slow(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        for i in range(12):
+            time.sleep(0.1)
+            yield torch.tensor([i])
+
+loader = iter(make_loader(Slow(), 2))
+next(loader)
+print(" ".join(str(w.pid) for w in loader._workers), flush=True)
+sys.stdin.readline()  # the test has signalled the workers
+print(len([b for b in loader]) + 1, flush=True)
+"""
+
+
+def run_child(code: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], text=True, stdout=subprocess.PIPE, **kwargs)
+
+
+def test_a_failed_worker_does_not_keep_its_rank_from_exiting():
+    proc = run_child(WORKER_FAILS_AND_EXCEPTION_OUTLIVES_MAIN)
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+
+
+def test_workers_ignore_a_launchers_sigterm_and_sigint_and_keep_serving_their_rank():
+    proc = run_child(WORKERS_SIGNALLED_MID_STREAM, stdin=subprocess.PIPE)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "24" and proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()

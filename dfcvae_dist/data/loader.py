@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,11 +198,21 @@ def read_images(directory: str | Path, split: str, n: int) -> dict:
 
 
 def _worker_init(_: int) -> None:
-    """Workers leave SIGTERM/SIGINT to their rank, which stops at an agreed step (a launcher signals the
-    rank's whole process group), and die with their rank."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Workers leave a launcher's SIGTERM/SIGINT (sent to the whole process group or Slurm step) to their
+    rank, which stops at an agreed step and still needs batches until then; they obey only their rank's own
+    terminate (the DataLoader's and multiprocessing's shutdown, which would otherwise wait for them forever)
+    and die with their rank."""
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # inherited by every thread started later
+    threading.Thread(target=_exit_on_signal_from, args=(os.getppid(), stop_signals), daemon=True,
+                     name="obey-rank-only").start()
     die_with_parent()
+
+
+def _exit_on_signal_from(rank_pid: int, stop_signals: set[int]) -> None:
+    while signal.sigwaitinfo(stop_signals).si_pid != rank_pid:
+        pass
+    os._exit(0)
 
 
 def make_loader(stream: torch.utils.data.IterableDataset, num_workers: int) -> torch.utils.data.DataLoader:
