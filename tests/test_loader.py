@@ -2,6 +2,7 @@
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -126,21 +127,22 @@ except ValueError as err:
     kept.append(err)  # as when the error sits in a reference cycle: the loader is shut down only at exit
 """
 
-WORKERS_SIGNALLED_MID_STREAM = """
-import os, sys, time, torch
+RANK_SIGNALLED_WITH_ITS_WORKERS = """
+import signal, sys, torch
 from dfcvae_dist.data.loader import make_loader
 
-class Slow(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        for i in range(12):
-            time.sleep(0.1)
-            yield torch.tensor([i])
+signals = []
+signal.signal(signal.SIGTERM, lambda *_: signals.append("TERM"))  # like the trainer's stop flag
+signal.signal(signal.SIGINT, lambda *_: signals.append("INT"))
 
-loader = iter(make_loader(Slow(), 2))
-next(loader)
-print(" ".join(str(w.pid) for w in loader._workers), flush=True)
-sys.stdin.readline()  # the test has signalled the workers
-print(len([b for b in loader]) + 1, flush=True)
+class Numbers(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from (torch.tensor([i]) for i in range(20))
+
+print("ready", flush=True)
+served = sum(len(list(make_loader(Numbers(), 2))) for _ in range(15))  # new workers each time, as each epoch
+print(served, len(signals) > 0, flush=True)
+sys.stdin.readline()  # the test stops signalling first: at exit Python restores the default handlers
 """
 
 
@@ -156,16 +158,17 @@ def test_a_failed_worker_does_not_keep_its_rank_from_exiting():
         proc.kill()
 
 
-def test_workers_ignore_a_launchers_sigterm_and_sigint_and_keep_serving_their_rank():
-    proc = run_child(WORKERS_SIGNALLED_MID_STREAM, stdin=subprocess.PIPE)
+def test_workers_ignore_a_launchers_sigterm_and_sigint_from_their_first_instant():
+    # A launcher or Slurm signals the rank's whole process group (or step) while workers may be starting.
+    proc = run_child(RANK_SIGNALLED_WITH_ITS_WORKERS, start_new_session=True, stdin=subprocess.PIPE)
     try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
-        for pid in pids:
-            os.kill(pid, signal.SIGTERM)
-            os.kill(pid, signal.SIGINT)
-        time.sleep(0.5)
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline().strip() == "24" and proc.wait(timeout=60) == 0
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 120
+        while not select.select([proc.stdout], [], [], 0.003)[0]:
+            assert time.monotonic() < deadline, "the loader stalled under the signals"
+            os.killpg(proc.pid, signal.SIGTERM if time.monotonic() % 0.02 < 0.01 else signal.SIGINT)
+        assert proc.stdout.readline().split() == ["600", "True"]
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()

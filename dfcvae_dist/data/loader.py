@@ -197,20 +197,31 @@ def read_images(directory: str | Path, split: str, n: int) -> dict:
             "key": [k for b in batches for k in b["key"]][:n]}
 
 
-def _worker_init(_: int) -> None:
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class _Loader(torch.utils.data.DataLoader):
     """Workers leave a launcher's SIGTERM/SIGINT (sent to the whole process group or Slurm step) to their
-    rank, which stops at an agreed step and still needs batches until then; they obey only their rank's own
-    terminate (the DataLoader's and multiprocessing's shutdown, which would otherwise wait for them forever)
-    and die with their rank."""
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # inherited by every thread started later
-    threading.Thread(target=_exit_on_signal_from, args=(os.getppid(), stop_signals), daemon=True,
-                     name="obey-rank-only").start()
+    rank, which stops at an agreed step and needs batches until then. They are forked with both signals
+    blocked, so none can kill a worker while it starts; `_worker_init` then lets them obey their rank only."""
+
+    def __iter__(self):
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _worker_init(_: int) -> None:
+    """Exit on a stop signal only when the rank sends it (the DataLoader's and multiprocessing's shutdown,
+    which would otherwise wait for the worker forever); die with the rank."""
+    threading.Thread(target=_exit_on_signal_from, args=(os.getppid(),), daemon=True, name="obey-rank").start()
     die_with_parent()
 
 
-def _exit_on_signal_from(rank_pid: int, stop_signals: set[int]) -> None:
-    while signal.sigwaitinfo(stop_signals).si_pid != rank_pid:
+def _exit_on_signal_from(rank_pid: int) -> None:
+    while signal.sigwaitinfo(STOP_SIGNALS).si_pid != rank_pid:
         pass
     os._exit(0)
 
@@ -218,10 +229,9 @@ def _exit_on_signal_from(rank_pid: int, stop_signals: set[int]) -> None:
 def make_loader(stream: torch.utils.data.IterableDataset, num_workers: int) -> torch.utils.data.DataLoader:
     # Its own generator: a DataLoader otherwise draws its base seed from the global torch RNG, which would
     # shift the model's sampling noise whenever a loader is (re)created, e.g. after a resume.
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                                       generator=torch.Generator().manual_seed(0),
-                                       worker_init_fn=_worker_init if num_workers else None)
+    return _Loader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                   prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(0),
+                   worker_init_fn=_worker_init if num_workers else None)
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world: int, grad_accum: int) -> int:
