@@ -28,7 +28,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dfcvae_dist.config import Config, load_config
-from dfcvae_dist.data.loader import EvalStream, TrainStream, batches_per_epoch, make_loader, resolve_split
+from dfcvae_dist.data.loader import (EvalStream, TrainStream, batches_per_epoch, make_loader, model_input,
+                                     resolve_split)
 from dfcvae_dist.distributed import any_rank, make_accelerator
 from dfcvae_dist.errors import UserError, cli_main, one_line
 from dfcvae_dist.losses import FeaturePerceptualLoss, vae_loss
@@ -79,7 +80,7 @@ def validation_loss(accelerator, model, perceptual, cfg: Config, source) -> floa
     for i, batch in enumerate(make_loader(stream, 0)):
         if i >= cfg.train.val_batches:
             break
-        x = batch["image"].to(accelerator.device)
+        x = model_input(batch["image"], accelerator.device)
         x_hat, mu, logvar = net(x)
         terms = vae_loss(x, x_hat, mu, logvar, cfg.loss.alpha, cfg.loss.beta, perceptual)
         total += torch.stack([terms["total"] * x.shape[0], torch.tensor(float(x.shape[0]), device=x.device)])
@@ -205,7 +206,7 @@ def run(cfg: Config) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
         for batch in make_loader(stream, cfg.data.num_workers):
-            x = batch["image"].to(accelerator.device, non_blocking=True).contiguous(memory_format=memory_format)
+            x = model_input(batch["image"], accelerator.device, memory_format)
             if cfg.model.name == "dcgan":
                 terms = gan_step(accelerator, nets, optimizers, x, cfg, step + 1)
             else:

@@ -8,7 +8,7 @@ a hundredfold KL weight must be flagged as collapsed, so the check can fail.
 import pytest
 import torch
 
-from dfcvae_dist.data.loader import SplitSource, TrainStream, make_loader
+from dfcvae_dist.data.loader import SplitSource, TrainStream, make_loader, model_input
 from dfcvae_dist.losses import FeaturePerceptualLoss, vae_loss
 from dfcvae_dist.models import VAE, init_weights
 
@@ -23,7 +23,7 @@ def train_briefly(shard_dir, alpha, steps=120, batch=32):
     loss = FeaturePerceptualLoss(["relu1_2", "relu2_1", "relu3_1"], feature_scale=RANDOM_VGG_SCALE, weights="random")
     optimizer = torch.optim.Adam(model.parameters(), 5e-4)
     for step, b in zip(range(steps), make_loader(stream, 0)):
-        x = b["image"]
+        x = model_input(b["image"], "cpu")
         x_hat, mu, logvar = model(x)
         terms = vae_loss(x, x_hat, mu, logvar, alpha, 0.8, loss)
         optimizer.zero_grad()

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from dfcvae_dist.data.loader import (EvalStream, SplitSource, TrainStream, batches_per_epoch, make_loader)
+from dfcvae_dist.data.loader import (EvalStream, SplitSource, TrainStream, batches_per_epoch, make_loader,
+                                     model_input)
 from dfcvae_dist.errors import UserError
 
 
@@ -33,8 +34,10 @@ def test_eval_two_ranks_two_workers_disjoint_and_complete(shard_dir):
 
 def test_eval_batches_carry_image_attrs_landmarks(shard_dir):
     batch = next(iter(make_loader(EvalStream(SplitSource.from_manifest(shard_dir, "val"), 5, 0, 1), 0)))
-    assert batch["image"].shape == (5, 3, 32, 32) and batch["image"].dtype == torch.float32
-    assert 0 <= batch["image"].min() and batch["image"].max() <= 1
+    assert batch["image"].shape == (5, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    x = model_input(batch["image"], "cpu", torch.channels_last)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, batch["image"].float() / 255)
     assert batch["attrs"].shape == (5, 40) and batch["landmarks"].shape == (5, 10)
 
 
@@ -78,22 +81,31 @@ def test_manifest_listing_a_missing_shard(shard_dir, tmp_path):
         SplitSource.from_manifest(tmp_path, "train")
 
 
-def write_shard_with_corrupt_samples(path, good: int, corrupt: int):
+def write_shard_with_corrupt_samples(path, good: int, corrupt: int, fmt: str = "png"):
     import io
 
+    import numpy as np
     import webdataset as wds
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    if fmt == "png":
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+        bad = b"not a png"
+    else:
+        np.save(buf, np.full((8, 8, 3), 10, np.uint8))
+        wrong = io.BytesIO()
+        np.save(wrong, np.zeros((8, 8), np.float32))  # a well-formed array, but not an image
+        bad = wrong.getvalue()
     with wds.TarWriter(str(path)) as sink:
         for i in range(good + corrupt):
-            sink.write({"__key__": f"{i:04d}", "png": buf.getvalue() if i % 2 or i >= 2 * corrupt else b"not a png",
+            sink.write({"__key__": f"{i:04d}", fmt: buf.getvalue() if i % 2 or i >= 2 * corrupt else bad,
                         "json": b"{}"})
 
 
-def test_corrupt_samples_stop_naming_shard_and_key(tmp_path):
-    write_shard_with_corrupt_samples(tmp_path / "bad.tar", good=20, corrupt=10)
+@pytest.mark.parametrize("fmt", ["png", "npy"])
+def test_corrupt_samples_stop_naming_shard_and_key(tmp_path, fmt):
+    write_shard_with_corrupt_samples(tmp_path / "bad.tar", good=20, corrupt=10, fmt=fmt)
     stream = TrainStream(SplitSource([str(tmp_path / "bad.tar")], 30, []), 4, 5, 0, 1, 0, seed=0, shuffle_buffer=0)
     with pytest.raises(UserError, match=r"bad\.tar: sample '0000' does not decode"):
         list(make_loader(stream, 0))

@@ -9,8 +9,10 @@ import tarfile
 import time
 
 import pytest
+import torch
 from PIL import Image
 
+from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader
 from dfcvae_dist.data.shards import iter_shard, read_manifest, sha256_file
 from dfcvae_dist.errors import UserError
 from tests.conftest import ROOT, run_tool
@@ -50,6 +52,16 @@ def test_landmark_crop_and_jpg_format(celeba_dir, tmp_path):
     assert manifest["crop"] == "landmarks" and manifest["image_format"] == "jpg"
     sample = next(iter_shard(str(tmp_path / "lm" / "train-000000.tar")))
     assert "jpg" in sample and "png" not in sample
+
+
+def test_npy_format_loads_the_same_pixels_as_png(celeba_dir, shard_dir, tmp_path):
+    run_tool("make_shards.py", "--celeba-root", celeba_dir, "--out", tmp_path / "npy", "--format", "npy",
+             "--image-size", "32", "--shard-size", "40")
+    sample = next(iter_shard(str(tmp_path / "npy" / "val-000000.tar")))
+    assert "npy" in sample and "png" not in sample and read_manifest(tmp_path / "npy")["image_format"] == "npy"
+    npy, png = (next(iter(make_loader(EvalStream(SplitSource.from_manifest(d, "val"), 8, 0, 1), 0)))
+                for d in (tmp_path / "npy", shard_dir))
+    assert npy["key"] == png["key"] and npy["image"].dtype == torch.uint8 and torch.equal(npy["image"], png["image"])
 
 
 def test_interrupted_sharding_leaves_no_whole_looking_shard_and_resumes(celeba_dir, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader
+from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader, model_input
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.losses.perceptual import IMAGENET_MEAN, IMAGENET_STD, load_vgg19
 
@@ -45,7 +45,7 @@ def encode_rank(encoder, sources: list[SplitSource], rank: int, world: int, batc
     for source in sources:
         stream = EvalStream(source, batch_size, rank, world)
         for batch in make_loader(stream, num_workers):
-            mu, logvar = encoder.encode(batch["image"].to(device))
+            mu, logvar = encoder.encode(model_input(batch["image"], device))
             parts["keys"].append(np.array(batch["key"]))
             parts["mu"].append(mu.float().cpu().numpy())
             parts["logvar"].append(logvar.float().cpu().numpy())
