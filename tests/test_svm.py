@@ -44,3 +44,18 @@ def test_beating_a_column_is_marked():
     report = evaluate(synthetic_latents())
     first = markdown_table(report).splitlines()[2]
     assert first.startswith("| attr0 |") and "85*" in first  # ours > 97 % beats FaceTracer's 85 on attribute 1
+
+
+def test_focus_means_cover_only_the_named_attributes(tmp_path):
+    np.savez(tmp_path / "latents.npz", **synthetic_latents())
+    proc = run_tool("eval_svm.py", "--latents", tmp_path / "latents.npz", "--out", tmp_path / "out",
+                    "--focus", "attr0,attr1")
+    report = json.loads((tmp_path / "out" / "svm_report.json").read_text())
+    linear, noise = report["per_attribute"][0], report["per_attribute"][1]
+    assert report["focus"] == ["attr0", "attr1"]
+    assert report["focus_mean_balanced_accuracy"] == (linear["balanced_accuracy"] + noise["balanced_accuracy"]) / 2
+    assert "over the 2 focus attributes" in proc.stdout
+    bad = run_tool("eval_svm.py", "--latents", tmp_path / "latents.npz", "--out", tmp_path / "out",
+                   "--focus", "attr0,Smiling", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: --focus: unknown attribute(s) Smiling; known: attr0, attr1")
