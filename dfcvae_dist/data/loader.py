@@ -210,8 +210,8 @@ def read_images(directory: str | Path, split: str, n: int) -> dict:
             break
     if not batches:
         raise UserError(f"{directory}: the {split} split is empty")
-    return {"image": model_input(torch.cat([b["image"] for b in batches])[:n], "cpu"), "attrs": torch.cat([b["attrs"] for b in batches])[:n],
-            "key": [k for b in batches for k in b["key"]][:n]}
+    return {"image": model_input(torch.cat([b["image"] for b in batches])[:n], "cpu"),
+            "attrs": torch.cat([b["attrs"] for b in batches])[:n], "key": [k for b in batches for k in b["key"]][:n]}
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
