@@ -111,6 +111,22 @@ def test_corrupt_samples_stop_naming_shard_and_key(tmp_path, fmt):
         list(make_loader(stream, 0))
 
 
+def test_truncated_npy_member_with_a_known_header_is_named(tmp_path):
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    np.save(buf, np.full((8, 8, 3), 10, np.uint8))
+    with wds.TarWriter(str(tmp_path / "cut.tar")) as sink:  # the good member's header is seen (and kept) first
+        for key, data in (("good", buf.getvalue()), ("cut", buf.getvalue()[:-5])):
+            sink.write({"__key__": key, "npy": data, "json": b"{}"})
+    stream = TrainStream(SplitSource([str(tmp_path / "cut.tar")], 2, []), 2, 1, 0, 1, 0, seed=0, shuffle_buffer=0)
+    with pytest.raises(UserError, match=r"cut\.tar: sample 'cut' does not decode .*187 data bytes for shape"):
+        list(make_loader(stream, 0))
+
+
 def test_skipping_more_corrupt_samples_than_a_batch_keeps_the_batch_count(tmp_path):
     write_shard_with_corrupt_samples(tmp_path / "bad.tar", good=20, corrupt=10)
     stream = TrainStream(SplitSource([str(tmp_path / "bad.tar")], 30, []), 4, 7, 0, 1, 0, seed=0, shuffle_buffer=0,

@@ -1,5 +1,6 @@
 """Shard writing: format, manifest, atomic shards, resume after a kill, verify, own image folders."""
 
+import io
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import tarfile
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -39,10 +41,8 @@ def test_sample_format(shard_dir):
     assert set(meta) == {"attrs", "landmarks", "partition", "identity"}
     assert len(meta["attrs"]) == 40 and set(meta["attrs"].values()) <= {0, 1}
     assert len(meta["landmarks"]) == 10 and meta["partition"] == 0
-    import io
-
-    image = Image.open(io.BytesIO(sample["png"]))
-    assert image.size == (32, 32) and image.mode == "RGB"
+    image = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)  # npy is the default format
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
 
 
 def test_landmark_crop_and_jpg_format(celeba_dir, tmp_path):
@@ -55,12 +55,13 @@ def test_landmark_crop_and_jpg_format(celeba_dir, tmp_path):
 
 
 def test_npy_format_loads_the_same_pixels_as_png(celeba_dir, shard_dir, tmp_path):
-    run_tool("make_shards.py", "--celeba-root", celeba_dir, "--out", tmp_path / "npy", "--format", "npy",
+    run_tool("make_shards.py", "--celeba-root", celeba_dir, "--out", tmp_path / "png", "--format", "png",
              "--image-size", "32", "--shard-size", "40")
-    sample = next(iter_shard(str(tmp_path / "npy" / "val-000000.tar")))
-    assert "npy" in sample and "png" not in sample and read_manifest(tmp_path / "npy")["image_format"] == "npy"
+    sample = next(iter_shard(str(tmp_path / "png" / "val-000000.tar")))
+    assert "png" in sample and "npy" not in sample and read_manifest(tmp_path / "png")["image_format"] == "png"
+    assert read_manifest(shard_dir)["image_format"] == "npy"
     npy, png = (next(iter(make_loader(EvalStream(SplitSource.from_manifest(d, "val"), 8, 0, 1), 0)))
-                for d in (tmp_path / "npy", shard_dir))
+                for d in (shard_dir, tmp_path / "png"))
     assert npy["key"] == png["key"] and npy["image"].dtype == torch.uint8 and torch.equal(npy["image"], png["image"])
 
 

@@ -34,7 +34,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 class ShardSettings:
     image_size: int = 64
     crop: str = "paper"  # paper | landmarks | center
-    image_format: str = "png"  # png (lossless) | jpg | npy (uint8 H x W x 3, lossless, no image decoding)
+    image_format: str = "npy"  # npy (uint8 H x W x 3, nothing to decode) | png (lossless) | jpg
     shard_size: int = 1000
     source: str = ""
 
