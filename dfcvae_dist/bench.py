@@ -68,10 +68,12 @@ class PlainReference(nn.Module):
         return sum(F.mse_loss(a, b) for a, b in zip(self.taps_of(x_hat), self.taps_of(x.detach())))
 
 
-def train_step_fn(batch: int, size: int, plain: bool, channels_last: bool = False):
+def train_step_fn(batch: int, size: int, plain: bool, channels_last: bool = False, compile_loss: bool = False):
     torch.manual_seed(0)
     model = init_weights(VAE(size), "normal")
     loss = PlainReference() if plain else FeaturePerceptualLoss(PAPER_LAYERS, feature_scale=57.6, weights="random")
+    if compile_loss:
+        loss.compile()
     optimizer = torch.optim.Adam(model.parameters(), 5e-4)
     x = torch.rand(batch, 3, size, size)
     if channels_last:
@@ -118,18 +120,27 @@ def extraction_img_s(batch: int, size: int, repeats: int) -> float:
     return batch / timed(encode, repeats)
 
 
+def steady_img_s(loader, repeats: int = 2) -> float:
+    """Images per second a loader delivers once its first batch has arrived (worker start-up excluded),
+    median over passes."""
+    rates = []
+    for _ in range(repeats):
+        batches = iter(loader)
+        next(batches)
+        start, images = time.perf_counter(), 0
+        for batch in batches:
+            images += len(batch["image"] if isinstance(batch, dict) else batch)
+        rates.append(images / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
 def shard_loader_img_s(shard_dir: Path, batch: int, batches: int) -> float:
     """One worker: our training stream over `shard_dir` (read, decode, batch; uint8 images)."""
     from dfcvae_dist.data.loader import SplitSource, TrainStream, make_loader
 
     stream = TrainStream(SplitSource.from_manifest(shard_dir, "train"), batch, batches, 0, 1, 1, seed=0,
                          shuffle_buffer=0)
-
-    def ours():
-        for _ in make_loader(stream, 1):
-            pass
-
-    return batch * batches / timed(ours, 2, warmup=1)
+    return steady_img_s(make_loader(stream, 1))
 
 
 def jpeg_folder_img_s(jpeg_dir: Path, batch: int, n: int, image_size: int) -> float:
@@ -152,13 +163,7 @@ def jpeg_folder_img_s(jpeg_dir: Path, batch: int, n: int, image_size: int) -> fl
             return TF.to_tensor(img)
 
     files = sorted(jpeg_dir.glob("*.jpg"))[:n]
-    folder = torch.utils.data.DataLoader(JpegFolder(files), batch_size=batch, num_workers=1)
-
-    def jpeg():
-        for _ in folder:
-            pass
-
-    return len(files) / timed(jpeg, 2, warmup=1)
+    return steady_img_s(torch.utils.data.DataLoader(JpegFolder(files), batch_size=batch, num_workers=1))
 
 
 def svm_seconds(n: int, dim: int = 100, seed: int = 0) -> float:

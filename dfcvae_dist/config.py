@@ -75,6 +75,8 @@ class LossConfig:
     vgg_dtype: str = opt("auto", "Loss-network dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.",
                          choices=["auto", "fp32", "fp16", "bf16"])
     vgg_seed: int = opt(0, "Seed of the random VGG19 weights (vgg_weights=random).")
+    compile: bool = opt(False, "torch.compile the loss network and its distances (fuses the elementwise work "
+                        "around the convolutions; see README, Performance). Compiling takes ~20 s at start.")
 
 
 @dataclass

@@ -147,6 +147,25 @@ def test_reduced_precision_gradient_close_to_fp32(dtype, tolerance):
     assert rel < tolerance
 
 
+def test_compiled_loss_matches_eager_values_and_gradient():
+    """loss.compile=true: the same per-layer losses and d loss / d x_hat as the eager loss network."""
+    from dfcvae_dist.config import LossConfig
+
+    torch.manual_seed(0)
+    x, x_hat = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    results = []
+    for compiled in (False, True):
+        cfg = LossConfig(vgg_weights="random", vgg_seed=2, feature_scale=3.0, compile=compiled)
+        loss = FeaturePerceptualLoss.from_config(cfg, torch.device("cpu"))
+        assert (loss._compiled_call_impl is not None) == compiled
+        leaf = x_hat.clone().requires_grad_(True)
+        layers = loss(x, leaf)
+        sum(layers.values()).backward()
+        results.append((torch.stack(list(layers.values())).detach(), leaf.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
+
+
 def test_vgg_dtype_auto_is_fp32_on_cpu():
     from dfcvae_dist.config import LossConfig
 
