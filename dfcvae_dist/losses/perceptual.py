@@ -137,7 +137,7 @@ class FeaturePerceptualLoss(nn.Module):
     @classmethod
     def from_config(cls, cfg: LossConfig, device: torch.device) -> "FeaturePerceptualLoss":
         loss = cls(cfg.layers, cfg.layer_weights, cfg.feature_scale, cfg.vgg_weights, cfg.vgg_seed,
-                   resolve_dtype(cfg.vgg_dtype, device)).to(device)
+                  resolve_dtype(cfg.vgg_dtype, device)).to(device)
         if cfg.compile:
             loss.compile()
         return loss
