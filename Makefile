@@ -31,12 +31,11 @@ slurm-tools:
 QS := quickstart
 LAUNCH_CPU2 := $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
 QS_MLFLOW := MLFLOW_TRACKING_URI=sqlite:///$(QS)/mlflow.db
-# synthetic CelebA -> shards -> DFC-VAE and PVAE (2 processes each) -> latents (2 processes) -> SVM table
-# -> latent-space figures -> quality table. Offline; a few minutes on 2 cores.
+# synthetic CelebA -> landmark-crop shards -> DFC-VAE and PVAE (2 processes each) -> latents (2 processes)
+# -> SVM table -> latent-space figures -> quality table. Offline; about 10 minutes on 2 cores.
 quickstart: $(STAMP)
 	$(BIN)/python tools/make_synthetic_celeba.py --out $(QS)/celeba --num 16000 --seed 0
-	$(BIN)/python tools/make_shards.py --celeba-root $(QS)/celeba --out $(QS)/shards/paper-32 --image-size 32 --format npy --shard-size 500
-	$(BIN)/python tools/make_shards.py --celeba-root $(QS)/celeba --out $(QS)/shards/landmarks-32 --image-size 32 --crop landmarks --format npy --shard-size 500
+	$(BIN)/python tools/make_shards.py --celeba-root $(QS)/celeba --out $(QS)/shards/landmarks-32 --image-size 32 --crop landmarks --shard-size 500
 	$(QS_MLFLOW) $(LAUNCH_CPU2) -m dfcvae_dist.train --config configs/quickstart.yaml
 	$(QS_MLFLOW) $(LAUNCH_CPU2) -m dfcvae_dist.train --config configs/quickstart.yaml model.name=pvae loss.beta=1.0 \
 		train.run_dir=$(QS)/runs/pvae log.image_every_steps=0
@@ -45,10 +44,10 @@ quickstart: $(STAMP)
 	$(QS_MLFLOW) $(BIN)/python tools/eval_svm.py --latents $(QS)/results/latents/latents.npz --out $(QS)/results/svm \
 		--class-weight balanced --focus synthetic --mlflow-run $(QS)/runs/dfcvae
 	$(QS_MLFLOW) $(BIN)/python tools/explore_latents.py --checkpoint $(QS)/runs/dfcvae --latents $(QS)/results/latents/latents.npz \
-		--shards $(QS)/shards/paper-32 --split train --out $(QS)/results/studies --attributes Smiling,Eyeglasses,Male \
+		--shards $(QS)/shards/landmarks-32 --split train --out $(QS)/results/studies --attributes Smiling,Eyeglasses,Male \
 		--mlflow-run $(QS)/runs/dfcvae
 	$(BIN)/python tools/quality.py --checkpoint dfcvae=$(QS)/runs/dfcvae --checkpoint pvae=$(QS)/runs/pvae \
-		--shards $(QS)/shards/paper-32 --vgg-weights random --fid --out $(QS)/results/quality
+		--shards $(QS)/shards/landmarks-32 --vgg-weights random --fid --out $(QS)/results/quality
 	@echo
 	@echo "Results (random VGG19 weights: a demo of the pipeline, not the paper's numbers):"
 	@echo "  checkpoints   $(QS)/runs/dfcvae, $(QS)/runs/pvae"

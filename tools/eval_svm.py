@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     print(f"mean accuracy {report['mean_accuracy']:.4f}, mean balanced accuracy "
           f"{report['mean_balanced_accuracy']:.4f}, majority {report['mean_majority']:.4f}; "
           f"{report['seconds']:.1f}s; wrote {args.out / 'svm_report.json'}")
-    if args.focus:
+    if focus:
         print(f"over the {len(report['focus'])} focus attributes: mean accuracy {report['focus_mean_accuracy']:.4f}, "
               f"mean balanced accuracy {report['focus_mean_balanced_accuracy']:.4f}")
     if args.mlflow_run:
