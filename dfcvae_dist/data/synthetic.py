@@ -1,9 +1,12 @@
 """Synthetic faces in the exact official CelebA layout: the offline default data set.
 
-Each image is drawn from its attribute row, so the visible attributes (VISIBLE_ATTRIBUTES) are learnable;
-the rest are sampled with CelebA's marginal frequencies and the obvious exclusions (hair colours, beards
-on women, bald with bangs). Pose (shift and scale), skin tone and background vary. The landmarks written
-are the points actually drawn. Deterministic for a seed: image i uses its own generator (seed, i).
+Each image is drawn from its attribute row. VISIBLE_ATTRIBUTES are the ones the drawing is meant to
+show; eight more change it in smaller or hidden ways (a pixel or less in a 32-px landmark crop, under a
+beard, or below the crop: nose and lip size, narrow eyes, arched brows, chubby, goatee, necktie,
+necklace), and the other twelve are only sampled. All follow CelebA's marginal frequencies with the
+obvious exclusions (hair colours, beards on women, bald with bangs). Pose (shift and scale), skin tone
+and background vary. The landmarks written are the points actually drawn. Deterministic for a seed:
+image i uses its own generator (seed, i).
 """
 
 from __future__ import annotations
