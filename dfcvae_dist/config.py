@@ -129,6 +129,8 @@ class LogConfig:
     on_unavailable: str = opt("error", "Tracking server unreachable at start: error, or warn and train "
                               "untracked.", choices=["error", "warn"])
     enabled: bool = opt(True, "Log to MLflow at all.")
+    progress_every_s: float = opt(30.0, "In a job log (stderr not a terminal): a plain progress line at the first "
+                                  "log step after every N seconds (0: at every log step).", min=0.0)
 
 
 @dataclass

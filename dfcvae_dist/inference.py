@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from dfcvae_dist.config import Config, load_config
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.models import VAE, build_model
-from dfcvae_dist.training.checkpoint import CONFIG_FILE, WEIGHTS_FILE, find_checkpoint
+from dfcvae_dist.rundir import CONFIG_FILE, WEIGHTS_FILE, find_checkpoint
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT
@@ -49,6 +50,7 @@ def mlflow_client(tmp_path):
 
 
 def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_dir):
+    os.umask(0o022)
     run_dir = tmp_path / "run"
     train(tmp_path, shard_dir, run_dir, "train.max_steps=40", "checkpoint.every_steps=20", "log.image_every_steps=20",
           "train.val_every_steps=20")
@@ -60,6 +62,11 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_d
     from dfcvae_dist.models import VAE
 
     assert load_file(ckpt / "weights.safetensors").keys() == VAE(32).state_dict().keys()  # the VGG is never saved
+    with safe_open(ckpt / "weights.safetensors", "pt") as f:  # the file alone says which model it holds
+        assert f.metadata()["format"] == "pt"
+        assert json.loads(f.metadata()["model"]) == {"name": "dfcvae", "image_size": 32, "latent_dim": 100,
+                                                     "base_channels": 32, "init": "normal"}
+    assert (ckpt / "weights.safetensors").stat().st_mode & 0o777 == 0o644  # readable by a colleague (umask 022)
     assert (run_dir / "config.yaml").exists()
     client = mlflow_client(tmp_path)
     run = client.get_run(summary["mlflow_run_id"])
@@ -85,22 +92,27 @@ def test_two_process_ddp_ranks_agree_and_read_disjoint_shards(tmp_path, shard_di
     assert run.data.tags["world_size"] == "2" and run.data.tags["distributed_type"] == "DistributedType.MULTI_CPU"
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir):
-    steps = ["train.max_steps=40", "checkpoint.every_steps=10"]
+@pytest.mark.parametrize("workers,accum,every,total", [(1, 1, 10, 40), (2, 2, 3, 8)],
+                         ids=["epoch-boundary", "mid-epoch-2-workers-grad-accum-2"])
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, workers, accum, every, total):
+    # 2 ranks x 16 x accum: 10 steps per epoch without accumulation, 5 with it (a checkpoint at 3 or 6 is mid-epoch)
+    steps = [f"train.max_steps={total}", f"checkpoint.every_steps={every}", f"data.num_workers={workers}",
+             f"train.grad_accum={accum}"]
     train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
     run_dir = tmp_path / "killed"
     cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, *steps)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "step-00000010").exists() and time.time() < deadline:
+    while not (run_dir / "checkpoints" / f"step-{every:08d}").exists() and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and, through PR_SET_PDEATHSIG, every rank
     proc.wait()
-    assert not (run_dir / "checkpoints" / "step-00000040").exists()
-    train(tmp_path, shard_dir, run_dir, *steps, nproc=2)  # train.resume=auto by default
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000040" / "weights.safetensors")
-    b = load_file(run_dir / "checkpoints" / "step-00000040" / "weights.safetensors")
+    assert not (run_dir / "checkpoints" / f"step-{total:08d}").exists()
+    resumed = train(tmp_path, shard_dir, run_dir, *steps, nproc=2)  # train.resume=auto by default
+    assert f"resumed from {run_dir / 'checkpoints'}/step-" in resumed.stderr
+    a = load_file(tmp_path / "straight" / "checkpoints" / f"step-{total:08d}" / "weights.safetensors")
+    b = load_file(run_dir / "checkpoints" / f"step-{total:08d}" / "weights.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
     client = mlflow_client(tmp_path)
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
@@ -108,20 +120,21 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir):
                               filter_string="attributes.run_name = 'killed'")
     assert len(runs) == 1 and runs[0].info.run_id == summary["mlflow_run_id"]
     logged = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "train/total")]
-    assert sorted(logged) == list(range(1, 41))  # each step exactly once
-    state = json.loads((run_dir / "checkpoints" / "step-00000040" / "trainer_state.json").read_text())
+    assert sorted(logged) == list(range(1, total + 1))  # each step exactly once
+    state = json.loads((run_dir / "checkpoints" / f"step-{total:08d}" / "trainer_state.json").read_text())
     assert state["mlflow_run_id"] == summary["mlflow_run_id"] and state["world_size"] == 2
+    assert state["grad_accum"] == accum and state["step"] == total
 
 
 def test_sigterm_checkpoints_at_an_agreed_step_and_leaves_resume_marker(tmp_path, shard_dir):
     run_dir = tmp_path / "run"
-    cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, "train.max_steps=400", "checkpoint.every_steps=0")]
+    cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, "train.max_steps=400", "checkpoint.every_steps=0",
+                                      "log.progress_every_s=0")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.time() + 300
-    while not (run_dir / "config.yaml").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(8)  # start-up done, well inside the loop
+    for line in proc.stderr:  # log.progress_every_s=0: a line at every log step once the loop runs
+        if line.startswith("step 3/400"):
+            break
     proc.send_signal(signal.SIGTERM)  # the launcher forwards it to every rank
     proc.communicate(timeout=120)
     # The launcher itself exits 1 after a SIGTERM whatever the ranks did: the marker is the contract.
@@ -158,13 +171,51 @@ def test_resume_with_another_world_size_is_refused(tmp_path, shard_dir):
 
 @pytest.mark.parametrize("model", ["pvae", "dcgan"])
 def test_baselines_train_in_the_same_loop(tmp_path, shard_dir, model):
+    import torch
+
+    from dfcvae_dist.config import load_config
+    from dfcvae_dist.models import build_model
+
     run_dir = tmp_path / model
     extra = ["optim.lr=2e-4", "optim.beta1=0.5", "model.base_channels=16"] if model == "dcgan" else ["loss.beta=1.0"]
     train(tmp_path, shard_dir, run_dir, f"model.name={model}", "train.max_steps=6", "log.image_every_steps=3", *extra)
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
     assert summary["step"] == 6 and summary["vgg_weights"] == "none"
-    history = mlflow_client(tmp_path).get_metric_history(summary["mlflow_run_id"], "train/total")
-    assert len(history) == 6
+    client = mlflow_client(tmp_path)
+    assert len(client.get_metric_history(summary["mlflow_run_id"], "train/total")) == 6
+    torch.manual_seed(0)  # train.seed: the weights the run started from
+    start = build_model(load_config(run_dir / "config.yaml").model).state_dict()
+    trained = load_file(run_dir / "checkpoints" / "step-00000006" / "weights.safetensors")
+    parts = ["generator.", "discriminator."] if model == "dcgan" else ["encoder.", "decoder."]
+    for part in parts:  # every network was optimized
+        weights = [k for k in trained if k.startswith(part) and k.endswith(".weight")]
+        assert weights and any(not torch.equal(trained[k], start[k]) for k in weights), part
+    if model == "dcgan":
+        for name in ("train/loss_d", "train/loss_g"):
+            assert len(client.get_metric_history(summary["mlflow_run_id"], name)) == 6, name
+
+
+def test_resume_from_a_path_or_none_and_pruning_to_keep(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    train(tmp_path, shard_dir, run_dir, "train.max_steps=4", "checkpoint.every_steps=1", "checkpoint.keep=2")
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000003", "step-00000004"]
+    # A checkpoint written before TrainerState existed still resumes (its position read from micro_batches).
+    state = json.loads((checkpoints / "step-00000003" / "trainer_state.json").read_text())
+    old = {k: state[k] for k in ("step", "world_size", "batches_per_epoch", "mlflow_run_id", "config_digest", "model",
+                                 "skipped_steps", "vgg_weights")}
+    old.update(epoch=0, samples_seen=48, micro_batches=3)
+    (checkpoints / "step-00000003" / "trainer_state.json").write_text(json.dumps(old))
+    other = tmp_path / "other"
+    proc = train(tmp_path, shard_dir, other, "train.max_steps=5", f"train.resume={checkpoints / 'step-00000003'}")
+    assert f"resumed from {checkpoints / 'step-00000003'} at step 3" in proc.stderr
+    assert json.loads((other / "COMPLETED.json").read_text())["step"] == 5
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=1", "train.resume=none")
+    assert "resumed" not in proc.stderr and json.loads((run_dir / "COMPLETED.json").read_text())["step"] == 1
+    proc = train(tmp_path, shard_dir, tmp_path / "third", "train.max_steps=1", f"train.resume={tmp_path / 'nothing'}",
+                 check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
+        f"error: [rank 0] train.resume: {tmp_path / 'nothing'} is not a complete checkpoint (no trainer_state.json)"
 
 
 def test_torchrun_with_a_webdataset_url_pattern(tmp_path, shard_dir):

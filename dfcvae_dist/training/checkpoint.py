@@ -1,90 +1,53 @@
 """Checkpointer: `RUN_DIR/checkpoints/step-NNNNNNNN/`, written whole or not at all.
 
 Every rank writes its part with `accelerator.save_state` into `.tmp-step-N/`; the main process adds the
-trainer state (JSON, no pickle), the consolidated model weights (safetensors, loadable without
-accelerate) and the resolved config, renames the folder to `step-N` (atomic), then points `latest` at it
-(also written to a temporary name and renamed) and prunes all but the newest `keep`. A folder under a
-final name is therefore always complete, and `latest` never names a half-written one.
+trainer state (JSON, no pickle), the consolidated model weights (safetensors with the model config in its
+metadata, loadable without accelerate) and the resolved config, renames the folder to `step-N` (atomic),
+then points `latest` at it and prunes all but the newest `keep`. A folder under a final name is therefore
+always complete, and `latest` never names a half-written one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from dfcvae_dist.distributed import any_rank
 from dfcvae_dist.errors import UserError
-
-STATE_FILE = "trainer_state.json"
-WEIGHTS_FILE = "weights.safetensors"
-CONFIG_FILE = "config.yaml"
-STEP_DIR = re.compile(r"^step-(\d+)$")
+from dfcvae_dist.rundir import (CHECKPOINTS, CONFIG_FILE, LATEST, STATE_FILE, WEIGHTS_FILE, atomic_write,
+                                complete_checkpoints, find_checkpoint, step_dir_name)
+from dfcvae_dist.training.state import TrainerState
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints in `directory`, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.match(p.name)) and
-             (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """`auto`: the newest complete checkpoint of the run (None if there is none); `none`; or a path."""
-    if resume == "none":
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if path.is_dir() and not (path / STATE_FILE).exists() and (path / "checkpoints").is_dir():
-            path = find_checkpoint(path, "auto")  # a run directory
-        if path is None or not (Path(path) / STATE_FILE).is_file():
-            raise UserError(f"train.resume: {resume} is not a complete checkpoint (no {STATE_FILE})")
-        return Path(path)
-    directory = Path(run_dir) / "checkpoints"
-    latest = directory / "latest"
-    if latest.is_file():
-        named = directory / latest.read_text().strip()
-        if (named / STATE_FILE).is_file():
-            return named
-    found = complete_checkpoints(directory)
-    return found[-1] if found else None
-
-
-def read_trainer_state(checkpoint: Path) -> dict:
-    try:
-        return json.loads((Path(checkpoint) / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{checkpoint / STATE_FILE}: unreadable trainer state ({err})") from None
+def weights_bytes(weights: dict[str, torch.Tensor], model_config: dict) -> bytes:
+    """safetensors with `format: pt` and the model config, so the file alone rebuilds the model."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    return safetensors_bytes(tensors, metadata={"format": "pt", "model": json.dumps(model_config)})
 
 
 class Checkpointer:
-    """Save and prune checkpoints of one run; every rank calls `save`, the main process finishes it."""
+    """Decides when the run saves (`due`) and saves (`save`); every rank calls `save`, the main process
+    finishes it."""
 
-    def __init__(self, run_dir: Path, keep: int, accelerator):
-        self.directory = Path(run_dir) / "checkpoints"
-        self.keep = keep
+    def __init__(self, run_dir: Path, every_steps: int, keep: int, last_step: int, accelerator):
+        self.directory = Path(run_dir) / CHECKPOINTS
+        self.every_steps, self.keep, self.last_step = every_steps, keep, last_step
         self.accelerator = accelerator
+        self.last_saved: int | None = None
 
-    def save(self, step: int, trainer_state: dict, model_state: dict[str, torch.Tensor], config_text: str) -> Path:
+    def due(self, step: int) -> bool:
+        return step == self.last_step or bool(self.every_steps and step % self.every_steps == 0)
+
+    def save(self, state: TrainerState, weights: dict[str, torch.Tensor], model_config: dict,
+             config_text: str) -> Path:
         acc = self.accelerator
-        final = self.directory / f"step-{step:08d}"
-        tmp = self.directory / f".tmp-step-{step:08d}"
+        final = self.directory / step_dir_name(state.step)
+        tmp = self.directory / f".tmp-{final.name}"
         if acc.is_main_process:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -93,28 +56,31 @@ class Checkpointer:
         try:
             acc.save_state(str(tmp))
             if acc.is_main_process:
-                save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / WEIGHTS_FILE))
-                (tmp / CONFIG_FILE).write_text(config_text)
-                _atomic_write(tmp / STATE_FILE, json.dumps(trainer_state, indent=1))
+                atomic_write(tmp / WEIGHTS_FILE, weights_bytes(weights, model_config))
+                atomic_write(tmp / CONFIG_FILE, config_text)
+                atomic_write(tmp / STATE_FILE, state.to_json())
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
             error = err
-        failed = any_rank(acc, error is not None)
-        if failed:
-            reason = _reason(error, self.directory) if error is not None else "failed on another rank"
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            latest = find_checkpoint(self.directory.parent, "auto")
-            raise UserError(f"writing checkpoint {final} failed on rank {acc.process_index} ({reason}); "
-                            f"the previous checkpoint {latest} is intact")
+        if any_rank(acc, error is not None):
+            self._fail(final, tmp, error)
         if acc.is_main_process:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _atomic_write(self.directory / "latest", final.name + "\n")
+            atomic_write(self.directory / LATEST, final.name + "\n")
             for old in complete_checkpoints(self.directory)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+        self.last_saved = state.step
         return final
+
+    def _fail(self, final: Path, tmp: Path, error: Exception | None) -> None:
+        reason = _reason(error, self.directory) if error is not None else "failed on another rank"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = find_checkpoint(self.directory.parent, "auto")
+        raise UserError(f"writing checkpoint {final} failed on rank {self.accelerator.process_index} ({reason}); "
+                        f"the previous checkpoint {latest} is intact")
 
 
 def _reason(error: Exception, directory: Path) -> str:

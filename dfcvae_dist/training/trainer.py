@@ -1,0 +1,270 @@
+"""The trainer. `Trainer(cfg)` sets up its parts (accelerator, data, recipe, checkpointer, state, tracker);
+`fit()` is the loop, top to bottom. Which model is trained is the recipe's business, when to save is the
+checkpointer's, and the counters a resume needs live in `TrainerState`."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import pickle
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torchvision
+from accelerate.utils import broadcast_object_list, set_seed
+from rich.console import Console
+
+from dfcvae_dist.config import Config
+from dfcvae_dist.data.loader import (SplitSource, TrainStream, batches_per_epoch, make_loader, model_input,
+                                     resolve_split)
+from dfcvae_dist.distributed import any_rank, make_accelerator
+from dfcvae_dist.errors import UserError
+from dfcvae_dist.rundir import CONFIG_FILE, atomic_write, find_checkpoint, write_end_marker
+from dfcvae_dist.training.checkpoint import Checkpointer
+from dfcvae_dist.training.progress import ProgressReporter
+from dfcvae_dist.training.recipes import StepResult, build_recipe, set_lr
+from dfcvae_dist.training.state import TrainerState
+from dfcvae_dist.training.tracking import Tracker, code_version
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT (what torchrun and accelerate forward to ranks); ranks agree on it each step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, accelerator) -> bool:
+        return any_rank(accelerator, self.requested)
+
+
+@dataclass
+class TrainData:
+    """The training split as whole optimizer steps, the same number on every rank; the val split if used."""
+
+    stream: TrainStream
+    num_workers: int
+    grad_accum: int
+    batches_per_epoch: int  # micro-batches per rank
+    total_steps: int
+    global_batch: int
+    val: SplitSource | None
+
+    @classmethod
+    def from_config(cls, cfg: Config, rank: int, world: int, validates: bool) -> "TrainData":
+        data, train = cfg.data, cfg.train
+        source = resolve_split(data.shards, "train", data.num_samples)
+        per_epoch = batches_per_epoch(source.num_samples, train.batch_size, world, train.grad_accum)
+        stream = TrainStream(source, train.batch_size, per_epoch, rank, world, data.num_workers, train.seed,
+                             data.shuffle_buffer, data.skip_corrupt)
+        total = train.max_steps or train.epochs * per_epoch // train.grad_accum
+        val = None
+        if train.val_every_steps and validates:
+            val = resolve_split(data.shards, "val", val_pattern=data.val_shards)
+            if not val.urls or (Path(data.shards).is_dir() and val.num_samples == 0):
+                raise UserError(f"the val split of {data.shards} is empty; set train.val_every_steps=0 or "
+                                "write shards with a val partition")
+        return cls(stream, data.num_workers, train.grad_accum, per_epoch, total,
+                   train.batch_size * world * train.grad_accum, val)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch // self.grad_accum
+
+    def steps(self, epoch: int, start_batch: int, device, memory_format) -> Iterator[list[torch.Tensor]]:
+        """The rest of `epoch` from micro-batch `start_batch`, `grad_accum` micro-batches per optimizer step."""
+        self.stream.set_position(epoch, start_batch)
+        images = (model_input(b["image"], device, memory_format) for b in make_loader(self.stream, self.num_workers))
+        return iter(lambda: list(itertools.islice(images, self.grad_accum)), [])
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        train = cfg.train
+        self.accelerator = acc = make_accelerator(train.mixed_precision, train.grad_accum, train.collective_timeout_s,
+                                                  train.threads)
+        self.console = Console(stderr=True, quiet=not acc.is_main_process, soft_wrap=True)  # no breaks in paths
+        self.run_dir = Path(train.run_dir)
+        set_seed(train.seed)
+        self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+        self.recipe = build_recipe(cfg, acc, self.memory_format)
+        self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, self.recipe.validates)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
+                                         self.data.total_steps, acc)
+        self.state = self.resume()
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.run_dir / CONFIG_FILE, cfg.to_yaml())
+        self.tracker = self.start_tracking()
+        self.fixed_z = torch.randn(16, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
+        self.last_images: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.stop = StopFlag()
+        self.describe()
+
+    def fit(self) -> dict:
+        s, data, acc = self.state, self.data, self.accelerator
+        self.progress = ProgressReporter(self.console, data.total_steps, s.step, data.global_batch,
+                                         self.cfg.log.progress_every_s, acc.is_main_process)
+        stopping = False
+        while s.step < data.total_steps and not stopping:
+            set_lr(self.recipe.optimizers, self.cfg.optim.lr * self.cfg.optim.lr_decay_per_epoch ** s.epoch)
+            for micro_batches in data.steps(s.epoch, s.batch_in_epoch, acc.device, self.memory_format):
+                result = self.recipe.train_step(micro_batches, s.step + 1)
+                s.advance(result.skipped)  # only the first epoch of a launch may start mid-way
+                self.log_step(result)
+                if data.val is not None and s.step % self.cfg.train.val_every_steps == 0:
+                    val = self.recipe.validation_loss(data.val, self.cfg.train.batch_size, self.cfg.train.val_batches)
+                    self.tracker.log_metrics({"val/total": val}, s.step)
+                stopping = self.stop.agreed(acc)
+                if stopping or self.checkpointer.due(s.step):
+                    self.save()
+                if stopping or s.step == data.total_steps:
+                    break
+        self.progress.stop()
+        return self.finish(stopping)
+
+    def log_step(self, result: StepResult) -> None:
+        s, log = self.state, self.cfg.log
+        self.progress.step_done(s.step, s.epoch)
+        if result.skipped:
+            return
+        self.last_images = result.images
+        if s.step % log.every_steps == 0 or s.step == self.data.total_steps:
+            names = list(result.metrics)
+            values = self.accelerator.reduce(torch.stack([result.metrics[n].float() for n in names]), reduction="mean")
+            metrics = {f"train/{n}": v for n, v in zip(names, values.tolist())}
+            metrics.update({"train/lr": self.recipe.optimizers[0].param_groups[0]["lr"], "train/epoch": s.epoch,
+                            "train/img_per_s": self.progress.img_per_s_since_last_log(s.step),
+                            "train/skipped_steps": s.skipped_steps})
+            self.tracker.log_metrics(metrics, s.step)
+            self.progress.logged(s.step, s.epoch, metrics["train/total"], metrics["train/img_per_s"])
+        if log.image_every_steps and s.step % log.image_every_steps == 0:
+            self.log_images()
+
+    def save(self) -> Path:
+        return self.checkpointer.save(self.state, self.recipe.weights(), self.recipe.model_config, self.cfg.to_yaml())
+
+    def finish(self, stopped_early: bool) -> dict:
+        s, acc = self.state, self.accelerator
+        if self.checkpointer.last_saved != s.step:
+            self.save()
+        summary = {"step": s.step, "total_steps": self.data.total_steps, "stopped_early": stopped_early,
+                   "mlflow_run_id": s.mlflow_run_id, "checkpoint": str(find_checkpoint(self.run_dir, "auto")),
+                   "vgg_weights": s.vgg_weights, "skipped_steps": s.skipped_steps,
+                   "img_per_s": self.progress.img_per_s(s.step)}
+        record_rank(self.run_dir, acc.process_index, self.recipe.module, self.data.stream)
+        if acc.is_main_process:  # before any final tracking call: a hung server must not cost the marker
+            write_end_marker(self.run_dir, stopped_early, summary)
+        self.log_images()
+        self.tracker.end("KILLED" if stopped_early else "FINISHED")
+        self.console.print(f"{'stopped at' if stopped_early else 'finished'} step {s.step}; checkpoint "
+                           f"{summary['checkpoint']}")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return summary
+
+    def resume(self) -> TrainerState:
+        """The state to start from: fresh, or that of the checkpoint the main process picked, loaded on every rank."""
+        acc, cfg = self.accelerator, self.cfg
+        state = TrainerState(batches_per_epoch=self.data.batches_per_epoch, grad_accum=cfg.train.grad_accum,
+                             model=cfg.model.name, world_size=acc.num_processes, config_digest=cfg.digest(),
+                             vgg_weights=self.recipe.weights_source)
+        choice = [str(find_checkpoint(self.run_dir, cfg.train.resume) or "") if acc.is_main_process else None]
+        broadcast_object_list(choice, from_process=0)
+        if not choice[0]:
+            return state
+        checkpoint = Path(choice[0])
+        saved = TrainerState.read(checkpoint)
+        refuse_incompatible(checkpoint, saved, state)
+        try:  # accelerate loads with weights_only=True: a file that would run code is refused, not executed
+            acc.load_state(str(checkpoint))
+        except (pickle.UnpicklingError, RuntimeError, OSError) as err:
+            raise UserError(f"{checkpoint}: checkpoint refused or unreadable ({str(err).splitlines()[0][:300]})") from None
+        saved.config_digest, saved.vgg_weights = state.config_digest, state.vgg_weights
+        self.checkpointer.last_saved = saved.step
+        self.console.print(f"resumed from {checkpoint} at step {saved.step}")
+        return saved
+
+    def start_tracking(self) -> Tracker:
+        cfg, s, acc = self.cfg, self.state, self.accelerator
+        tracker = Tracker(cfg, acc, s.mlflow_run_id)
+        if not s.mlflow_run_id:
+            tracker.log_params(cfg.flat())
+            tracker.log_text(cfg.to_yaml(), "config.yaml")
+        s.mlflow_run_id = tracker.run_id or s.mlflow_run_id
+        perceptual = self.recipe.perceptual
+        tracker.set_tags({"world_size": acc.num_processes, "precision": acc.mixed_precision,
+                          "vgg_dtype": str(perceptual.dtype) if perceptual else "none", "vgg_weights": s.vgg_weights,
+                          "vgg_weights_random": s.vgg_weights.startswith("random"), "code_version": code_version(),
+                          "distributed_type": str(acc.distributed_type), **slurm_tags()})
+        if s.vgg_weights.startswith("random"):
+            self.console.print("[bold yellow]WARNING: the VGG19 loss network has RANDOM weights: not the paper's loss[/]")
+        return tracker
+
+    def describe(self) -> None:
+        cfg, data, world = self.cfg, self.data, self.accelerator.num_processes
+        self.console.print(f"[bold]{cfg.model.name}[/] world size {world}, global batch {data.global_batch} = "
+                           f"{cfg.train.batch_size} per rank x {world} ranks x {cfg.train.grad_accum} accumulation; "
+                           f"{data.steps_per_epoch} steps per epoch, {data.total_steps} steps")
+
+    def log_images(self) -> None:
+        """Inputs above their reconstructions (or real above fake), and samples of a fixed z."""
+        if not self.tracker.active or self.last_images is None:
+            return
+        step = self.state.step
+        self.tracker.log_image(image_grid(*self.last_images), f"images/reconstructions_step{step:08d}.png")
+        samples = self.recipe.decode(self.fixed_z)
+        self.tracker.log_image(torchvision.utils.make_grid(samples.float().cpu(), nrow=8),
+                               f"images/samples_step{step:08d}.png")
+
+
+def refuse_incompatible(checkpoint: Path, saved: TrainerState, now: TrainerState) -> None:
+    """A checkpoint whose data position or model cannot carry over to this launch."""
+    if saved.world_size != now.world_size:
+        raise UserError(f"{checkpoint}: saved with world size {saved.world_size}, now {now.world_size}; the data "
+                        "position cannot be carried over: resume with the same number of processes, or start a "
+                        "new run (train.resume=none, another train.run_dir)")
+    if saved.model != now.model:
+        raise UserError(f"{checkpoint}: a {saved.model} checkpoint, but model.name={now.model}")
+    if (saved.batches_per_epoch, saved.grad_accum) != (now.batches_per_epoch, now.grad_accum):
+        raise UserError(f"{checkpoint}: saved with {saved.batches_per_epoch} micro-batches per rank and epoch in "
+                        f"steps of {saved.grad_accum}, now {now.batches_per_epoch} in steps of {now.grad_accum}; the "
+                        "data position cannot be carried over: resume with the same train.batch_size, "
+                        "train.grad_accum and data")
+
+
+def image_grid(inputs: torch.Tensor, outputs: torch.Tensor, n: int = 8) -> torch.Tensor:
+    n = min(n, inputs.shape[0])
+    return torchvision.utils.make_grid(torch.cat([inputs[:n], outputs[:n]]).float().cpu(), nrow=n, padding=2)
+
+
+def slurm_tags() -> dict:
+    names = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_RESTART_COUNT": "slurm.restart_count",
+             "SLURM_JOB_NODELIST": "slurm.nodelist", "SLURM_NNODES": "slurm.nnodes"}
+    return {tag: os.environ[var] for var, tag in names.items() if var in os.environ}
+
+
+def record_rank(run_dir: Path, rank: int, module: torch.nn.Module, stream: TrainStream) -> None:
+    """`ranks/rank-N.json`: a digest of this rank's parameters (equal on every rank under DDP) and its
+    shards of the first epoch (disjoint across ranks)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.named_parameters()):  # not BN running stats: those are per rank
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "ranks" / f"rank-{rank}.json", json.dumps(
+        {"rank": rank, "params_sha256": digest.hexdigest(), "first_epoch_shards": stream.rank_shards(0)}))
+
+
+def train(cfg: Config) -> dict:
+    """Train as `cfg` says; the summary that COMPLETED.json / RESUME_ME.json also holds."""
+    return Trainer(cfg).fit()

@@ -1,0 +1,90 @@
+"""The trainer's parts on their own, in one process: the state's counters, the checkpointer's rules, where a
+resume starts, and each recipe's optimizer step."""
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+
+from dfcvae_dist.config import LossConfig, ModelConfig, OptimConfig
+from dfcvae_dist.errors import UserError
+from dfcvae_dist.rundir import STATE_FILE, find_checkpoint
+from dfcvae_dist.training.checkpoint import Checkpointer
+from dfcvae_dist.training.recipes import GANRecipe, VAERecipe
+from dfcvae_dist.training.state import TrainerState
+
+
+@pytest.fixture
+def accelerator():
+    def make(grad_accum: int = 1) -> Accelerator:
+        return Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
+
+    yield make
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_trainer_state_rolls_over_to_the_next_epoch_and_round_trips_through_json():
+    state = TrainerState(batches_per_epoch=6, grad_accum=2, model="dfcvae")
+    for skipped in (False, True, False):
+        state.advance(skipped)
+    assert (state.step, state.epoch, state.batch_in_epoch, state.skipped_steps) == (3, 1, 0, 1)
+    state.advance(False)
+    assert (state.epoch, state.batch_in_epoch) == (1, 2)
+    assert TrainerState.from_dict(json.loads(state.to_json())) == state
+
+
+def test_trainer_state_reads_the_files_written_before_it_existed():
+    old = {"step": 7, "epoch": 1, "world_size": 2, "samples_seen": 448, "micro_batches": 14, "batches_per_epoch": 10,
+           "mlflow_run_id": "abc", "config_digest": "d", "model": "pvae", "skipped_steps": 1, "vgg_weights": "none"}
+    state = TrainerState.from_dict(old)
+    assert (state.step, state.grad_accum, state.epoch, state.batch_in_epoch) == (7, 2, 1, 4)
+    assert (state.world_size, state.mlflow_run_id, state.model, state.skipped_steps) == (2, "abc", "pvae", 1)
+
+
+def test_checkpointer_is_due_at_its_interval_and_at_the_last_step():
+    assert [s for s in range(1, 12) if Checkpointer("run", 4, 2, 11, None).due(s)] == [4, 8, 11]
+    assert [s for s in range(1, 12) if Checkpointer("run", 0, 2, 11, None).due(s)] == [11]
+
+
+def fake_checkpoint(run_dir, step):
+    folder = run_dir / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / STATE_FILE).write_text("{}")
+    return folder
+
+
+def test_resume_auto_falls_back_to_the_newest_complete_checkpoint_when_latest_is_missing_or_stale(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    newest = fake_checkpoint(tmp_path, 20)
+    (tmp_path / "checkpoints" / "step-00000030").mkdir()  # incomplete: no trainer state
+    assert find_checkpoint(tmp_path, "auto") == newest
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000030\n")
+    assert find_checkpoint(tmp_path, "auto") == newest
+    assert find_checkpoint(tmp_path, "none") is None
+    assert find_checkpoint(tmp_path / "elsewhere", "auto") is None
+    assert find_checkpoint(tmp_path, str(tmp_path)) == newest  # a run directory given as the path
+    with pytest.raises(UserError, match="step-00000030 is not a complete checkpoint"):
+        find_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-00000030"))
+
+
+def test_a_nonfinite_micro_batch_skips_the_whole_accumulated_step(accelerator):
+    torch.manual_seed(0)
+    recipe = VAERecipe(accelerator(grad_accum=2), ModelConfig(name="pvae", image_size=32), LossConfig(), OptimConfig(),
+                       "skip", 4, torch.contiguous_format)
+    params = {k: v.detach().clone() for k, v in recipe.model.named_parameters()}
+    nan, good = torch.full((4, 3, 32, 32), float("nan")), torch.rand(4, 3, 32, 32)
+    result = recipe.train_step([nan, good], step=1)
+    assert result.skipped and not result.metrics
+    assert all(torch.equal(params[k], v) for k, v in recipe.model.named_parameters())  # no update from half a step
+    result = recipe.train_step([good, good], step=2)
+    assert not result.skipped and set(result.metrics) >= {"kl", "rec", "total", "grad_norm"}
+    assert not all(torch.equal(params[k], v) for k, v in recipe.model.named_parameters())
+
+
+def test_dcgan_refuses_gradient_accumulation(accelerator):
+    with pytest.raises(UserError, match="model.name=dcgan does not support train.grad_accum=2"):
+        GANRecipe(accelerator(grad_accum=2), ModelConfig(name="dcgan", image_size=32), OptimConfig(), "stop", 2,
+                  torch.contiguous_format)
