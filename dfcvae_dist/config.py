@@ -189,10 +189,11 @@ def shipped_configs() -> list[str]:
 
 
 def resolve_config(name_or_path: str | Path) -> Path:
-    """The config file to read: the path itself when it exists or names a folder, else the shipped config of
-    that name (with or without `.yaml`)."""
+    """The config file to read: the path itself when it is a file or has a folder part, else the shipped
+    config of that name (with or without `.yaml`); a folder named like one (`make quickstart` writes
+    `quickstart/`) does not hide it."""
     path = Path(name_or_path)
-    if path.exists() or path.parent != Path("."):
+    if path.is_file() or path.parent != Path("."):
         return path
     shipped = SHIPPED_CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
     if shipped.is_file():
