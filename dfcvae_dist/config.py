@@ -116,6 +116,7 @@ class TrainConfig:
     seed: int = opt(0, "Seed of model init, data order and sampling.")
     resume: str = opt("auto", "auto (newest complete checkpoint, if any), none, or a checkpoint path.",
                       resume_safe=True)
+    # items: a function, because the keys are known only once Config is defined
     resume_allow_changes: list[str] = opt([], "Keys a resumed run may change although they are not "
                                           "resume-safe, e.g. [optim.lr]: you take responsibility for the "
                                           "change.", items=lambda: config_keys(), resume_safe=True)
