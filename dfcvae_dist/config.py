@@ -1,7 +1,11 @@
-"""Typed run configuration: dataclasses <- YAML file in configs/ <- `key.sub=value` overrides.
+"""Typed run configuration: dataclasses <- YAML file (a path, or a shipped config by name) <- `section.key=value`
+overrides.
 
-Every option has a type, a default and a help text (the `help` metadata). Loading checks unknown keys,
-types, choices and ranges and names the offending key and its source (file or command line).
+Every option has a type, a default, a help text and whether a resumed run may change it (the field metadata).
+Loading checks unknown and duplicated keys, types, choices and ranges and names the offending key and its
+source (file and line, or the override). Values are read by the field's type, not by YAML 1.1's guesses: a
+str field keeps its text as written (`2024-05-01`, `0123`), an int field reads decimal digits, a float field
+must be finite.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -25,20 +31,27 @@ VGG_LAYER_NAMES = [
     for block, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
     for i in range(1, n + 1)
 ]
+# The shipped configs: a link to the top-level configs/ in a checkout, package data in an installed wheel.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+NULL_TAG = "tag:yaml.org,2002:null"
 
 
-def opt(default: Any, help: str, **checks: Any) -> Any:
-    """A config field: default, help text and optional checks (choices=, min=, max=, items=)."""
+def opt(default: Any, help: str, *, resume_safe: bool = False, **checks: Any) -> Any:
+    """A config field: default, help text, whether a resumed run may change it (it changes neither the model,
+    the optimisation nor the data order and position) and optional checks (choices=, min=, max=, items=,
+    nonempty=)."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(metadata={"help": help, **checks}, **kw)
+    return field(metadata={"help": help, "resume_safe": resume_safe, **checks}, **kw)
 
 
 @dataclass
 class DataConfig:
     shards: str = opt("data/shards/paper-64", "Manifest directory written by tools/make_shards.py, or a "
                       "WebDataset URL pattern (braces, pipe:, http) for the training split.")
-    val_shards: str | None = opt(None, "URL pattern of the validation split when `shards` is a pattern.")
-    num_workers: int = opt(1, "DataLoader worker processes per rank.", min=0)
+    val_shards: str | None = opt(None, "URL pattern of the validation split when `shards` is a pattern.",
+                                 resume_safe=True)
+    num_workers: int = opt(1, "DataLoader worker processes per rank (each reads its own shards, so this "
+                           "changes the sample order).", min=0)
     shuffle_buffer: int = opt(1000, "Samples in each worker's shuffle buffer.", min=0)
     num_samples: int | None = opt(None, "Training samples per epoch when `shards` is a pattern (a manifest "
                                   "knows its own).", min=1)
@@ -62,13 +75,13 @@ class ModelConfig:
 class LossConfig:
     layers: list[str] = opt(["relu1_2", "relu2_1", "relu3_1"], "VGG19 layers of the feature perceptual "
                             "loss ('123' of the paper; '345' is relu3_1, relu4_1, relu5_1).",
-                            items=VGG_LAYER_NAMES)
+                            items=VGG_LAYER_NAMES, nonempty=True)
     layer_weights: list[float] | None = opt(None, "Optional weight per layer (default 1 each).")
     alpha: float = opt(1.0, "Weight of the KL divergence (paper: 1).", min=0.0)
     beta: float = opt(0.8, "Weight of the reconstruction loss (paper: 0.8).", min=0.0)
     feature_scale: float = opt(57.6, "Multiplier on VGG features before the distance. 57.6 = 255 x mean "
                                "ImageNet std maps torchvision's normalised input to the Caffe BGR 0-255 "
-                               "scale the paper's alpha/beta were tuned on (README: 'Feature scale').",
+                               "scale the paper's alpha/beta were tuned on (docs/paper-fidelity.md).",
                                min=0.0)
     vgg_weights: str = opt("imagenet", "imagenet (torchvision weights API), random (seeded; tests and "
                            "offline demos) or a path to a local VGG19 state-dict file.")
@@ -76,7 +89,8 @@ class LossConfig:
                          choices=["auto", "fp32", "fp16", "bf16"])
     vgg_seed: int = opt(0, "Seed of the random VGG19 weights (vgg_weights=random).")
     compile: bool = opt(False, "torch.compile the loss network and its distances (fuses the elementwise work "
-                        "around the convolutions; see README, Performance). Compiling takes ~20 s at start.")
+                        "around the convolutions; same values and gradients as eager; docs/performance.md). "
+                        "Compiling takes ~20 s at start.", resume_safe=True)
 
 
 @dataclass
@@ -92,45 +106,57 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    run_dir: str = opt("runs/default", "Directory for checkpoints, the resolved config and markers.")
-    epochs: int = opt(5, "Epochs over the training split (paper: 5).", min=1)
-    max_steps: int | None = opt(None, "Optimizer steps in total; overrides epochs when set.", min=1)
+    run_dir: str = opt("runs/default", "Directory for checkpoints, the resolved config and markers.",
+                       resume_safe=True)
+    epochs: int = opt(5, "Epochs over the training split (paper: 5).", min=1, resume_safe=True)
+    max_steps: int | None = opt(None, "Optimizer steps in total; overrides epochs when set.", min=1,
+                                resume_safe=True)
     batch_size: int = opt(64, "Per-rank micro-batch size.", min=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step.", min=1)
     seed: int = opt(0, "Seed of model init, data order and sampling.")
-    resume: str = opt("auto", "auto (newest complete checkpoint, if any), none, or a checkpoint path.")
+    resume: str = opt("auto", "auto (newest complete checkpoint, if any), none, or a checkpoint path.",
+                      resume_safe=True)
+    # items: a function, because the keys are known only once Config is defined
+    resume_allow_changes: list[str] = opt([], "Keys a resumed run may change although they are not "
+                                          "resume-safe, e.g. [optim.lr]: you take responsibility for the "
+                                          "change.", items=lambda: config_keys(), resume_safe=True)
     mixed_precision: str = opt("no", "Autocast of the trained model through accelerate.",
                                choices=["no", "fp16", "bf16"])
     channels_last: bool = opt(True, "Channels-last memory format for the model, loss network and batches "
-                               "(bench: +32% training img/s on a 2-core CPU).")
-    val_every_steps: int = opt(0, "Validation loss on the val split every N steps (0: off).", min=0)
-    val_batches: int = opt(4, "Batches per rank in one validation pass.", min=1)
-    threads: int | None = opt(None, "Torch threads per process (default: cores / local processes).", min=1)
+                               "(bench: +32% training img/s on a 2-core CPU).", resume_safe=True)
+    val_every_steps: int = opt(0, "Validation loss on the val split every N steps (0: off).", min=0,
+                               resume_safe=True)
+    val_batches: int = opt(4, "Batches per rank in one validation pass.", min=1, resume_safe=True)
+    threads: int | None = opt(None, "Torch threads per process (default: cores / local processes).", min=1,
+                              resume_safe=True)
     on_nonfinite: str = opt("stop", "NaN/Inf loss: stop (error naming step and rank) or skip the step.",
-                            choices=["stop", "skip"])
-    collective_timeout_s: int = opt(300, "Timeout of collectives; a dead rank ends the job after it.", min=1)
+                            choices=["stop", "skip"], resume_safe=True)
+    collective_timeout_s: int = opt(300, "Timeout of collectives; a dead rank ends the job after it.", min=1,
+                                    resume_safe=True)
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = opt(500, "Save a checkpoint every N optimizer steps (0: only at end and on stop).",
-                           min=0)
-    keep: int = opt(3, "Keep the newest K checkpoints.", min=1)
+                           min=0, resume_safe=True)
+    keep: int = opt(3, "Keep the newest K checkpoints.", min=1, resume_safe=True)
 
 
 @dataclass
 class LogConfig:
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
-                                   "MLflow's own sqlite:///mlflow.db).")
-    experiment: str = opt("dfcvae", "MLflow experiment name.")
-    run_name: str | None = opt(None, "MLflow run name (default: the run directory's name).")
-    every_steps: int = opt(10, "Log metrics every N optimizer steps.", min=1)
-    image_every_steps: int = opt(200, "Log image grids every N steps (0: only at the end).", min=0)
+                                   "MLflow's own sqlite:///mlflow.db).", resume_safe=True)
+    experiment: str = opt("dfcvae", "MLflow experiment name.", resume_safe=True)
+    run_name: str | None = opt(None, "MLflow run name (default: the run directory's name).", resume_safe=True)
+    every_steps: int = opt(10, "Log metrics every N optimizer steps.", min=1, resume_safe=True)
+    image_every_steps: int = opt(200, "Log image grids every N steps (0: only at the end).", min=0,
+                                 resume_safe=True)
     on_unavailable: str = opt("error", "Tracking server unreachable at start: error, or warn and train "
-                              "untracked.", choices=["error", "warn"])
-    enabled: bool = opt(True, "Log to MLflow at all.")
+                              "untracked.", choices=["error", "warn"], resume_safe=True)
+    enabled: bool = opt(True, "Log to MLflow at all.", resume_safe=True)
     progress_every_s: float = opt(30.0, "In a job log (stderr not a terminal): a plain progress line at the first "
-                                  "log step after every N seconds (0: at every log step).", min=0.0)
+                                  "log step after every N seconds (0: at every log step).", min=0.0,
+                                  resume_safe=True)
 
 
 @dataclass
@@ -161,37 +187,85 @@ class Config:
         path.write_text(self.to_yaml())
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- `section.key=value` overrides, each checked against the dataclasses."""
+def shipped_configs() -> list[str]:
+    """Names of the configs that ship with the package (`quickstart`, `dfcvae-123`, ...)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The config file to read: the path itself when it is a file or has a folder part, else the shipped
+    config of that name (with or without `.yaml`); a folder named like one (`make quickstart` writes
+    `quickstart/`) does not hide it."""
+    path = Path(name_or_path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    shipped = SHIPPED_CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped.resolve()
+    names = shipped_configs()
+    raise UserError(f"config '{name_or_path}' is neither a file nor a shipped config{_suggest(path.stem, names)}; "
+                    f"shipped: {', '.join(names)}")
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file (a path or a shipped config's name) <- `section.key=value` overrides, each
+    checked against the dataclasses."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as err:
-            raise UserError(f"cannot read config file {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: invalid YAML: {err}") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-        for section, values in raw.items():
-            if not isinstance(values, dict):
-                _check_section(section, str(path))
-                raise UserError(f"{path}: section '{section}' must be a mapping")
-            for key, value in values.items():
-                _set(cfg, f"{section}.{key}", value, str(path))
+        path = resolve_config(path)
+        for dotted, node, line in _file_entries(path):
+            _set(cfg, dotted, node, f"{path}, line {line}")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise UserError(f"command-line override '{item}' is not of the form section.key=value")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
-        _set(cfg, key.strip(), value, f"command-line override '{item}'")
+        _set(cfg, key.strip(), text, f"command-line override '{item}'")
     return cfg
+
+
+def _read_yaml(path: Path) -> yaml.Node | None:
+    """The file's YAML node tree, after constructing all of it with the safe loader (which refuses tags that
+    would build objects); the nodes keep each value's source text and line."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is not None:
+            loader.construct_document(root)
+        return root
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def _file_entries(path: Path) -> Iterator[tuple[str, yaml.Node, int]]:
+    """(section.key, value node, line) of every entry of a config file."""
+    root = _read_yaml(path)
+    if root is None:
+        return
+    if not isinstance(root, yaml.MappingNode):
+        raise UserError(f"{path}: top level must be a mapping of sections, got a {root.id}")
+    for section, values, line in _mapping_entries(root, path, ""):
+        _check_section(section, f"{path}, line {line}")
+        if not isinstance(values, yaml.MappingNode):
+            raise UserError(f"{path}, line {line}: section '{section}' must be a mapping")
+        for key, value, key_line in _mapping_entries(values, path, f"{section}."):
+            yield f"{section}.{key}", value, key_line
+
+
+def _mapping_entries(node: yaml.MappingNode, path: Path, prefix: str) -> Iterator[tuple[str, yaml.Node, int]]:
+    """(key, value node, line) of a YAML mapping; a key written twice is refused (YAML keeps the last)."""
+    first_line: dict[str, int] = {}
+    for key_node, value in node.value:
+        key, line = str(key_node.value), key_node.start_mark.line + 1
+        if key in first_line:
+            raise UserError(f"{path}, line {line}: duplicate key '{prefix}{key}' (first at line {first_line[key]})")
+        first_line[key] = line
+        yield key, value, line
 
 
 def _check_section(section: str, source: str) -> dataclasses.Field:
@@ -201,16 +275,16 @@ def _check_section(section: str, source: str) -> dataclasses.Field:
     return fields[section]
 
 
-def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+def _set(cfg: Config, dotted: str, value: yaml.Node | str, source: str) -> None:
+    """Set one key from a file's YAML node or an override's text."""
     section, _, key = dotted.partition(".")
     _check_section(section, source)
     sub = getattr(cfg, section)
     fields = {f.name: f for f in dataclasses.fields(sub)}
     if key not in fields:
         raise UserError(f"{source}: unknown key '{dotted}'{_suggest(key, fields, section + '.')}")
-    f = fields[key]
     hint = typing.get_type_hints(type(sub))[key]
-    setattr(sub, key, _check_value(dotted, _coerce(dotted, value, hint, source), f.metadata, source))
+    setattr(sub, key, _check_value(dotted, _typed(dotted, value, hint, source), fields[key].metadata, source))
 
 
 def _suggest(name: str, options: typing.Iterable[str], prefix: str = "") -> str:
@@ -218,41 +292,194 @@ def _suggest(name: str, options: typing.Iterable[str], prefix: str = "") -> str:
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
-def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
+def _typed(key: str, value: yaml.Node | str, hint: Any, source: str) -> Any:
+    """The field's value from a YAML node, or from an override's text: a str field takes that text as it
+    is, `null` clears an optional field, anything else is read as YAML (`[a, b]` is a list)."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if optional:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if isinstance(value, str):
+        if hint is str and not (optional and value == "null"):
+            return value
+        value = _override_node(value)
+    if optional and value.tag == NULL_TAG:
+        return None
     if typing.get_origin(hint) is list:
-        if not isinstance(value, list):
-            raise UserError(f"{source}: '{key}' must be a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, typing.get_args(hint)[0], source) for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # PyYAML reads 5e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise UserError(f"{source}: '{key}' must be of type {hint.__name__}, got {value!r}")
-    return value
+        if not isinstance(value, yaml.SequenceNode):
+            raise UserError(f"{source}: '{key}' must be a list, got {_shown(value)}")
+        return [_typed(f"{key}[{i}]", item, typing.get_args(hint)[0], source) for i, item in enumerate(value.value)]
+    typed = _scalar(value, hint) if isinstance(value, yaml.ScalarNode) else None
+    if typed is None:
+        raise UserError(f"{source}: '{key}' must be of type {hint.__name__}, got {_shown(value)}")
+    return typed
+
+
+def _override_node(text: str) -> yaml.Node:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        node = None
+    return node if node is not None else yaml.ScalarNode("tag:yaml.org,2002:str", text)
+
+
+def _scalar(node: yaml.ScalarNode, hint: type) -> Any:
+    """A scalar as a str, int, float or bool by its text (None if it is not one): decimal ints, not YAML
+    1.1's octal `0123` or sexagesimal `1:30`; a quoted number is text."""
+    if hint is str:
+        return node.value
+    if node.style is not None:
+        return None
+    if hint is bool:
+        return yaml.constructor.SafeConstructor.bool_values.get(node.value.lower())
+    try:
+        return hint(node.value)
+    except ValueError:
+        return None
+
+
+def _shown(node: yaml.Node) -> str:
+    return repr(node.value) if isinstance(node, yaml.ScalarNode) else f"a {node.id}"
 
 
 def _check_value(key: str, value: Any, meta: typing.Mapping, source: str) -> Any:
+    if meta.get("nonempty") and value == []:
+        raise UserError(f"{source}: '{key}' needs at least one entry")
     values = value if isinstance(value, list) else [value]
     for v in values:
         if v is None:
             continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"{source}: '{key}' must be a finite number, got {v!r}")
         if "choices" in meta and v not in meta["choices"]:
             raise UserError(f"{source}: '{key}' must be one of {meta['choices']}, got {v!r}")
-        if "items" in meta and v not in meta["items"]:
-            raise UserError(f"{source}: '{key}' has unknown entry {v!r}; allowed: {', '.join(meta['items'])}")
+        if "items" in meta and v not in _items(meta):
+            raise UserError(f"{source}: '{key}' has unknown entry {v!r}{_suggest(v, _items(meta))}; "
+                            f"allowed: {', '.join(_items(meta))}")
         if "min" in meta and v < meta["min"]:
             raise UserError(f"{source}: '{key}' must be >= {meta['min']}, got {v!r}")
         if "max" in meta and v > meta["max"]:
             raise UserError(f"{source}: '{key}' must be <= {meta['max']}, got {v!r}")
     return value
+
+
+def _items(meta: typing.Mapping) -> list[str]:
+    items = meta["items"]
+    return items() if callable(items) else items
+
+
+def config_keys() -> list[str]:
+    """Every `section.key`, in declaration order."""
+    return [key for key, _, _ in _key_fields()]
+
+
+def _key_fields() -> Iterator[tuple[str, Any, dataclasses.Field]]:
+    """(section.key, type hint, field) of every config key, in declaration order."""
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield f"{section.name}.{f.name}", hints[f.name], f
+
+
+def resume_changes(saved: Config, now: Config) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """The keys whose value differs between a checkpoint's config and this run's, as (safe, refused) lists of
+    (key, old, new). Safe: declared `resume_safe`, or named in this run's `train.resume_allow_changes`."""
+    allowed = set(now.train.resume_allow_changes)
+    allowed |= {key for key, _, f in _key_fields() if f.metadata["resume_safe"]}
+    old, new = saved.flat(), now.flat()
+    changed = [(key, old[key], new[key]) for key in new if old[key] != new[key]]
+    return [c for c in changed if c[0] in allowed], [c for c in changed if c[0] not in allowed]
+
+
+def _show(value: Any) -> str:
+    """A value as it is written in a config file or an override."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _allowed(meta: typing.Mapping) -> str:
+    """The field's checks in words: `one of a, b`, `>= 1`, `0.0 to 1.0`, ..."""
+    parts = []
+    if "choices" in meta:
+        parts.append("one of " + ", ".join(map(_show, meta["choices"])))
+    if "min" in meta and "max" in meta:
+        parts.append(f"{meta['min']} to {meta['max']}")
+    elif "min" in meta or "max" in meta:
+        parts.append(f">= {meta['min']}" if "min" in meta else f"<= {meta['max']}")
+    if "items" in meta:
+        items = meta["items"]
+        parts.append("config keys" if callable(items) else f"entries {items[0]} ... {items[-1]}")
+    if meta.get("nonempty"):
+        parts.append("at least one")
+    return "; ".join(parts)
+
+
+def config_help() -> str:
+    """Every config key with its type, default, allowed values, resume safety and help: the text below
+    `dfcvae-train --help`."""
+    lines = ["config keys (set in the --config file or as section.key=value; a resume-safe key may change",
+             "when a run resumes; docs/configuration.md has the same list):"]
+    for key, hint, f in _key_fields():
+        facts = [_type_name(hint), f"default {_show(_default(f))}", _allowed(f.metadata)]
+        facts.append("resume-safe" if f.metadata["resume_safe"] else "")
+        lines.append(f"  {key} ({', '.join(p for p in facts if p)})")
+        lines.append(textwrap.fill(f.metadata["help"], 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
+
+
+CONFIGURATION_DOC_INTRO = """\
+# Configuration
+
+<!-- Generated by `python tools/config_docs.py` from the dataclasses in dfcvae_dist/config.py; do not edit.
+     tests/test_config.py checks that this file is what the generator writes. -->
+
+A run's configuration is typed dataclasses (`dfcvae_dist/config.py`) <- one YAML file <- `section.key=value`
+overrides on the command line, later ones winning:
+
+```bash
+dfcvae-train --config dfcvae-123 train.batch_size=32 'loss.layers=[relu3_1, relu4_1, relu5_1]'
+```
+
+- `--config` takes a path, or the name of a shipped config (a file of `configs/`, also inside the
+  installed package): {shipped}.
+- Values are read by the key's type, not by YAML's guesses: a `str` key keeps its text as written
+  (`log.run_name=2024-05-01`, `0123`), an `int` key takes decimal digits, a `float` key must be finite
+  (`nan`, `inf` are refused), a list is written `[a, b]`, and `null` clears a key whose type allows `None`.
+- An unknown section or key (with the closest name suggested), a key written twice in one file, a wrong
+  type, a value out of range or not among the choices, and YAML tags that would construct objects (files
+  are read with the safe loader) each stop with one line naming the key and the file and line, or the
+  override.
+- The resolved config is saved as `RUN_DIR/config.yaml` and in every checkpoint, logged to MLflow as
+  parameters and as an artifact.
+- **Resume-safe** keys may differ when a run resumes from a checkpoint: they change neither the model, the
+  optimisation nor the data order and position. Any other change is refused on resume, unless the key is
+  listed in `train.resume_allow_changes` (you take responsibility for it, e.g.
+  `train.resume_allow_changes=[optim.lr]`). `data.num_workers` and `data.shuffle_buffer` are not
+  resume-safe: each worker reads its own shards and shuffles its own buffer, so they change the sample order.
+"""
+
+
+def config_markdown() -> str:
+    """docs/configuration.md: the intro above, then one table per section."""
+    out = [CONFIGURATION_DOC_INTRO.format(shipped=", ".join(f"`{name}`" for name in shipped_configs())).rstrip()]
+    section = None
+    for key, hint, f in _key_fields():
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            out += ["", f"## {section}", "", "| key | type | default | allowed | resume-safe | help |",
+                    "| --- | --- | --- | --- | --- | --- |"]
+        cells = [f"`{key}`", _type_name(hint), f"`{_show(_default(f))}`", _allowed(f.metadata),
+                 "yes" if f.metadata["resume_safe"] else "no", f.metadata["help"]]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out) + "\n"

@@ -3,8 +3,6 @@
     dfcvae-train --config quickstart [section.key=value ...]                      # one process
     accelerate launch [--config_file configs/accelerate/X.yaml] -m dfcvae_dist.train --config dfcvae-123 [k=v ...]
     torchrun --nproc_per_node 2 -m dfcvae_dist.train --config ...                 # also works
-
---config takes a shipped config's name (configs/NAME.yaml) or a path.
 """
 
 from __future__ import annotations
@@ -13,15 +11,15 @@ import argparse
 import logging
 import os
 
-from dfcvae_dist.config import load_config
+from dfcvae_dist.config import config_help, load_config, shipped_configs
 from dfcvae_dist.errors import UserError, cli_main, one_line
 
 
 @cli_main
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dfcvae-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a shipped config's name or a YAML file")
+                                     epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a YAML file, or a shipped config's name: " + ", ".join(shipped_configs()))
     parser.add_argument("overrides", nargs="*", help="section.key=value (the keys are listed below)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

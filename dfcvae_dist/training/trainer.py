@@ -19,7 +19,7 @@ import torchvision
 from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
 
-from dfcvae_dist.config import Config
+from dfcvae_dist.config import Config, load_config, resume_changes
 from dfcvae_dist.data.loader import (SplitSource, TrainStream, batches_per_epoch, make_loader, model_input,
                                      resolve_split)
 from dfcvae_dist.distributed import any_rank, make_accelerator
@@ -101,6 +101,7 @@ class Trainer:
         self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, self.recipe.validates)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
                                          self.data.total_steps, acc)
+        self.changed: list[tuple[str, object, object]] = []  # resume-safe keys changed since the checkpoint
         self.state = self.resume()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +187,7 @@ class Trainer:
         checkpoint = Path(choice[0])
         saved = TrainerState.read(checkpoint)
         refuse_incompatible(checkpoint, saved, state)
+        self.changed = self.compare_config(checkpoint)
         try:  # accelerate loads with weights_only=True: a file that would run code is refused, not executed
             acc.load_state(str(checkpoint))
         except (pickle.UnpicklingError, RuntimeError, OSError) as err:
@@ -194,6 +196,20 @@ class Trainer:
         self.checkpointer.last_saved = saved.step
         self.console.print(f"resumed from {checkpoint} at step {saved.step}")
         return saved
+
+    def compare_config(self, checkpoint: Path) -> list[tuple[str, object, object]]:
+        """Refuse a resume whose config changes the model, the optimisation or the data position; return the
+        resume-safe changes (and those the user took responsibility for with train.resume_allow_changes)."""
+        saved = load_config(checkpoint / CONFIG_FILE)
+        safe, refused = resume_changes(saved, self.cfg)
+        if refused:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
+            raise UserError(f"{checkpoint}: this launch changes what the checkpoint was trained with ({listed}); "
+                            "resume with the checkpoint's values, start a new run (another train.run_dir or "
+                            "train.resume=none), or take responsibility with train.resume_allow_changes=[KEY, ...]")
+        for key, old, new in safe:
+            self.console.print(f"resume: {key} changed from {old!r} to {new!r}")
+        return safe
 
     def start_tracking(self) -> Tracker:
         cfg, s, acc = self.cfg, self.state, self.accelerator
@@ -206,7 +222,8 @@ class Trainer:
         tracker.set_tags({"world_size": acc.num_processes, "precision": acc.mixed_precision,
                           "vgg_dtype": str(perceptual.dtype) if perceptual else "none", "vgg_weights": s.vgg_weights,
                           "vgg_weights_random": s.vgg_weights.startswith("random"), "code_version": code_version(),
-                          "distributed_type": str(acc.distributed_type), **slurm_tags()})
+                          "distributed_type": str(acc.distributed_type), **slurm_tags(),
+                          **{f"resume.step{s.step}.{key}": f"{old!r} -> {new!r}" for key, old, new in self.changed}})
         if s.vgg_weights.startswith("random"):
             self.console.print("[bold yellow]WARNING: the VGG19 loss network has RANDOM weights: not the paper's loss[/]")
         return tracker
