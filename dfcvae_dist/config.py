@@ -120,10 +120,19 @@ class TrainConfig:
     resume_allow_changes: list[str] = opt([], "Keys a resumed run may change although they are not "
                                           "resume-safe, e.g. [optim.lr]: you take responsibility for the "
                                           "change.", items=lambda: config_keys(), resume_safe=True)
-    mixed_precision: str = opt("no", "Autocast of the trained model through accelerate.",
-                               choices=["no", "fp16", "bf16"])
+    mixed_precision: str = opt("auto", "Autocast of the trained model: auto takes the launcher's "
+                               "(accelerate launch --mixed_precision, or its config file); an explicit value wins "
+                               "over a launcher's 'no' and must agree with any other; under DeepSpeed its config "
+                               "decides.", choices=["auto", "no", "fp16", "bf16"])
     channels_last: bool = opt(True, "Channels-last memory format for the model, loss network and batches "
-                               "(bench: +32% training img/s on a 2-core CPU).", resume_safe=True)
+                               "(bench: +32% training img/s on a 2-core CPU).")
+    sync_every_steps: int = opt(25, "Ranks agree on a stop request and on non-finite losses every N steps (and "
+                                "before every checkpoint): the only collective of a step that neither logs nor "
+                                "saves. A stop takes at most N steps.", min=1, resume_safe=True)
+    sync_bn: bool = opt(False, "SyncBatchNorm under multi-GPU DDP: batch norm over the global batch, as the "
+                        "paper's 64 images, whatever the per-GPU batch (CUDA only).")
+    deterministic: bool = opt(False, "Deterministic kernels on CUDA (torch.use_deterministic_algorithms, cuDNN "
+                              "deterministic, no TF32): bit-exact resume on GPU, at some speed (docs/reliability.md).")
     val_every_steps: int = opt(0, "Validation loss on the val split every N steps (0: off).", min=0,
                                resume_safe=True)
     val_batches: int = opt(4, "Batches per rank in one validation pass.", min=1, resume_safe=True)

@@ -12,10 +12,16 @@ Nothing here imports accelerate, DeepSpeed or MLflow: serving code reads run dir
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import logging
 import os
 import re
+import socket
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -26,9 +32,11 @@ STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"
 RESUME_MARKER = "RESUME_ME.json"  # stopped early at a checkpoint: resume me
 DONE_MARKER = "COMPLETED.json"
+LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+log = logging.getLogger(__name__)
 
 
 def step_dir_name(step: int) -> str:
@@ -93,3 +101,97 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
             return named
     found = complete_checkpoints(directory)
     return found[-1] if found else None
+
+
+class RunLock:
+    """One owner per run directory, also across the nodes of a shared filesystem: `RUN_DIR/.lock` holds
+    {host, pid, slurm_job_id, heartbeat_at, token}, is created whole or not at all (a hard link of a written
+    file), and its heartbeat is refreshed every `heartbeat_s` by a thread of the owner.
+
+    A second launch stops at once, naming the owner, unless the lock is the owner's no more: its heartbeat
+    is older than `stale_s` (the owner's node died), its process is gone from this host (a SIGKILL), or it
+    belongs to this same Slurm job (a requeue). Those are taken over with a warning."""
+
+    def __init__(self, run_dir: Path, heartbeat_s: float = 10.0, stale_s: float = 120.0):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.token = uuid.uuid4().hex
+        self.stopped = threading.Event()
+        self.held = False
+
+    def owner_record(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "heartbeat_at": time.time(), "token": self.token}
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while not self._create():
+            owner = self._read()
+            reason = self._takeover_reason(owner)
+            if reason is None:
+                age = time.time() - owner.get("heartbeat_at", 0)
+                job = f", Slurm job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
+                raise UserError(f"{self.path.parent} is in use by another run (host {owner.get('host')}, pid "
+                                f"{owner.get('pid')}{job}, heartbeat {age:.0f} s ago): wait for it, stop it, or "
+                                "choose another train.run_dir")
+            log.warning("taking over the lock of %s: %s", self.path.parent, reason)
+            self.path.unlink(missing_ok=True)
+        self.held = True
+        atexit.register(self.release)
+        threading.Thread(target=self._beat, daemon=True, name="run-lock-heartbeat").start()
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours (a stale-lock taker may have replaced it)."""
+        if not self.held:
+            return
+        self.held = False
+        self.stopped.set()
+        if self._read().get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def _create(self) -> bool:
+        tmp = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
+        atomic_write(tmp, json.dumps(self.owner_record()))
+        try:
+            os.link(tmp, self.path)  # fails if the lock exists: creation and content are one step
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _takeover_reason(self, owner: dict) -> str | None:
+        if not owner:
+            return "the lock is unreadable"
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and owner.get("slurm_job_id") == job:
+            return f"it belongs to this Slurm job ({job}), restarted"
+        if owner.get("host") == socket.gethostname() and not _alive(owner.get("pid")):
+            return f"its process {owner.get('pid')} is gone"
+        age = time.time() - owner.get("heartbeat_at", 0)
+        if age > self.stale_s:
+            return f"its heartbeat is {age:.0f} s old (host {owner.get('host')}, pid {owner.get('pid')})"
+        return None
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.heartbeat_s):
+            if self._read().get("token") != self.token:
+                log.warning("%s was taken over by another launch", self.path)
+                return
+            atomic_write(self.path, json.dumps(self.owner_record()))
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -3,6 +3,7 @@ the last checkpoint interval."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,3 +145,52 @@ def test_empty_val_split_is_refused_before_any_step(tmp_path, shard_dir):
     assert proc.stderr.strip().splitlines()[-1] == f"error: [rank 0] the val split of {shards} is empty; set " \
         "train.val_every_steps=0 or write shards with a val partition"
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def write_lock(run_dir: Path, host: str, heartbeat_age_s: float, **extra) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".lock").write_text(json.dumps({"host": host, "pid": 4242, "slurm_job_id": None,
+                                               "heartbeat_at": time.time() - heartbeat_age_s, "token": "x", **extra}))
+
+
+def test_a_run_directory_owned_by_a_live_run_on_another_host_is_refused_at_once(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    write_lock(run_dir, "node-17", heartbeat_age_s=3)
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=2", nproc=1, check=False)
+    assert proc.returncode == 2
+    assert re.fullmatch(rf"error: \[rank 0\] {re.escape(str(run_dir))} is in use by another run \(host node-17, pid "
+                        r"4242, heartbeat \d+ s ago\): wait for it, stop it, or choose another train.run_dir",
+                        proc.stderr.strip().splitlines()[-1])
+    assert not (run_dir / "config.yaml").exists() and json.loads((run_dir / ".lock").read_text())["host"] == "node-17"
+
+
+def test_a_second_launch_on_a_running_directory_stops_naming_the_owner(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    first = start(tmp_path, shard_dir, run_dir, "train.max_steps=400", "log.progress_every_s=0", nproc=1)
+    for line in first.stderr:  # the first run is inside its loop
+        if line.startswith("step 2/400"):
+            break
+    second = train(tmp_path, shard_dir, run_dir, "train.max_steps=400", nproc=1, check=False)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    assert second.returncode == 2
+    assert f"is in use by another run (host {os.uname().nodename}, pid {first.pid}" in second.stderr.splitlines()[-1]
+    assert json.loads((run_dir / "RESUME_ME.json").read_text())["step"] > 0  # the first run was not disturbed
+    assert not (run_dir / ".lock").exists()  # released when it stopped
+
+
+@pytest.mark.parametrize("case", ["stale-heartbeat", "same-slurm-job"])
+def test_a_stale_or_requeued_owner_is_taken_over_with_a_warning(tmp_path, shard_dir, case):
+    run_dir = tmp_path / "run"
+    if case == "stale-heartbeat":
+        write_lock(run_dir, "node-17", heartbeat_age_s=3600)
+        env = {}
+    else:
+        write_lock(run_dir, "node-17", heartbeat_age_s=3, slurm_job_id="777")
+        env = {"SLURM_JOB_ID": "777"}
+    proc = subprocess.run([*launch_cmd(1), *base_args(shard_dir, run_dir, "train.max_steps=1")], cwd=tmp_path,
+                          env={**env_for(tmp_path), **env}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reason = "its heartbeat is 360" if case == "stale-heartbeat" else "it belongs to this Slurm job (777)"
+    assert f"taking over the lock of {run_dir}: {reason}" in proc.stderr
+    assert not (run_dir / ".lock").exists()

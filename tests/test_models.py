@@ -6,6 +6,7 @@ from torch import nn
 
 from dfcvae_dist.config import ModelConfig
 from dfcvae_dist.models import DCGAN, VAE, build_model
+from dfcvae_dist.models.vae import EdgePad
 
 
 def n_params(module):
@@ -28,7 +29,7 @@ def test_dfcvae_64_matches_figure_2():
     assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [((4, 4), (2, 2), c) for c in (32, 64, 128, 256)]
     ups = [m for m in model.decoder.modules() if isinstance(m, nn.Upsample)]
     assert len(ups) == 4 and all(u.mode == "nearest" for u in ups)
-    assert sum(isinstance(m, nn.ReplicationPad2d) for m in model.decoder.modules()) == 4
+    assert sum(isinstance(m, EdgePad) for m in model.decoder.modules()) == 4
 
 
 @pytest.mark.parametrize("size,params", [(32, 876_011), (64, 2_312_811), (128, 6_824_811)])
@@ -64,3 +65,13 @@ def test_normal_init_and_default_init():
     assert abs(w.std().item() - 0.02) < 0.002 and normal.encoder.features[0].bias.abs().max() == 0
     assert abs(default.encoder.features[3].weight.std().item() - 0.02) > 0.005
     assert isinstance(build_model(ModelConfig(name="dcgan", base_channels=64)), DCGAN)
+
+
+def test_edge_pad_matches_replication_pad_in_values_and_gradients():
+    x = torch.randn(2, 3, 5, 7, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    weights = torch.randn(2, 3, 7, 9)
+    (EdgePad()(x) * weights).sum().backward()
+    (nn.ReplicationPad2d(1)(y) * weights).sum().backward()
+    assert torch.equal(EdgePad()(x), nn.ReplicationPad2d(1)(y))
+    assert torch.allclose(x.grad, y.grad, rtol=0, atol=1e-6)

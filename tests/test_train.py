@@ -169,6 +169,22 @@ def test_resume_with_another_world_size_is_refused(tmp_path, shard_dir):
     assert "saved with world size 1, now 2" in proc.stderr
 
 
+def test_resume_refuses_a_changed_learning_rate_before_writing_anything(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    train(tmp_path, shard_dir, run_dir, "train.max_steps=2")
+    saved_config = (run_dir / "config.yaml").read_text()
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=4", "optim.lr=0.05", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: [rank 0] {run_dir / 'checkpoints' / 'step-00000002'}: this launch changes")
+    assert "optim.lr: 0.0005 -> 0.05" in last and "train.resume_allow_changes" in last
+    assert (run_dir / "config.yaml").read_text() == saved_config and not (run_dir / "checkpoints" / "step-00000004").exists()
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=4", "optim.lr=0.05", "train.resume_allow_changes=[optim.lr]")
+    assert "resume: train.max_steps changed from 2 to 4" in proc.stderr and "resumed from" in proc.stderr
+    run = mlflow_client(tmp_path).get_run(json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"])
+    assert run.data.tags["resume.step2.optim.lr"] == "0.0005 -> 0.05"
+
+
 @pytest.mark.parametrize("model", ["pvae", "dcgan"])
 def test_baselines_train_in_the_same_loop(tmp_path, shard_dir, model):
     import torch

@@ -12,7 +12,9 @@ from dfcvae_dist.config import LossConfig, ModelConfig, OptimConfig
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.rundir import STATE_FILE, find_checkpoint
 from dfcvae_dist.training.checkpoint import Checkpointer
-from dfcvae_dist.training.recipes import GANRecipe, VAERecipe
+from dfcvae_dist.config import TrainConfig
+from dfcvae_dist.distributed import resolve_precision
+from dfcvae_dist.training.recipes import GANRecipe, LossHealth, NonFiniteLoss, VAERecipe
 from dfcvae_dist.training.state import TrainerState
 
 
@@ -72,8 +74,9 @@ def test_resume_auto_falls_back_to_the_newest_complete_checkpoint_when_latest_is
 
 def test_a_nonfinite_micro_batch_skips_the_whole_accumulated_step(accelerator):
     torch.manual_seed(0)
-    recipe = VAERecipe(accelerator(grad_accum=2), ModelConfig(name="pvae", image_size=32), LossConfig(), OptimConfig(),
-                       "skip", 4, torch.contiguous_format)
+    acc = accelerator(grad_accum=2)
+    recipe = VAERecipe(acc, ModelConfig(name="pvae", image_size=32), LossConfig(), OptimConfig(), LossHealth(acc, "skip"),
+                       TrainConfig(batch_size=4, grad_accum=2), torch.contiguous_format)
     params = {k: v.detach().clone() for k, v in recipe.model.named_parameters()}
     nan, good = torch.full((4, 3, 32, 32), float("nan")), torch.rand(4, 3, 32, 32)
     result = recipe.train_step([nan, good], step=1)
@@ -85,6 +88,35 @@ def test_a_nonfinite_micro_batch_skips_the_whole_accumulated_step(accelerator):
 
 
 def test_dcgan_refuses_gradient_accumulation(accelerator):
+    acc = accelerator(grad_accum=2)
     with pytest.raises(UserError, match="model.name=dcgan does not support train.grad_accum=2"):
-        GANRecipe(accelerator(grad_accum=2), ModelConfig(name="dcgan", image_size=32), OptimConfig(), "stop", 2,
-                  torch.contiguous_format)
+        GANRecipe(acc, ModelConfig(name="dcgan", image_size=32), OptimConfig(), LossHealth(acc, "stop"),
+                  TrainConfig(grad_accum=2), torch.contiguous_format)
+
+
+def test_sync_bn_is_refused_on_cpu_with_its_reason(accelerator):
+    acc = accelerator()
+    with pytest.raises(UserError, match="train.sync_bn=true needs CUDA: torch's SyncBatchNorm works only with GPU"):
+        VAERecipe(acc, ModelConfig(name="pvae", image_size=32), LossConfig(), OptimConfig(), LossHealth(acc, "stop"),
+                  TrainConfig(sync_bn=True), torch.contiguous_format)
+
+
+def test_nonfinite_losses_are_noted_without_a_sync_and_named_when_ranks_agree(accelerator):
+    health = LossHealth(accelerator(), "stop")
+    for step, loss in [(1, 1.0), (2, float("nan")), (3, float("inf"))]:
+        assert health.finite(torch.tensor(loss), step)  # policy stop: the step goes on, nothing is read back
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 2 on rank\(s\) 0;"):
+        health.agree(stop_requested=False)
+    assert LossHealth(health.accelerator, "stop").agree(stop_requested=True)
+
+
+@pytest.mark.parametrize("configured,launcher,expected", [
+    ("auto", "bf16", "bf16"), ("auto", None, "no"), ("bf16", "no", "bf16"), ("fp16", "fp16", "fp16")])
+def test_precision_comes_from_the_launcher_unless_the_config_names_one(configured, launcher, expected):
+    assert resolve_precision(configured, launcher, deepspeed=False) == expected
+
+
+def test_contradicting_precisions_are_refused_and_deepspeed_decides_its_own():
+    with pytest.raises(UserError, match="train.mixed_precision=bf16, but the launcher asks for fp16"):
+        resolve_precision("bf16", "fp16", deepspeed=False)
+    assert resolve_precision("bf16", "fp16", deepspeed=True) is None

@@ -38,6 +38,15 @@ class Encoder(nn.Module):
         return self.fc_mu(h), self.fc_logvar(h)
 
 
+class EdgePad(nn.Module):
+    """ReplicationPad2d(1) written as concatenated edge rows and columns: the same values and gradients, and a
+    backward that is deterministic on CUDA (ReplicationPad2d's is not: train.deterministic would refuse it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], dim=2)
+        return torch.cat([x[..., :1], x, x[..., -1:]], dim=3)
+
+
 class Decoder(nn.Module):
     """Linear to (C, 4, 4), then blocks of nearest x2 upsampling, replication pad 1, 3x3 convolution,
     batch norm and LeakyReLU(0.2); the last block has 3 channels and no norm/activation, then a sigmoid."""
@@ -51,7 +60,7 @@ class Decoder(nn.Module):
         for i in range(blocks):
             last = i == blocks - 1
             c_out = 3 if last else c_in // 2
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReplicationPad2d(1), nn.Conv2d(c_in, c_out, 3, 1)]
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), EdgePad(), nn.Conv2d(c_in, c_out, 3, 1)]
             if not last:
                 layers += [nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, inplace=True)]
             c_in = c_out

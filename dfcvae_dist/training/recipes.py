@@ -9,16 +9,19 @@ loop never asks which model it trains.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import DistributedType
 
-from dfcvae_dist.config import Config, LossConfig, ModelConfig, OptimConfig
+from dfcvae_dist.config import Config, LossConfig, ModelConfig, OptimConfig, TrainConfig
 from dfcvae_dist.data.loader import EvalStream, make_loader, model_input
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.losses import FeaturePerceptualLoss, discriminator_loss, generator_loss, vae_loss
 from dfcvae_dist.models import build_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,13 +45,66 @@ def nonfinite_ranks(accelerator, loss: torch.Tensor) -> list[int]:
     return torch.nonzero(accelerator.reduce(bad, reduction="sum")).flatten().tolist()
 
 
-def is_finite(accelerator, loss: torch.Tensor, step: int, policy: str) -> bool:
-    """True: go on. False: skip (policy `skip`). Policy `stop` raises, before any checkpoint."""
-    ranks = nonfinite_ranks(accelerator, loss)
-    if ranks and policy == "stop":
-        raise NonFiniteLoss(f"non-finite loss at step {step} on rank(s) {', '.join(map(str, ranks))}; no "
-                            "checkpoint was written from this state (train.on_nonfinite=skip skips such steps)")
-    return not ranks
+class LossHealth:
+    """Non-finite losses. Policy `stop`: noted on the device, with no host sync and no collective; ranks
+    agree on them, together with a stop request, in `agree` (every train.sync_every_steps steps and before
+    every checkpoint), so a non-finite loss never reaches a checkpoint. Policy `skip`: every rank must
+    agree at once to skip the step, at one collective and one host sync per micro-batch."""
+
+    def __init__(self, accelerator, policy: str):
+        self.accelerator, self.policy = accelerator, policy
+        self.first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)  # 0: none on this rank
+
+    def finite(self, loss: torch.Tensor, step: int) -> bool:
+        """False only under policy `skip`: then skip this step on every rank."""
+        if self.policy == "skip":
+            return not nonfinite_ranks(self.accelerator, loss)
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+        return True
+
+    def agree(self, stop_requested: bool) -> bool:
+        """One collective: raises naming the first non-finite step and its ranks; else whether any rank
+        asked to stop."""
+        acc = self.accelerator
+        flags = torch.zeros(acc.num_processes + 1, dtype=torch.long, device=acc.device)
+        flags[0] = int(stop_requested)
+        flags[1 + acc.process_index] = self.first_bad
+        flags = acc.reduce(flags, reduction="sum").tolist()
+        bad = {rank: step for rank, step in enumerate(flags[1:]) if step}
+        if bad:
+            first = min(bad.values())
+            ranks = ", ".join(str(rank) for rank, step in bad.items() if step == first)
+            raise NonFiniteLoss(f"non-finite loss at step {first} on rank(s) {ranks}; no checkpoint was written "
+                                "from this state (train.on_nonfinite=skip skips such steps)")
+        return flags[0] > 0
+
+
+def prepare_batch_norm(model: torch.nn.Module, accelerator, sync_bn: bool, batch_size: int) -> torch.nn.Module:
+    """SyncBatchNorm under multi-process DDP on CUDA; refused on CPU, where torch cannot run it."""
+    if sync_bn and accelerator.device.type != "cuda":
+        raise UserError("train.sync_bn=true needs CUDA: torch's SyncBatchNorm works only with GPU modules; "
+                        "leave it off on CPU")
+    if sync_bn and accelerator.num_processes > 1:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if accelerator.num_processes > 1 and batch_size < 16:
+        log.warning("batch norm sees %d images per rank (the paper's sees 64): set train.sync_bn=true on GPUs to "
+                    "normalise over the global batch", batch_size)
+    return model
+
+
+def check_deepspeed(accelerator, grad_accum: int, grad_clip: float | None) -> None:
+    """DeepSpeed clips and accumulates by its own config: carry ours there, or refuse a contradiction."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if accelerator.gradient_accumulation_steps != grad_accum:
+        raise UserError(f"train.grad_accum={grad_accum}, but the DeepSpeed config accumulates "
+                        f"{accelerator.gradient_accumulation_steps} micro-batches: make them agree")
+    clip = grad_clip or 0.0
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = clip
+    elif float(ds["gradient_clipping"]) != clip:
+        raise UserError(f"optim.grad_clip={grad_clip}, but the DeepSpeed config clips at {ds['gradient_clipping']}: "
+                        "make them agree")
 
 
 def clip_or_norm(accelerator, module, max_norm: float | None) -> torch.Tensor:
@@ -65,20 +121,23 @@ class VAERecipe:
     validates = True
 
     def __init__(self, accelerator, model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
-                 on_nonfinite: str, batch_size: int, memory_format: torch.memory_format):
+                 health: LossHealth, train_cfg: TrainConfig, memory_format: torch.memory_format):
         self.accelerator, self.loss_cfg, self.optim_cfg = accelerator, loss_cfg, optim_cfg
-        self.on_nonfinite, self.memory_format = on_nonfinite, memory_format
+        self.health, self.memory_format = health, memory_format
         self.model_config = vars(model_cfg).copy()
         self.perceptual = None
         if model_cfg.name == "dfcvae":
             with accelerator.main_process_first():  # the main process fetches ImageNet weights, the others read the cache
                 self.perceptual = FeaturePerceptualLoss.from_config(loss_cfg, accelerator.device).to(
                     memory_format=memory_format)
-        model = build_model(model_cfg).to(memory_format=memory_format)
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        model = build_model(model_cfg).to(memory_format=torch.contiguous_format if deepspeed else memory_format)
+        model = prepare_batch_norm(model, accelerator, train_cfg.sync_bn, train_cfg.batch_size)
         optimizer = torch.optim.Adam(model.parameters(), optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
                                      weight_decay=optim_cfg.weight_decay)
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+        if deepspeed:  # ZeRO cannot flatten channels-last parameters
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
+            check_deepspeed(accelerator, train_cfg.grad_accum, optim_cfg.grad_clip)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.optimizers = [self.optimizer]
 
@@ -101,14 +160,16 @@ class VAERecipe:
         for x in micro_batches:
             with acc.accumulate(self.model):
                 terms, x_hat = self.losses(x)
-                if not is_finite(acc, terms["total"], step, self.on_nonfinite):
+                if not self.health.finite(terms["total"], step):
                     skipped = True
                     continue
                 acc.backward(terms["total"])
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach() / len(micro_batches)
         if not skipped:
-            sums["grad_norm"] = clip_or_norm(acc, self.model, self.optim_cfg.grad_clip)
+            norm = clip_or_norm(acc, self.model, self.optim_cfg.grad_clip)  # None under DeepSpeed before its first step
+            if norm is not None:
+                sums["grad_norm"] = torch.as_tensor(norm, device=acc.device)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult({} if skipped else sums, (x, x_hat.detach()), skipped)
@@ -149,18 +210,20 @@ class GANRecipe:
     weights_source = "none"
     perceptual = None
 
-    def __init__(self, accelerator, model_cfg: ModelConfig, optim_cfg: OptimConfig, on_nonfinite: str,
-                 grad_accum: int, memory_format: torch.memory_format):
+    def __init__(self, accelerator, model_cfg: ModelConfig, optim_cfg: OptimConfig, health: LossHealth,
+                 train_cfg: TrainConfig, memory_format: torch.memory_format):
+        grad_accum = train_cfg.grad_accum
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise UserError("model.name=dcgan is not supported under DeepSpeed (two models, two optimizers); "
                             "use DDP (an accelerate config without deepspeed)")
         if grad_accum > 1:
             raise UserError(f"model.name=dcgan does not support train.grad_accum={grad_accum}: its discriminator "
                             "and generator step on every batch; raise train.batch_size instead")
-        self.accelerator, self.optim_cfg, self.on_nonfinite = accelerator, optim_cfg, on_nonfinite
+        self.accelerator, self.optim_cfg, self.health = accelerator, optim_cfg, health
         self.model_config = vars(model_cfg).copy()
         self.latent_dim = model_cfg.latent_dim
-        self.gan = build_model(model_cfg).to(memory_format=memory_format)  # holds both networks, unwrapped
+        gan = build_model(model_cfg).to(memory_format=memory_format)
+        self.gan = prepare_batch_norm(gan, accelerator, train_cfg.sync_bn, train_cfg.batch_size)  # both networks, unwrapped
         betas = (optim_cfg.beta1, optim_cfg.beta2)
         nets = [self.gan.generator, self.gan.discriminator]
         optimizers = [torch.optim.Adam(n.parameters(), optim_cfg.lr, betas=betas) for n in nets]
@@ -172,7 +235,7 @@ class GANRecipe:
         return self.gan
 
     def _update(self, loss: torch.Tensor, net, optimizer, step: int) -> torch.Tensor | None:
-        if not is_finite(self.accelerator, loss, step, self.on_nonfinite):
+        if not self.health.finite(loss, step):
             return None
         optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
@@ -206,9 +269,8 @@ class GANRecipe:
         return images
 
 
-def build_recipe(cfg: Config, accelerator, memory_format: torch.memory_format) -> VAERecipe | GANRecipe:
+def build_recipe(cfg: Config, accelerator, health: LossHealth,
+                 memory_format: torch.memory_format) -> VAERecipe | GANRecipe:
     if cfg.model.name == "dcgan":
-        return GANRecipe(accelerator, cfg.model, cfg.optim, cfg.train.on_nonfinite, cfg.train.grad_accum,
-                         memory_format)
-    return VAERecipe(accelerator, cfg.model, cfg.loss, cfg.optim, cfg.train.on_nonfinite, cfg.train.batch_size,
-                     memory_format)
+        return GANRecipe(accelerator, cfg.model, cfg.optim, health, cfg.train, memory_format)
+    return VAERecipe(accelerator, cfg.model, cfg.loss, cfg.optim, health, cfg.train, memory_format)

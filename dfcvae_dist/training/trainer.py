@@ -22,18 +22,18 @@ from rich.console import Console
 from dfcvae_dist.config import Config, load_config, resume_changes
 from dfcvae_dist.data.loader import (SplitSource, TrainStream, batches_per_epoch, make_loader, model_input,
                                      resolve_split)
-from dfcvae_dist.distributed import any_rank, make_accelerator
+from dfcvae_dist.distributed import make_accelerator, set_determinism
 from dfcvae_dist.errors import UserError
-from dfcvae_dist.rundir import CONFIG_FILE, atomic_write, find_checkpoint, write_end_marker
+from dfcvae_dist.rundir import CONFIG_FILE, RunLock, atomic_write, find_checkpoint, write_end_marker
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
-from dfcvae_dist.training.recipes import StepResult, build_recipe, set_lr
+from dfcvae_dist.training.recipes import LossHealth, StepResult, build_recipe, set_lr
 from dfcvae_dist.training.state import TrainerState
 from dfcvae_dist.training.tracking import Tracker, code_version
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT (what torchrun and accelerate forward to ranks); ranks agree on it each step."""
+    """Set by SIGTERM/SIGINT (what torchrun and accelerate forward to ranks); ranks agree on it at sync steps."""
 
     def __init__(self):
         self.requested = False
@@ -42,9 +42,6 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         self.requested = True
-
-    def agreed(self, accelerator) -> bool:
-        return any_rank(accelerator, self.requested)
 
 
 @dataclass
@@ -63,6 +60,7 @@ class TrainData:
     def from_config(cls, cfg: Config, rank: int, world: int, validates: bool) -> "TrainData":
         data, train = cfg.data, cfg.train
         source = resolve_split(data.shards, "train", data.num_samples)
+        check_image_size(data.shards, cfg.model.image_size)
         per_epoch = batches_per_epoch(source.num_samples, train.batch_size, world, train.grad_accum)
         stream = TrainStream(source, train.batch_size, per_epoch, rank, world, data.num_workers, train.seed,
                              data.shuffle_buffer, data.skip_corrupt)
@@ -83,7 +81,8 @@ class TrainData:
     def steps(self, epoch: int, start_batch: int, device, memory_format) -> Iterator[list[torch.Tensor]]:
         """The rest of `epoch` from micro-batch `start_batch`, `grad_accum` micro-batches per optimizer step."""
         self.stream.set_position(epoch, start_batch)
-        images = (model_input(b["image"], device, memory_format) for b in make_loader(self.stream, self.num_workers))
+        loader = make_loader(self.stream, self.num_workers, pin_memory=torch.device(device).type == "cuda")
+        images = (model_input(b["image"], device, memory_format) for b in loader)
         return iter(lambda: list(itertools.islice(images, self.grad_accum)), [])
 
 
@@ -91,13 +90,18 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         train = cfg.train
+        set_determinism(train.deterministic)
         self.accelerator = acc = make_accelerator(train.mixed_precision, train.grad_accum, train.collective_timeout_s,
                                                   train.threads)
+        train.mixed_precision = acc.mixed_precision  # the resolved value is what a resume compares
         self.console = Console(stderr=True, quiet=not acc.is_main_process, soft_wrap=True)  # no breaks in paths
         self.run_dir = Path(train.run_dir)
+        self.lock = RunLock(self.run_dir)
+        self.hold_run_dir()
         set_seed(train.seed)
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
-        self.recipe = build_recipe(cfg, acc, self.memory_format)
+        self.health = LossHealth(acc, train.on_nonfinite)
+        self.recipe = build_recipe(cfg, acc, self.health, self.memory_format)
         self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, self.recipe.validates)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
                                          self.data.total_steps, acc)
@@ -126,7 +130,8 @@ class Trainer:
                 if data.val is not None and s.step % self.cfg.train.val_every_steps == 0:
                     val = self.recipe.validation_loss(data.val, self.cfg.train.batch_size, self.cfg.train.val_batches)
                     self.tracker.log_metrics({"val/total": val}, s.step)
-                stopping = self.stop.agreed(acc)
+                if s.step % self.cfg.train.sync_every_steps == 0 or self.checkpointer.due(s.step):
+                    stopping = self.health.agree(self.stop.requested)  # the step's only collective (with logging)
                 if stopping or self.checkpointer.due(s.step):
                     self.save()
                 if stopping or s.step == data.total_steps:
@@ -158,6 +163,7 @@ class Trainer:
     def finish(self, stopped_early: bool) -> dict:
         s, acc = self.state, self.accelerator
         if self.checkpointer.last_saved != s.step:
+            self.health.agree(self.stop.requested)
             self.save()
         summary = {"step": s.step, "total_steps": self.data.total_steps, "stopped_early": stopped_early,
                    "mlflow_run_id": s.mlflow_run_id, "checkpoint": str(find_checkpoint(self.run_dir, "auto")),
@@ -172,7 +178,21 @@ class Trainer:
                            f"{summary['checkpoint']}")
         acc.wait_for_everyone()
         acc.end_training()
+        self.lock.release()
         return summary
+
+    def hold_run_dir(self) -> None:
+        """The main process takes the run directory's lock before anything reads or writes there; every
+        rank learns the outcome, so a second launch on a busy directory stops at once on all of them."""
+        refusal = [None]
+        if self.accelerator.is_main_process:
+            try:
+                self.lock.acquire()
+            except UserError as err:
+                refusal = [str(err)]
+        broadcast_object_list(refusal, from_process=0)
+        if refusal[0]:
+            raise UserError(refusal[0])
 
     def resume(self) -> TrainerState:
         """The state to start from: fresh, or that of the checkpoint the main process picked, loaded on every rank."""
@@ -232,7 +252,8 @@ class Trainer:
         cfg, data, world = self.cfg, self.data, self.accelerator.num_processes
         self.console.print(f"[bold]{cfg.model.name}[/] world size {world}, global batch {data.global_batch} = "
                            f"{cfg.train.batch_size} per rank x {world} ranks x {cfg.train.grad_accum} accumulation; "
-                           f"{data.steps_per_epoch} steps per epoch, {data.total_steps} steps")
+                           f"{data.steps_per_epoch} steps per epoch, {data.total_steps} steps; precision "
+                           f"{self.accelerator.mixed_precision}")
 
     def log_images(self) -> None:
         """Inputs above their reconstructions (or real above fake), and samples of a fixed z."""
@@ -258,6 +279,17 @@ def refuse_incompatible(checkpoint: Path, saved: TrainerState, now: TrainerState
                         f"steps of {saved.grad_accum}, now {now.batches_per_epoch} in steps of {now.grad_accum}; the "
                         "data position cannot be carried over: resume with the same train.batch_size, "
                         "train.grad_accum and data")
+
+
+def check_image_size(shards: str, image_size: int) -> None:
+    """Shards of one size and a model of another would fail deep in the first step: say so before it."""
+    manifest = Path(shards) / "manifest.json"
+    if not manifest.is_file():
+        return
+    size = json.loads(manifest.read_text()).get("image_size")
+    if size is not None and size != image_size:
+        raise UserError(f"{manifest}: the shards hold {size}x{size} images, but model.image_size={image_size}: set "
+                        f"model.image_size={size}, or write shards with --image-size {image_size}")
 
 
 def image_grid(inputs: torch.Tensor, outputs: torch.Tensor, n: int = 8) -> torch.Tensor:
