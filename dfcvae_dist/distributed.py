@@ -5,8 +5,6 @@ with the parent process (a rank with its launcher, a loader worker with its rank
 from __future__ import annotations
 
 import os
-import signal
-import sys
 from datetime import timedelta
 
 import torch
@@ -14,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from dfcvae_dist.errors import UserError
+from dfcvae_dist.lifeline import die_with_parent
 
 
 def resolve_precision(configured: str, launcher: str | None, deepspeed: bool) -> str | None:
@@ -75,11 +74,3 @@ def any_rank(accelerator, flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (one all-reduce)."""
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG); a no-op elsewhere."""
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG

@@ -194,3 +194,29 @@ def test_a_stale_or_requeued_owner_is_taken_over_with_a_warning(tmp_path, shard_
     reason = "its heartbeat is 360" if case == "stale-heartbeat" else "it belongs to this Slurm job (777)"
     assert f"taking over the lock of {run_dir}: {reason}" in proc.stderr
     assert not (run_dir / ".lock").exists()
+
+
+def rank_pids(launcher: int) -> list[int]:
+    found = []
+    for local_rank in (0, 1):
+        try:
+            found.append(rank_pid(launcher, local_rank))
+        except AssertionError:
+            return []
+    return found
+
+
+def test_ranks_die_with_a_launcher_killed_as_they_start(tmp_path, shard_dir):
+    proc = start(tmp_path, shard_dir, tmp_path / "run", "train.max_steps=400")
+    deadline = time.time() + 120
+    while not (ranks := rank_pids(proc.pid)):
+        assert time.time() < deadline, "the ranks did not start"
+        time.sleep(0.01)
+    time.sleep(0.3)  # the ranks are importing torch and accelerate
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, not its process group
+    proc.communicate()
+    deadline = time.time() + 30
+    while alive := [pid for pid in ranks if Path(f"/proc/{pid}").exists() and
+                    Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]:
+        assert time.time() < deadline, f"ranks {alive} outlived their launcher"
+        time.sleep(0.1)

@@ -234,6 +234,27 @@ def test_resume_from_a_path_or_none_and_pruning_to_keep(tmp_path, shard_dir):
         f"error: [rank 0] train.resume: {tmp_path / 'nothing'} is not a complete checkpoint (no trainer_state.json)"
 
 
+def test_precision_comes_from_the_launcher_and_is_recorded(tmp_path, shard_dir):
+    """`accelerate launch --mixed_precision bf16` exports ACCELERATE_MIXED_PRECISION=bf16; the default
+    train.mixed_precision=auto takes it (a small pixel VAE: bf16 is slow on this CPU)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([*launch_cmd(1), *base_args(shard_dir, run_dir, "model.name=pvae", "train.max_steps=1")],
+                          cwd=tmp_path, env={**env_for(tmp_path), "ACCELERATE_MIXED_PRECISION": "bf16"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "precision bf16" in proc.stderr and "mixed_precision: bf16" in (run_dir / "config.yaml").read_text()
+    run = mlflow_client(tmp_path).get_run(json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"])
+    assert run.data.tags["precision"] == "bf16"
+
+
+def test_shards_of_another_image_size_are_named_before_any_step(tmp_path, shard_dir):
+    proc = train(tmp_path, shard_dir, tmp_path / "run", "model.image_size=64", "train.max_steps=1", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: [rank 0] {shard_dir / 'manifest.json'}: the shards hold 32x32 images, but model.image_size=64: set "
+        "model.image_size=32, or write shards with --image-size 64")
+
+
 def test_torchrun_with_a_webdataset_url_pattern(tmp_path, shard_dir):
     """The same module under plain torchrun, streaming shards named by a brace pattern instead of a manifest."""
     n = len(list(shard_dir.glob("train-*.tar")))

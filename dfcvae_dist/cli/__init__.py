@@ -1,0 +1,8 @@
+"""The console scripts (`dfcvae-*`); `tools/*.py` and `python -m dfcvae_dist.train` call the same code.
+
+Importing this package is the first thing every entry point does, so a rank started by a launcher is tied
+to it before any heavy import."""
+
+from dfcvae_dist.lifeline import arm_if_launched
+
+arm_if_launched()

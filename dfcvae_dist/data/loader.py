@@ -27,7 +27,7 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_image
 
 from dfcvae_dist.data.shards import iter_shard, read_manifest
-from dfcvae_dist.distributed import die_with_parent
+from dfcvae_dist.lifeline import die_with_parent
 from dfcvae_dist.errors import UserError
 
 
