@@ -95,7 +95,7 @@ LATENT_FIELDS = ARRAYS + ("attribute_names", "checkpoint", "features", "weights"
 
 
 def load_latents(path: str | Path) -> dict[str, np.ndarray]:
-    """latents.npz with every field checked; a missing one is named."""
+    """latents.npz with every field checked (a missing one is named), plus `path`: where it was read."""
     path = Path(path)
     try:
         data = dict(np.load(path, allow_pickle=False))
@@ -106,4 +106,5 @@ def load_latents(path: str | Path) -> dict[str, np.ndarray]:
     missing = [k for k in LATENT_FIELDS if k not in data]
     if missing:
         raise UserError(f"{path}: missing array(s) {', '.join(missing)}")
+    data["path"] = np.array(str(path))  # so that later complaints about the contents can name the file
     return data
