@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dfcvae_dist.data.shards import read_manifest
-from dfcvae_dist.extraction.latents import load_latents
+from dfcvae_dist.errors import UserError
+from dfcvae_dist.extraction.latents import load_latents, merge_parts, write_part
 from tests.conftest import ROOT, run_tool
 
 pytestmark = pytest.mark.slow
@@ -69,3 +70,49 @@ def test_latents_file_with_missing_arrays_is_named(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'bad.npz'}: missing array(s) logvar, attrs, partition, " \
                                   "attribute_names, checkpoint, features, weights"
+
+
+def rank_part(keys, dim=3):
+    n = len(keys)
+    return {"keys": np.array(keys), "mu": np.zeros((n, dim), np.float32), "logvar": np.zeros((n, dim), np.float32),
+            "attrs": np.zeros((n, 2), np.int64), "partition": np.zeros(n, np.int64)}
+
+
+META = {"checkpoint": "", "features": "latent", "weights": "trained", "attribute_names": ["a", "b"]}
+
+
+def test_extracting_empty_splits_names_the_output_directory(tmp_path):
+    """Own image folders made with --holdout 0 have empty val and test splits: every rank's part is empty."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    run_tool("make_shards.py", "--image-folder", tmp_path / "images", "--out", tmp_path / "shards",
+             "--image-size", "16", "--holdout", "0")
+    proc = run_tool("extract_latents.py", "--features", "vgg-fc", "--vgg-weights", "random", "--shards",
+                    tmp_path / "shards", "--split", "val,test", "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'out'}: no images to merge, all 1 rank " \
+        "part(s) are empty; do the chosen splits hold any images? (see the shards' manifest.json)"
+
+
+def test_merge_names_the_missing_rank_part(tmp_path):
+    write_part(tmp_path, 0, 3, rank_part(["000001"]))
+    write_part(tmp_path, 2, 3, rank_part(["000003"]))
+    with pytest.raises(UserError) as err:
+        merge_parts(tmp_path, 3, META)
+    assert str(err.value) == f"{tmp_path / 'parts' / 'part-0001-of-0003.npz'}: the part of rank 1 is missing " \
+                             "(1 of 3 parts missing); was extraction interrupted?"
+    assert not (tmp_path / "latents.npz").exists()
+
+
+def test_merge_names_a_key_found_in_two_rank_parts(tmp_path):
+    write_part(tmp_path, 0, 2, rank_part(["000001", "000002"]))
+    write_part(tmp_path, 1, 2, rank_part(["000002", "000003"]))
+    with pytest.raises(UserError) as err:
+        merge_parts(tmp_path, 2, META)
+    assert str(err.value) == f"{tmp_path / 'parts'}: key '000002' is in part-0000-of-0002.npz and " \
+                             "part-0001-of-0002.npz (1 repeated key(s)); the shards overlap"
+    assert not (tmp_path / "latents.npz").exists()
+

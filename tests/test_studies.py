@@ -1,9 +1,15 @@
 """Latent-space studies: every figure is written with the expected grid; unknown attributes are refused."""
 
 import json
+import os
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from dfcvae_dist.evaluation.studies import ALPHAS, interpolation_figure, samples_figure
+from dfcvae_dist.models import VAE
 
 from tests.conftest import run_tool
 
@@ -37,20 +43,21 @@ def test_unknown_attribute_is_named(tmp_path, trained_run, shard_dir, latents):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: unknown attribute(s) Wings; known:")
 
 
-def test_quality_table_for_two_models(tmp_path, trained_run, shard_dir):
+def test_quality_table_for_two_models_fid_skipped_without_inception_weights(tmp_path, trained_run, shard_dir):
+    """Whatever this machine's network: the hub lies below a file, so the weights can neither be found nor saved."""
+    (tmp_path / "not-a-directory").touch()
     proc = run_tool("quality.py", "--checkpoint", f"a={trained_run}", "--checkpoint", f"b={trained_run}",
-                    "--shards", shard_dir, "--vgg-weights", "random", "--max-images", "40", "--fid", "--out", tmp_path)
+                    "--shards", shard_dir, "--vgg-weights", "random", "--max-images", "40", "--fid", "--out", tmp_path,
+                    env={**os.environ, "TORCH_HOME": str(tmp_path / "not-a-directory" / "torch")})
     result = json.loads((tmp_path / "quality.json").read_text())
     a = result["models"]["a"]
     assert a == {**result["models"]["b"]} and a["images"] == 40
     assert 0 < a["mse"] < 1 and -1 <= a["ssim"] <= 1 and a["blur_ratio"] > 0 and a["perceptual"] > 0
-    assert "FID skipped: Inception v3 weights are not cached" in result["note"]
+    assert "FID skipped: Inception v3 weights are not cached" in result["note"] and "Not a directory" in result["note"]
     assert "random(seed=0)" in result["note"] and "FID" in proc.stdout
 
 
 def test_frechet_distance_of_gaussians():
-    import torch
-
     from dfcvae_dist.evaluation.quality import frechet_distance
 
     g = torch.Generator().manual_seed(0)
@@ -60,3 +67,44 @@ def test_frechet_distance_of_gaussians():
     assert frechet_distance(a, b) == pytest.approx(6.0, abs=0.3)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
 
+
+
+
+class PixelAutoencoder:
+    """Latent = the image's pixels, so each cell of an interpolation row is known exactly."""
+
+    def encode(self, x):
+        return x.flatten(1), x.new_zeros(len(x), 0)
+
+    def decode(self, z):
+        return z.view(-1, 3, 32, 32)
+
+
+def as_saved(images):
+    """What torchvision's save_image writes for images in [0, 1]: N x H x W x 3 ints."""
+    return (images * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy().astype(int)
+
+
+def grid_cell(path, row, col, size=32, padding=2):
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    top, left = padding + row * (size + padding), padding + col * (size + padding)
+    return grid[top:top + size, left:left + size]
+
+
+def test_interpolation_rows_go_linearly_from_one_encoded_image_to_the_other(tmp_path):
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    path = interpolation_figure(PixelAutoencoder(), images, tmp_path, seed=0)
+    for pair in range(3):
+        left, right = images[2 * pair], images[2 * pair + 1]
+        assert (grid_cell(path, pair, 0) == as_saved(left[None])[0]).all()
+        assert (grid_cell(path, pair, len(ALPHAS) - 1) == as_saved(right[None])[0]).all()
+        assert np.abs(grid_cell(path, pair, 5) - as_saved(((left + right) / 2)[None])[0]).max() <= 1
+
+
+def test_same_seed_gives_identical_samples_another_seed_other_samples(tmp_path):
+    torch.manual_seed(0)
+    model = VAE(32, latent_dim=16, base_channels=8).eval()
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    a, b, c = (samples_figure(model, tmp_path / name, seed).read_bytes() for name, seed in zip("abc", (0, 0, 1)))
+    assert a == b and a != c

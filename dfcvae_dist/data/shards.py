@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dfcvae_dist.data import celeba
 from dfcvae_dist.errors import UserError
@@ -28,6 +28,7 @@ from dfcvae_dist.errors import UserError
 MANIFEST = "manifest.json"
 FORMAT = "dfcvae-shards/1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+BACKGROUND = (255, 255, 255, 255)  # white: what transparent pixels become
 
 
 @dataclass
@@ -138,9 +139,23 @@ def plan_shards(samples: list[Sample], shard_size: int) -> list[ShardJob]:
     return jobs
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB as the image is meant to be seen: EXIF orientation applied; 16-bit images (modes I;16* and I,
+    which is how Pillow opens 16-bit PNG and TIFF) scaled to 8 bits, where `convert` would clip them to white;
+    transparency (alpha, or a palette's or tRNS transparent colour) composited over white, BACKGROUND;
+    CMYK, palette and grayscale images converted by Pillow."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        background = Image.new("RGBA", img.size, BACKGROUND)
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
 def prepare_image(sample: Sample, settings: ShardSettings) -> Image.Image:
     with Image.open(sample.path) as img:
-        img = img.convert("RGB")
+        img = to_rgb(img)
     if settings.crop == "paper":
         img = celeba.paper_crop(img)
     elif settings.crop == "landmarks":

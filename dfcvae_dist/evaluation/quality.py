@@ -60,13 +60,18 @@ def inception_or_reason():
 
 @torch.no_grad()
 def inception_features(inception, images: torch.Tensor, batch: int = 100) -> torch.Tensor:
-    """2048-d pool features of Inception v3 for images in [0, 1] (resized to 299, ImageNet-normalised)."""
-    inception.fc = torch.nn.Identity()
+    """2048-d pool features of Inception v3 for images in [0, 1] (resized to 299, ImageNet-normalised).
+    Read by a hook on the pool layer that is removed afterwards, so the caller's model keeps its `fc`."""
+    pooled = []
+    hook = inception.avgpool.register_forward_hook(lambda module, args, out: pooled.append(out.flatten(1)))
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    out = [inception((F.interpolate(x, size=299, mode="bilinear", align_corners=False) - mean) / std)
-           for x in images.split(batch)]
-    return torch.cat(out).double()
+    try:
+        for x in images.split(batch):
+            inception((F.interpolate(x, size=299, mode="bilinear", align_corners=False) - mean) / std)
+    finally:
+        hook.remove()
+    return torch.cat(pooled).double()
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

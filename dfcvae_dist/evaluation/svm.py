@@ -2,7 +2,11 @@
 SVM as in the paper, C chosen by accuracy on the validation partition (fitted on a training subsample,
 which keeps 40 attributes x a C grid fast), refit on the full training partition, scored on the test
 partition. Balanced accuracy and the majority-class baseline are reported beside accuracy, since many
-attributes are rare."""
+attributes are rare.
+
+An attribute with one class in its train or test split is left out of every mean (and marked in the table):
+with one test class "balanced accuracy" is plain accuracy, with one train class there is no classifier, and
+either would pull the means towards numbers that say nothing about the features."""
 
 from __future__ import annotations
 
@@ -16,16 +20,18 @@ from dfcvae_dist.errors import UserError
 from dfcvae_dist.evaluation.paper_table import PAPER_AVERAGES, PAPER_TABLE1
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+LEFT_OUT_MARK = "†"
 
 
 def fit_attribute(x_train, y_train, x_val, y_val, x_test, y_test, c_grid, subsample: int, seed: int,
                   class_weight: str | None = None) -> dict:
-    """Choose C on val (accuracy; balanced accuracy when class_weight="balanced"), refit, score on test."""
-    majority = float(max(y_test.mean(), 1 - y_test.mean())) if len(y_test) else float("nan")
+    """Choose C on val (accuracy; balanced accuracy when class_weight="balanced"), refit, score on test.
+    `left_out` names why the attribute stays out of the means (one class in a split), else None."""
+    majority = float(max(y_test.mean(), 1 - y_test.mean()))
     if len(np.unique(y_train)) < 2:  # one class only: predict it
-        pred = np.full_like(y_test, y_train[0] if len(y_train) else 0)
-        return {"C": None, "accuracy": accuracy_score(y_test, pred), "balanced_accuracy":
-                balanced_accuracy_score(y_test, pred) if len(np.unique(y_test)) > 1 else 0.5, "majority": majority}
+        pred = np.full_like(y_test, y_train[0])
+        return {"C": None, "accuracy": accuracy_score(y_test, pred), "balanced_accuracy": None,
+                "majority": majority, "left_out": "one class in the train split"}
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(y_train))[:subsample]
     if len(np.unique(y_train[pick])) < 2:
@@ -35,9 +41,10 @@ def fit_attribute(x_train, y_train, x_val, y_val, x_test, y_test, c_grid, subsam
     scores = [score(y_val, svm(c).fit(x_train[pick], y_train[pick]).predict(x_val)) for c in c_grid]
     best = c_grid[int(np.argmax(scores))]
     pred = svm(best).fit(x_train, y_train).predict(x_test)
+    one_test_class = len(np.unique(y_test)) < 2
     return {"C": best, "accuracy": accuracy_score(y_test, pred),
-            "balanced_accuracy": balanced_accuracy_score(y_test, pred) if len(np.unique(y_test)) > 1 else
-            accuracy_score(y_test, pred), "majority": majority}
+            "balanced_accuracy": None if one_test_class else balanced_accuracy_score(y_test, pred),
+            "majority": majority, "left_out": "one class in the test split" if one_test_class else None}
 
 
 def evaluate(latents: dict, c_grid=C_GRID, subsample: int = 20_000, n_jobs: int = 2, seed: int = 0,
@@ -45,12 +52,18 @@ def evaluate(latents: dict, c_grid=C_GRID, subsample: int = 20_000, n_jobs: int 
     x, attrs, part = latents["mu"].astype(np.float64), latents["attrs"].astype(np.int64), latents["partition"]
     names = [str(n) for n in latents["attribute_names"]]
     train, val, test = (part == 0), (part == 1), (part == 2)
+    source = str(latents.get("path", "latents"))
     if not train.any() or not test.any():
-        raise UserError(f"latents need train and test partitions (got {train.sum()} train, {test.sum()} test "
-                        "images): extract with --split train,val,test")
+        raise UserError(f"{source}: the SVMs need train and test partitions (got {train.sum()} train, {test.sum()} "
+                        "test images): extract with --split train,val,test")
+    c_chosen_on = "the val partition"
     if not val.any():  # no val partition (own image folders): hold out part of train for C
+        if train.sum() < 2:
+            raise UserError(f"{source}: no val partition and {int(train.sum())} train image: too few to hold "
+                            "some out for choosing C")
         held = np.flatnonzero(train)[:: 10]
         val[held], train[held] = True, False
+        c_chosen_on = "every 10th train image (no val partition)"
     scaler = StandardScaler().fit(x[train])
     xs = scaler.transform(x)
     results = Parallel(n_jobs=n_jobs)(
@@ -58,16 +71,21 @@ def evaluate(latents: dict, c_grid=C_GRID, subsample: int = 20_000, n_jobs: int 
                                c_grid, subsample, seed, class_weight)
         for j in range(len(names)))
     per_attribute = [{"attribute": n, **r} for n, r in zip(names, results)]
+    counted = [r for r in per_attribute if not r["left_out"]]
+    if not counted:
+        raise UserError(f"{source}: every attribute has one class in its train or test split ({int(train.sum())} "
+                        f"train, {int(test.sum())} test images): no mean to report; extract more images")
     return {
         "features": str(latents["features"]), "checkpoint": str(latents["checkpoint"]),
         "weights": str(latents["weights"]),
         "counts": {"train": int(train.sum()), "val": int(val.sum()), "test": int(test.sum())},
         "c_grid": list(c_grid),
+        "c_chosen_on": c_chosen_on,
         "class_weight": class_weight or "none",
         "per_attribute": per_attribute,
-        "mean_accuracy": float(np.mean([r["accuracy"] for r in per_attribute])),
-        "mean_balanced_accuracy": float(np.mean([r["balanced_accuracy"] for r in per_attribute])),
-        "mean_majority": float(np.mean([r["majority"] for r in per_attribute])),
+        "left_out": [r["attribute"] for r in per_attribute if r["left_out"]],
+        **{f"mean_{key}": float(np.mean([r[key] for r in counted])) for key in ("accuracy", "balanced_accuracy",
+                                                                                 "majority")},
     }
 
 
@@ -87,26 +105,32 @@ def focus_attributes(spec: str, known: list[str]) -> list[str]:
 
 
 def add_focus_means(report: dict, focus: list[str]) -> None:
-    """Means over a subset, e.g. the attributes a synthetic data set makes visible."""
+    """Means over a subset, e.g. the attributes a synthetic data set makes visible (less those left out)."""
     rows = {r["attribute"]: r for r in report["per_attribute"]}
+    counted = [name for name in focus if not rows[name]["left_out"]]
+    if not counted:
+        raise UserError("--focus: every focus attribute has one class in its train or test split: no mean to report")
     report["focus"] = focus
     for key in ("accuracy", "balanced_accuracy"):
-        report[f"focus_mean_{key}"] = float(np.mean([rows[name][key] for name in focus]))
+        report[f"focus_mean_{key}"] = float(np.mean([rows[name][key] for name in counted]))
 
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows: ours (accuracy %, balanced %, majority %) beside Table 1; '*' marks where we beat a
-    column (only meaningful on the 40 real CelebA attributes)."""
+    column (only meaningful on the 40 real CelebA attributes), '†' an attribute left out of the means."""
     header = ["attribute", "ours acc", "ours bal", "majority", "C", *PAPER_TABLE1]
     rows = []
     paper_order = len(report["per_attribute"]) == 40
     for i, r in enumerate(report["per_attribute"]):
         ours = 100 * r["accuracy"]
         paper = [f"{v[i]}{'*' if ours > v[i] else ''}" if paper_order else "-" for v in PAPER_TABLE1.values()]
-        rows.append([r["attribute"], f"{ours:.1f}", f"{100 * r['balanced_accuracy']:.1f}",
+        balanced = "-" if r["balanced_accuracy"] is None else f"{100 * r['balanced_accuracy']:.1f}"
+        rows.append([r["attribute"] + (LEFT_OUT_MARK if r["left_out"] else ""), f"{ours:.1f}", balanced,
                      f"{100 * r['majority']:.1f}", str(r["C"]), *paper])
     mean = 100 * report["mean_accuracy"]
-    rows.append(["Average", f"{mean:.2f}", f"{100 * report['mean_balanced_accuracy']:.2f}",
+    left_out = len(report["left_out"])
+    rows.append([f"Average ({left_out}{LEFT_OUT_MARK} left out)" if left_out else "Average", f"{mean:.2f}",
+                 f"{100 * report['mean_balanced_accuracy']:.2f}",
                  f"{100 * report['mean_majority']:.2f}", "",
                  *[f"{v:.2f}{'*' if mean > v else ''}" for v in PAPER_AVERAGES.values()]])
     return header, rows
@@ -117,5 +141,10 @@ def markdown_table(report: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     note = (f"\nFeatures: {report['features']} ({report['weights']}); checkpoint {report['checkpoint'] or '-'}; "
-            f"images: {report['counts']}. `*`: our accuracy is higher than that column's.\n")
+            f"images: {report['counts']}; C chosen on {report['c_chosen_on']}. `*`: our accuracy is higher than that "
+            "column's.\n")
+    if report["left_out"]:
+        reasons = ", ".join(f"{r['attribute']} ({r['left_out']})" for r in report["per_attribute"] if r["left_out"])
+        note += (f"`{LEFT_OUT_MARK}`: {len(report['left_out'])} attribute(s) left out of the means, their balanced "
+                 f"accuracy being undefined: {reasons}.\n")
     return "\n".join(lines) + "\n" + note

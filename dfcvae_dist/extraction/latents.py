@@ -67,16 +67,23 @@ def write_part(out: Path, rank: int, world: int, arrays: dict[str, np.ndarray]) 
 def merge_parts(out: Path, world: int, meta: dict[str, str]) -> Path:
     """Concatenate every rank's part (all must exist), sort by key, write latents.npz atomically."""
     files = [out / "parts" / f"part-{r:04d}-of-{world:04d}.npz" for r in range(world)]
-    missing = [f for f in files if not f.exists()]
+    missing = [rank for rank, f in enumerate(files) if not f.exists()]
     if missing:
-        raise UserError(f"{missing[0]}: a rank's part is missing; was extraction interrupted?")
-    loaded = [dict(np.load(f, allow_pickle=False)) for f in files]
-    loaded = [p for p in loaded if len(p["keys"])]
-    merged = {k: np.concatenate([p[k] for p in loaded]) for k in ARRAYS}
+        raise UserError(f"{files[missing[0]]}: the part of rank {missing[0]} is missing ({len(missing)} of {world} "
+                        "parts missing); was extraction interrupted?")
+    loaded = {f.name: dict(np.load(f, allow_pickle=False)) for f in files}
+    loaded = {name: part for name, part in loaded.items() if len(part["keys"])}
+    if not loaded:
+        raise UserError(f"{out}: no images to merge, all {world} rank part(s) are empty; do the chosen splits hold "
+                        "any images? (see the shards' manifest.json)")
+    merged = {k: np.concatenate([part[k] for part in loaded.values()]) for k in ARRAYS}
     order = np.argsort(merged["keys"], kind="stable")
     merged = {k: v[order] for k, v in merged.items()}
-    if len(np.unique(merged["keys"])) != len(merged["keys"]):
-        raise UserError(f"{out}: duplicate keys across ranks; the shards overlap")
+    repeated = merged["keys"][1:][merged["keys"][1:] == merged["keys"][:-1]]
+    if len(repeated):
+        holders = [name for name, part in loaded.items() if repeated[0] in part["keys"]]
+        raise UserError(f"{out / 'parts'}: key '{repeated[0]}' is in {' and '.join(holders)} ({len(repeated)} "
+                        "repeated key(s)); the shards overlap")
     tmp = out / ".latents.tmp.npz"
     np.savez(tmp, **merged, **{k: np.array(v) for k, v in meta.items()})
     final = out / "latents.npz"
@@ -88,7 +95,7 @@ LATENT_FIELDS = ARRAYS + ("attribute_names", "checkpoint", "features", "weights"
 
 
 def load_latents(path: str | Path) -> dict[str, np.ndarray]:
-    """latents.npz with every field checked; a missing one is named."""
+    """latents.npz with every field checked (a missing one is named), plus `path`: where it was read."""
     path = Path(path)
     try:
         data = dict(np.load(path, allow_pickle=False))
@@ -99,4 +106,5 @@ def load_latents(path: str | Path) -> dict[str, np.ndarray]:
     missing = [k for k in LATENT_FIELDS if k not in data]
     if missing:
         raise UserError(f"{path}: missing array(s) {', '.join(missing)}")
+    data["path"] = np.array(str(path))  # so that later complaints about the contents can name the file
     return data

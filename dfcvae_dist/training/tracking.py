@@ -62,14 +62,20 @@ def resolve_run_id(value: str) -> str:
     """An MLflow run id, or a training run directory (its COMPLETED.json / RESUME_ME.json names the run)."""
     import json
 
+    directory = Path(value)
+    if not directory.is_dir():
+        if os.sep in value:
+            raise UserError(f"--mlflow-run {value}: neither a run directory nor an MLflow run id")
+        return value
     for marker in ("COMPLETED.json", "RESUME_ME.json"):
-        path = Path(value) / marker
+        path = directory / marker
         if path.is_file():
             run_id = json.loads(path.read_text()).get("mlflow_run_id")
             if not run_id:
                 raise UserError(f"{path}: the run was not tracked in MLflow")
             return run_id
-    return value
+    raise UserError(f"{directory}: no COMPLETED.json or RESUME_ME.json, so no MLflow run to log into (a run killed "
+                    "before its first marker, or not a training run directory); pass the MLflow run id instead")
 
 
 class Tracker:
