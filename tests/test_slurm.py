@@ -130,6 +130,14 @@ def test_train_sbatch_with_a_deepspeed_accelerate_config_trains_two_nodes_to_the
     assert run.data.tags["distributed_type"] == "DistributedType.DEEPSPEED" and run.data.tags["world_size"] == "2"
 
 
+def test_a_missing_accelerate_config_fails_the_job_with_one_line_naming_it(cluster, tmp_path, shard_dir):
+    job, out = submit(cluster, tmp_path, "train.sbatch", *train_args(shard_dir, tmp_path / "run"),
+                      ACCELERATE_CONFIG="configs/accelerate/zero9.yaml")
+    assert wait_ended(cluster, job, out, timeout=60) == "FAILED"
+    assert f"error: ACCELERATE_CONFIG=configs/accelerate/zero9.yaml: no such file (relative to {ROOT})" in out.read_text()
+    assert "ExitCode=2:0" in cluster.run("scontrol", "show", "job", job).stdout.split()
+
+
 def test_extract_sbatch_two_nodes_matches_one_process(cluster, tmp_path, shard_dir, trained_run):
     two = tmp_path / "two nodes"  # a space in an argument reaches the tool as one argument
     job, out = submit(cluster, tmp_path, "extract.sbatch", "--checkpoint", trained_run, "--shards", shard_dir,
