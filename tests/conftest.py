@@ -1,10 +1,14 @@
-"""Shared fixtures: a small synthetic CelebA and its shards, made once per test session."""
+"""Shared fixtures: a small synthetic CelebA and its shards, made once per test session, and the harness
+every test starts its subprocesses through (`processes`), which leaves nothing running behind a test."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,10 +17,72 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def run_tool(script: str, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+class ProcessGroups:
+    """Starts subprocesses, each as the leader of a process group of its own, and SIGKILLs every group it
+    started when closed: a launcher's ranks, an `mlflow server`'s workers or a loader's workers die with the
+    test that started them, also when it failed or ran past pytest's timeout."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def popen(self, cmd: Sequence, **popen_kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen([str(c) for c in cmd], start_new_session=True, **popen_kwargs)
+        self.started.append(proc)
+        return proc
+
+    def run(self, cmd: Sequence, timeout: float, input: str | None = None, **popen_kwargs) -> subprocess.CompletedProcess:
+        """`subprocess.run(cmd, capture_output=True, text=True)`, but a timeout kills the whole group and fails
+        the test with the end of its stderr."""
+        proc = self.popen(cmd, stdin=subprocess.PIPE if input is not None else None, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **popen_kwargs)
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            out, err = proc.communicate()
+            raise AssertionError(f"still running after {timeout:.0f} s, killed: {proc.args}\n{err[-3000:]}") from None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        """SIGKILL the process group, even where its leader has exited and left children behind."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def __enter__(self) -> "ProcessGroups":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.started:
+            self.kill(proc)
+
+
+@pytest.fixture
+def processes():
+    """Start a test's subprocesses through this (`processes.popen(cmd, **kw)`, `processes.run(cmd, timeout, ...)`):
+    every process group it started is killed in teardown."""
+    with ProcessGroups() as groups:
+        yield groups
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
+    """Poll `condition` until it returns something true, and return that; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {timeout:.0f} s for {what}")
+        time.sleep(interval)
+    return result
+
+
+def run_tool(script: str, *args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """Run `tools/SCRIPT` (or `-m module`) as a user would, capturing its output."""
     cmd = [sys.executable, *(["-m", script[3:]] if script.startswith("-m ") else [str(ROOT / "tools" / script)])]
-    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=kw.pop("cwd", ROOT), **kw)
+    with ProcessGroups() as groups:
+        proc = groups.run([*cmd, *args], timeout, cwd=kw.pop("cwd", ROOT), **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -42,9 +108,9 @@ def shard_dir(celeba_dir, tmp_path_factory) -> Path:
 def trained_run(shard_dir, tmp_path_factory) -> Path:
     """A DFC-VAE (32x32, random VGG) trained for a few steps by the real trainer: its run directory."""
     work = tmp_path_factory.mktemp("trained")
-    proc = subprocess.run([sys.executable, "-m", "dfcvae_dist.train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+    with ProcessGroups() as groups:
+        proc = groups.run([sys.executable, "-m", "dfcvae_dist.train", "--config", ROOT / "configs" / "quickstart.yaml",
                            f"data.shards={shard_dir}", f"train.run_dir={work / 'run'}", "train.max_steps=6",
-                           "train.batch_size=16", "train.val_every_steps=0", "log.enabled=false"],
-                          cwd=work, capture_output=True, text=True)
+                           "train.batch_size=16", "train.val_every_steps=0", "log.enabled=false"], 600, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work / "run"

@@ -11,8 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from tests.conftest import wait_until
 
 
 def _free_ports(n: int) -> list[int]:
@@ -39,7 +40,6 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-        self.procs: list[int] = []
 
     def start(self) -> "SlurmCluster":
         r = self.root
@@ -85,24 +85,35 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env)
         for node in ("n1", "n2"):
             subprocess.run(["slurmd", "-N", node, "-f", str(self.conf)], check=True, env=self.env)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T %D"], env=self.env, capture_output=True, text=True).stdout
-            if out.strip() == "idle 2":
-                return self
-            time.sleep(0.5)
-        raise RuntimeError(f"Slurm cluster did not come up: sinfo says {out!r}")
+        wait_until(lambda: self.run("sinfo", "-h", "-o", "%T %D", check=False).stdout.strip() == "idle 2", 60,
+                   "both nodes of the Slurm cluster to come up idle")
+        return self
+
+    def cancel_all_jobs(self, timeout: float = 120) -> None:
+        """Cancel every job (batch shell and steps) and wait until the queue is empty and both nodes are idle."""
+        jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+        if jobs:
+            self.run("scancel", "--full", *jobs, check=False)
+        wait_until(lambda: not self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+                   and self.run("sinfo", "-h", "-o", "%T %D", check=False).stdout.strip() == "idle 2", timeout,
+                   f"Slurm jobs {jobs} to end")
 
     def stop(self) -> None:
-        for pid_file in [self.root / "slurmd-n1.pid", self.root / "slurmd-n2.pid", self.root / "slurmctld.pid",
-                         self.root / "munge" / "munged.pid"]:
-            try:
-                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
+        """End the jobs, then the daemons (slurmd leaves running job steps behind, so the jobs go first)."""
+        try:
+            self.cancel_all_jobs()
+        finally:
+            for pid_file in [self.root / "slurmd-n1.pid", self.root / "slurmd-n2.pid", self.root / "slurmctld.pid",
+                             self.root / "munge" / "munged.pid"]:
+                try:
+                    os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+                except (OSError, ValueError):
+                    pass
 
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check)
+    def run(self, *cmd: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """A Slurm client command against this cluster; `env` adds to what a submitted job sees."""
+        return subprocess.run(list(cmd), env={**self.env, **(env or {})}, capture_output=True, text=True, check=check,
+                              timeout=60)
 
     def job_state(self, job_id: str) -> str:
         out = self.run("scontrol", "show", "job", job_id, check=False).stdout

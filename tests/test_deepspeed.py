@@ -1,7 +1,6 @@
 """DeepSpeed ZeRO-2 through accelerate with two CPU processes: trains, checkpoints, resumes exactly."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,21 +13,23 @@ from tests.test_train import base_args, env_for
 pytestmark = pytest.mark.slow
 
 
-def deepspeed_train(tmp_path, shard_dir, run_dir, *overrides, check=True):
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "deepspeed-zero2.yaml"), "--num_processes", "2",
+def deepspeed_train(processes, tmp_path, shard_dir, run_dir, *overrides, check=True):
+    """One two-process DeepSpeed run; three of them fit in pytest's timeout (the first one in a new environment
+    also compiles DeepSpeed's CPU extension, about 50 s)."""
+    cmd = [Path(sys.executable).parent / "accelerate", "launch", "--config_file",
+           ROOT / "configs" / "accelerate" / "deepspeed-zero2.yaml", "--num_processes", "2",
            "-m", "dfcvae_dist.train", *base_args(shard_dir, run_dir, *overrides)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=900)
+    proc = processes.run(cmd, 280, cwd=tmp_path, env=env_for(tmp_path))
     if check and proc.returncode != 0:
         raise AssertionError(f"deepspeed run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc
 
 
-def test_zero2_trains_checkpoints_and_resumes_exactly(tmp_path, shard_dir):
+def test_zero2_trains_checkpoints_and_resumes_exactly(tmp_path, shard_dir, processes):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    deepspeed_train(tmp_path, shard_dir, straight, "train.max_steps=8", "checkpoint.every_steps=4")
-    deepspeed_train(tmp_path, shard_dir, resumed, "train.max_steps=4", "checkpoint.every_steps=4")
-    deepspeed_train(tmp_path, shard_dir, resumed, "train.max_steps=8", "checkpoint.every_steps=4")
+    deepspeed_train(processes, tmp_path, shard_dir, straight, "train.max_steps=8", "checkpoint.every_steps=4")
+    deepspeed_train(processes, tmp_path, shard_dir, resumed, "train.max_steps=4", "checkpoint.every_steps=4")
+    deepspeed_train(processes, tmp_path, shard_dir, resumed, "train.max_steps=8", "checkpoint.every_steps=4")
     run = mlflow_tags(tmp_path, straight)
     assert run["distributed_type"] == "DistributedType.DEEPSPEED" and run["world_size"] == "2"
     a = load_file(straight / "checkpoints" / "step-00000008" / "weights.safetensors")
@@ -36,8 +37,9 @@ def test_zero2_trains_checkpoints_and_resumes_exactly(tmp_path, shard_dir):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def test_dcgan_under_deepspeed_stops_with_a_clear_message(tmp_path, shard_dir):
-    proc = deepspeed_train(tmp_path, shard_dir, tmp_path / "gan", "model.name=dcgan", "train.max_steps=2", check=False)
+def test_dcgan_under_deepspeed_stops_with_a_clear_message(tmp_path, shard_dir, processes):
+    proc = deepspeed_train(processes, tmp_path, shard_dir, tmp_path / "gan", "model.name=dcgan", "train.max_steps=2",
+                           check=False)
     assert proc.returncode != 0
     assert "model.name=dcgan is not supported under DeepSpeed" in proc.stderr
 

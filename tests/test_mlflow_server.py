@@ -2,17 +2,16 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.test_train import train
+from tests.conftest import ProcessGroups, wait_until
+from tests.test_train import base_args, env_for, launch_cmd, train
 
 pytestmark = pytest.mark.slow
 
@@ -23,43 +22,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root, port):
-    return subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                             str(port), "--backend-store-uri", f"sqlite:///{root}/store.db",
-                             "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+def start_server(groups, root, port):
+    """A real `mlflow server` on loopback, in a process group of its own: it serves from worker children."""
+    server = groups.popen([Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", port,
+                           "--backend-store-uri", f"sqlite:///{root}/store.db", "--default-artifact-root",
+                           root / "artifacts", "--workers", "1"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, cwd=root, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    wait_until(lambda: healthy(f"http://127.0.0.1:{port}"), 90, f"mlflow server on port {port} to answer /health")
+    return server
 
 
-def kill_server(proc):
-    """`mlflow server` serves from worker children: end the whole process group."""
+def healthy(uri):
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
-def wait_healthy(uri, timeout=90):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=1)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{uri} did not come up")
+        return urllib.request.urlopen(uri + "/health", timeout=1).status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     port = free_port()
-    proc = start_server(tmp_path_factory.mktemp("mlflow-server"), port)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}")
+    with ProcessGroups() as groups:
+        start_server(groups, tmp_path_factory.mktemp("mlflow-server"), port)
         yield f"http://127.0.0.1:{port}"
-    finally:
-        kill_server(proc)
 
 
 def test_two_process_run_logs_to_a_real_server(tmp_path, shard_dir, mlflow_server):
@@ -75,12 +60,12 @@ def test_two_process_run_logs_to_a_real_server(tmp_path, shard_dir, mlflow_serve
     assert [m.step for m in client.get_metric_history(run_id, "train/total")] == list(range(1, 7))
 
 
-def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, shard_dir):
+def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, shard_dir, processes):
     uri = f"http://127.0.0.1:{free_port()}"
-    start = time.time()
-    proc = train(tmp_path, shard_dir, tmp_path / "run", "train.max_steps=2", f"log.tracking_uri={uri}", check=False)
+    # Fast: within 60 s, not after MLflow's minutes of retries (a run still going then is killed and fails the test).
+    proc = processes.run([*launch_cmd(1), *base_args(shard_dir, tmp_path / "run", "train.max_steps=2",
+                                                     f"log.tracking_uri={uri}")], 60, cwd=tmp_path, env=env_for(tmp_path))
     assert proc.returncode == 2
-    assert time.time() - start < 60
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: [rank 0] MLflow tracking server " + uri + " is unreachable")
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -95,37 +80,32 @@ def test_unreachable_server_with_warn_trains_untracked(tmp_path, shard_dir):
     assert summary["step"] == 2 and summary["mlflow_run_id"] is None
 
 
-def test_server_killed_mid_run_training_goes_on_and_buffered_metrics_arrive(tmp_path, shard_dir):
+def test_server_killed_mid_run_training_goes_on_and_buffered_metrics_arrive(tmp_path, shard_dir, processes):
     import mlflow
-
-    from tests.test_train import base_args, env_for, launch_cmd
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path, port)
-    wait_healthy(uri)
-    run_dir = tmp_path / "run"
+    server = start_server(processes, tmp_path, port)
+    run_dir, stderr = tmp_path / "run", tmp_path / "trainer.err"
     cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, "train.max_steps=300", f"log.tracking_uri={uri}",
                                       "checkpoint.every_steps=0")]
-    trainer = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    with stderr.open("w") as err_file:
+        trainer = processes.popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=err_file)
     client = mlflow.MlflowClient(tracking_uri=uri)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until the run is logging
+
+    def logging_steps():
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        if runs and client.get_metric_history(runs[0].info.run_id, "train/total"):
-            break
-        time.sleep(0.5)
-    kill_server(server)
-    time.sleep(4)  # an outage of a few seconds, mid-run
-    server = start_server(tmp_path, port)
-    try:
-        wait_healthy(uri)
-        _, err = trainer.communicate(timeout=600)
-        assert trainer.returncode == 0, err[-3000:]
-        assert "MLflow unreachable" in err and "MLflow reachable again" in err  # noticed, not fatal
-        run_id = json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"]
-        steps = [m.step for m in mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/total")]
-        assert sorted(steps) == list(range(1, 301))  # outage metrics were buffered and sent, none twice
-    finally:
-        kill_server(server)
+        return runs and client.get_metric_history(runs[0].info.run_id, "train/total")
+
+    wait_until(logging_steps, 240, "the run to log its first steps", interval=0.5)
+    processes.kill(server)
+    # The outage lasts until the trainer has noticed it, mid-run.
+    wait_until(lambda: "MLflow unreachable" in stderr.read_text(), 120, "the trainer to notice the outage")
+    start_server(processes, tmp_path, port)
+    trainer.wait(timeout=300)
+    err = stderr.read_text()
+    assert trainer.returncode == 0, err[-3000:]
+    assert "MLflow reachable again" in err  # noticed, not fatal
+    run_id = json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"]
+    steps = [m.step for m in mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/total")]
+    assert sorted(steps) == list(range(1, 301))  # outage metrics were buffered and sent, none twice

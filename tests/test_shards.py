@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from PIL import Image
 from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader
 from dfcvae_dist.data.shards import iter_shard, read_manifest, sha256_file
 from dfcvae_dist.errors import UserError
-from tests.conftest import ROOT, run_tool
+from tests.conftest import ROOT, run_tool, wait_until
 
 
 def test_manifest_describes_every_shard(shard_dir, celeba_dir):
@@ -65,14 +64,12 @@ def test_npy_format_loads_the_same_pixels_as_png(celeba_dir, shard_dir, tmp_path
     assert npy["key"] == png["key"] and npy["image"].dtype == torch.uint8 and torch.equal(npy["image"], png["image"])
 
 
-def test_interrupted_sharding_leaves_no_whole_looking_shard_and_resumes(celeba_dir, tmp_path):
+def test_interrupted_sharding_leaves_no_whole_looking_shard_and_resumes(celeba_dir, tmp_path, processes):
     out = tmp_path / "s"
     args = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--celeba-root", str(celeba_dir),
             "--out", str(out), "--shard-size", "10", "--workers", "1"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while len(list(out.glob("*.tar"))) < 3 and time.time() < deadline:
-        time.sleep(0.01)
+    proc = processes.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: len(list(out.glob("*.tar"))) >= 3, 60, "three finished shards", interval=0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
