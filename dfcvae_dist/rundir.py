@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -46,17 +48,28 @@ def step_dir_name(step: int) -> str:
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` to write to; on success it is fsynced and renamed to `path`, on any
-    failure removed. A reader therefore sees the old file or the whole new one, never a part."""
+    failure removed. A reader therefore sees the old file or the whole new one, never a part. A full disk
+    becomes one line naming the file and the free space."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise UserError(f"writing {path} failed: {disk_full(path.parent)}") from None
         raise
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def disk_full(directory: Path) -> str:
+    return f"No space left on device: {shutil.disk_usage(directory).free / 2**20:.1f} MiB free on {directory}"
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

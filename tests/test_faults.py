@@ -13,22 +13,19 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.conftest import run_tool, wait_until
 from tests.test_train import base_args, env_for, launch_cmd, train
 
 pytestmark = pytest.mark.slow
 
 
-def start(tmp_path, shard_dir, run_dir, *overrides, nproc=2):
-    return subprocess.Popen([*launch_cmd(nproc), *base_args(shard_dir, run_dir, *overrides)], cwd=tmp_path,
-                            env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def start(processes, tmp_path, shard_dir, run_dir, *overrides, nproc=2):
+    return processes.popen([*launch_cmd(nproc), *base_args(shard_dir, run_dir, *overrides)], cwd=tmp_path,
+                           env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(path: Path, timeout: float = 300, poll: float = 0.05) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(poll)
+    wait_until(path.exists, timeout, str(path), interval=poll)
 
 
 def rank_pid(launcher: int, local_rank: int) -> int:
@@ -45,10 +42,10 @@ def rank_pid(launcher: int, local_rank: int) -> int:
     raise AssertionError(f"no rank {local_rank} under launcher {launcher}")
 
 
-def test_sigkill_of_one_rank_ends_the_job_and_auto_resume_continues(tmp_path, shard_dir):
+def test_sigkill_of_one_rank_ends_the_job_and_auto_resume_continues(tmp_path, shard_dir, processes):
     run_dir = tmp_path / "run"
     steps = ["train.max_steps=60", "checkpoint.every_steps=10", "train.collective_timeout_s=60"]
-    proc = start(tmp_path, shard_dir, run_dir, *steps)
+    proc = start(processes, tmp_path, shard_dir, run_dir, *steps)
     wait_for(run_dir / "checkpoints" / "step-00000010")
     os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
     start_wait = time.time()
@@ -60,14 +57,13 @@ def test_sigkill_of_one_rank_ends_the_job_and_auto_resume_continues(tmp_path, sh
     assert json.loads((run_dir / "COMPLETED.json").read_text())["step"] == 60
 
 
-def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, shard_dir):
+def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, shard_dir, processes):
     # A wide model makes each checkpoint ~200 MB, so the write lasts long enough to be interrupted.
     steps = ["train.max_steps=30", "checkpoint.every_steps=10", "model.base_channels=128"]
     run_dir = tmp_path / "run"
-    proc = start(tmp_path, shard_dir, run_dir, *steps)
+    proc = start(processes, tmp_path, shard_dir, run_dir, *steps)
     wait_for(run_dir / "checkpoints" / ".tmp-step-00000020", poll=0.001)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-write
-    proc.communicate()
+    processes.kill(proc)  # the whole job, mid-write
     checkpoints = run_dir / "checkpoints"
     assert not (checkpoints / "step-00000020" / "trainer_state.json").exists()
     assert (checkpoints / "latest").read_text().strip() == "step-00000010"
@@ -79,16 +75,24 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path,
     assert all((a[k] == b[k]).all() for k in a)  # nothing lost beyond the interval, bit for bit
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "small"
+def mounted_tmpfs(mount: Path, size: str):
     mount.mkdir()
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("needs root to mount a small tmpfs")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from mounted_tmpfs(tmp_path / "small", "20M")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    yield from mounted_tmpfs(tmp_path / "tiny", "256k")
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, shard_dir, small_disk):
@@ -164,9 +168,9 @@ def test_a_run_directory_owned_by_a_live_run_on_another_host_is_refused_at_once(
     assert not (run_dir / "config.yaml").exists() and json.loads((run_dir / ".lock").read_text())["host"] == "node-17"
 
 
-def test_a_second_launch_on_a_running_directory_stops_naming_the_owner(tmp_path, shard_dir):
+def test_a_second_launch_on_a_running_directory_stops_naming_the_owner(tmp_path, shard_dir, processes):
     run_dir = tmp_path / "run"
-    first = start(tmp_path, shard_dir, run_dir, "train.max_steps=400", "log.progress_every_s=0", nproc=1)
+    first = start(processes, tmp_path, shard_dir, run_dir, "train.max_steps=400", "log.progress_every_s=0", nproc=1)
     for line in first.stderr:  # the first run is inside its loop
         if line.startswith("step 2/400"):
             break
@@ -188,9 +192,7 @@ def test_a_stale_or_requeued_owner_is_taken_over_with_a_warning(tmp_path, shard_
     else:
         write_lock(run_dir, "node-17", heartbeat_age_s=3, slurm_job_id="777")
         env = {"SLURM_JOB_ID": "777"}
-    proc = subprocess.run([*launch_cmd(1), *base_args(shard_dir, run_dir, "train.max_steps=1")], cwd=tmp_path,
-                          env={**env_for(tmp_path), **env}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=1", env=env)
     reason = "its heartbeat is 360" if case == "stale-heartbeat" else "it belongs to this Slurm job (777)"
     assert f"taking over the lock of {run_dir}: {reason}" in proc.stderr
     assert not (run_dir / ".lock").exists()
@@ -206,17 +208,40 @@ def rank_pids(launcher: int) -> list[int]:
     return found
 
 
-def test_ranks_die_with_a_launcher_killed_as_they_start(tmp_path, shard_dir):
-    proc = start(tmp_path, shard_dir, tmp_path / "run", "train.max_steps=400")
-    deadline = time.time() + 120
-    while not (ranks := rank_pids(proc.pid)):
-        assert time.time() < deadline, "the ranks did not start"
-        time.sleep(0.01)
-    time.sleep(0.3)  # the ranks are importing torch and accelerate
+def test_ranks_die_with_a_launcher_killed_as_they_start(tmp_path, shard_dir, processes):
+    proc = start(processes, tmp_path, shard_dir, tmp_path / "run", "train.max_steps=400")
+    ranks = wait_until(lambda: rank_pids(proc.pid), 120, "the ranks to start", interval=0.01)
+    time.sleep(0.3)  # the fault's timing, not a wait: the ranks are still importing torch and accelerate
     os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, not its process group
     proc.communicate()
-    deadline = time.time() + 30
-    while alive := [pid for pid in ranks if Path(f"/proc/{pid}").exists() and
-                    Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]:
-        assert time.time() < deadline, f"ranks {alive} outlived their launcher"
-        time.sleep(0.1)
+    wait_until(lambda: not [pid for pid in ranks if running(pid)], 30, f"ranks {ranks} to die with their launcher")
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def leftovers(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_disk_full_while_sharding_is_one_line_and_leaves_no_partial_file(celeba_dir, tiny_disk):
+    out = tiny_disk / "shards"
+    proc = run_tool("make_shards.py", "--celeba-root", celeba_dir, "--out", out, "--image-size", "32", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: writing {out}/") and "No space left on device" in last and f"free on {out}" in last
+    assert not leftovers(tiny_disk)
+
+
+def test_disk_full_while_extracting_is_one_line_and_leaves_no_partial_file(trained_run, shard_dir, tiny_disk):
+    (tiny_disk / "filler").write_bytes(b"\0" * 200 * 1024)  # what is left is less than the latents need
+    out = tiny_disk / "latents"
+    proc = run_tool("extract_latents.py", "--checkpoint", trained_run, "--shards", shard_dir, "--out", out, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: writing {out}/") and "No space left on device" in last
+    assert not leftovers(tiny_disk)

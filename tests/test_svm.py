@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from dfcvae_dist.errors import UserError
 from dfcvae_dist.evaluation.svm import evaluate, markdown_table
 from tests.conftest import run_tool
 

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ProcessGroups, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +34,10 @@ def launch_cmd(nproc):
             "--num_machines", "1", "--mixed_precision", "no", "-m", "dfcvae_dist.train"]
 
 
-def train(tmp_path, shard_dir, run_dir, *overrides, nproc=1, check=True):
-    proc = subprocess.run([*launch_cmd(nproc), *base_args(shard_dir, run_dir, *overrides)], cwd=tmp_path,
-                          env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+def train(tmp_path, shard_dir, run_dir, *overrides, nproc=1, check=True, env=None):
+    with ProcessGroups() as groups:
+        proc = groups.run([*launch_cmd(nproc), *base_args(shard_dir, run_dir, *overrides)], 600, cwd=tmp_path,
+                          env={**env_for(tmp_path), **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -94,20 +94,17 @@ def test_two_process_ddp_ranks_agree_and_read_disjoint_shards(tmp_path, shard_di
 
 @pytest.mark.parametrize("workers,accum,every,total", [(1, 1, 10, 40), (2, 2, 3, 8)],
                          ids=["epoch-boundary", "mid-epoch-2-workers-grad-accum-2"])
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, workers, accum, every, total):
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, processes, workers, accum, every, total):
     # 2 ranks x 16 x accum: 10 steps per epoch without accumulation, 5 with it (a checkpoint at 3 or 6 is mid-epoch)
     steps = [f"train.max_steps={total}", f"checkpoint.every_steps={every}", f"data.num_workers={workers}",
              f"train.grad_accum={accum}"]
     train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
     run_dir = tmp_path / "killed"
     cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, *steps)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / f"step-{every:08d}").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and, through PR_SET_PDEATHSIG, every rank
-    proc.wait()
+    proc = processes.popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    wait_until((run_dir / "checkpoints" / f"step-{every:08d}").exists, 300, "the first checkpoint", interval=0.02)
+    processes.kill(proc)  # SIGKILL to the launcher and every rank
     assert not (run_dir / "checkpoints" / f"step-{total:08d}").exists()
     resumed = train(tmp_path, shard_dir, run_dir, *steps, nproc=2)  # train.resume=auto by default
     assert f"resumed from {run_dir / 'checkpoints'}/step-" in resumed.stderr
@@ -126,12 +123,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, wor
     assert state["grad_accum"] == accum and state["step"] == total
 
 
-def test_sigterm_checkpoints_at_an_agreed_step_and_leaves_resume_marker(tmp_path, shard_dir):
+def test_sigterm_checkpoints_at_an_agreed_step_and_leaves_resume_marker(tmp_path, shard_dir, processes):
     run_dir = tmp_path / "run"
     cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, "train.max_steps=400", "checkpoint.every_steps=0",
                                       "log.progress_every_s=0")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = processes.popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
     for line in proc.stderr:  # log.progress_every_s=0: a line at every log step once the loop runs
         if line.startswith("step 3/400"):
             break
@@ -238,10 +235,8 @@ def test_precision_comes_from_the_launcher_and_is_recorded(tmp_path, shard_dir):
     """`accelerate launch --mixed_precision bf16` exports ACCELERATE_MIXED_PRECISION=bf16; the default
     train.mixed_precision=auto takes it (a small pixel VAE: bf16 is slow on this CPU)."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run([*launch_cmd(1), *base_args(shard_dir, run_dir, "model.name=pvae", "train.max_steps=1")],
-                          cwd=tmp_path, env={**env_for(tmp_path), "ACCELERATE_MIXED_PRECISION": "bf16"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = train(tmp_path, shard_dir, run_dir, "model.name=pvae", "train.max_steps=1",
+                 env={"ACCELERATE_MIXED_PRECISION": "bf16"})
     assert "precision bf16" in proc.stderr and "mixed_precision: bf16" in (run_dir / "config.yaml").read_text()
     run = mlflow_client(tmp_path).get_run(json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"])
     assert run.data.tags["precision"] == "bf16"
@@ -263,7 +258,8 @@ def test_torchrun_with_a_webdataset_url_pattern(tmp_path, shard_dir):
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
            "dfcvae_dist.train", *base_args(shard_dir, run_dir, "train.max_steps=3", "data.num_samples=321")]
     cmd[cmd.index(f"data.shards={shard_dir}")] = f"data.shards={pattern}"
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    with ProcessGroups() as groups:
+        proc = groups.run(cmd, 600, cwd=tmp_path, env=env_for(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "world size 2" in proc.stderr and "10 steps per epoch" in proc.stderr  # 321 // 32
     assert json.loads((run_dir / "COMPLETED.json").read_text())["step"] == 3

@@ -1,6 +1,6 @@
 """Write CelebA (or a plain image folder) as WebDataset tar shards with a manifest, and verify them.
 
-Each shard is written as `NAME.tar.tmp`, then its record `.parts/NAME.json` (count, sha256, skipped
+Each shard is written as `.NAME.tar.tmp`, then its record `.parts/NAME.json` (count, sha256, skipped
 images) and only then renamed to `NAME.tar`: a file under a final name is always whole, and a re-run
 writes only the shards that are missing. `manifest.json` is written last, the same way.
 """
@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
-import os
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from PIL import Image, ImageOps
 
 from dfcvae_dist.data import celeba
 from dfcvae_dist.errors import UserError
+from dfcvae_dist.rundir import atomic_path, atomic_write, temp_name
 
 MANIFEST = "manifest.json"
 FORMAT = "dfcvae-shards/1"
@@ -55,12 +55,6 @@ class ShardJob:
     split: str
     name: str
     samples: list[Sample] = field(default_factory=list)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def sha256_file(path: Path) -> str:
@@ -177,32 +171,30 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
 def write_shard(job: ShardJob, out: Path, settings: ShardSettings, names: list[str],
                 skip_corrupt: bool) -> dict:
     """Write one shard atomically; return its record (also saved under .parts/)."""
-    final, tmp = out / job.name, out / (job.name + ".tmp")
     skipped, count = [], 0
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:
-        for sample in job.samples:
-            try:
-                image = prepare_image(sample, settings)
-            except (OSError, SyntaxError, ValueError) as err:
-                if not skip_corrupt:
-                    tmp.unlink(missing_ok=True)
-                    raise UserError(f"{sample.path}: cannot decode image ({err}); "
-                                    "rerun with --skip-corrupt to skip it") from None
-                skipped.append({"key": sample.key, "file": str(sample.path), "error": str(err)})
-                continue
-            meta = {
-                "attrs": dict(zip(names, sample.attrs)) if sample.attrs is not None else {},
-                "landmarks": sample.landmarks or [],
-                "partition": sample.partition,
-                "identity": sample.identity,
-            }
-            sink.write({"__key__": sample.key, settings.image_format: _encode(image, settings.image_format),
-                        "json": json.dumps(meta).encode()})
-            count += 1
-    record = {"name": job.name, "split": job.split, "num_samples": count, "sha256": sha256_file(tmp),
-              "skipped": skipped}
-    atomic_write_text(out / ".parts" / (job.name + ".json"), json.dumps(record))
-    os.replace(tmp, final)
+    with atomic_path(out / job.name) as tmp:
+        with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as sink:
+            for sample in job.samples:
+                try:
+                    image = prepare_image(sample, settings)
+                except (OSError, SyntaxError, ValueError) as err:
+                    if not skip_corrupt:
+                        raise UserError(f"{sample.path}: cannot decode image ({err}); "
+                                        "rerun with --skip-corrupt to skip it") from None
+                    skipped.append({"key": sample.key, "file": str(sample.path), "error": str(err)})
+                    continue
+                meta = {
+                    "attrs": dict(zip(names, sample.attrs)) if sample.attrs is not None else {},
+                    "landmarks": sample.landmarks or [],
+                    "partition": sample.partition,
+                    "identity": sample.identity,
+                }
+                sink.write({"__key__": sample.key, settings.image_format: _encode(image, settings.image_format),
+                            "json": json.dumps(meta).encode()})
+                count += 1
+        record = {"name": job.name, "split": job.split, "num_samples": count, "sha256": sha256_file(tmp),
+                  "skipped": skipped}
+        atomic_write(out / ".parts" / (job.name + ".json"), json.dumps(record))
     return record
 
 
@@ -228,14 +220,18 @@ def make_shards(names: list[str], samples: list[Sample], out: Path, settings: Sh
                 progress(len(job.samples))
         else:
             todo.append((job, out, settings, names, skip_corrupt))
-    if todo:
+    try:
         with mp.get_context("fork").Pool(max(1, workers)) as pool:
             for record in pool.imap_unordered(_write_shard_star, todo):
                 records[record["name"]] = record
                 if progress:
                     progress(record["num_samples"] + len(record["skipped"]))
+    except BaseException:  # the pool's workers were stopped mid-shard: their temporary files stay behind
+        for job, *_ in todo:
+            temp_name(out / job.name).unlink(missing_ok=True)
+        raise
     manifest = build_manifest(names, [records[j.name] for j in jobs], settings)
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -249,7 +245,7 @@ def _check_settings(out: Path, settings: ShardSettings) -> None:
             raise UserError(f"{out}: holds shards made with other settings {diff} (was, now); "
                             "choose another --out or delete it")
     else:
-        atomic_write_text(path, json.dumps(asdict(settings)))
+        atomic_write(path, json.dumps(asdict(settings)))
 
 
 def build_manifest(names: list[str], records: list[dict], settings: ShardSettings) -> dict:

@@ -7,7 +7,6 @@ name, renamed when complete; after a barrier the main process merges the parts, 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from torch import nn
 
 from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader, model_input
 from dfcvae_dist.errors import UserError
+from dfcvae_dist.rundir import atomic_path
 from dfcvae_dist.losses.perceptual import IMAGENET_MEAN, IMAGENET_STD, load_vgg19
 
 ARRAYS = ("keys", "mu", "logvar", "attrs", "partition")
@@ -58,10 +58,13 @@ def write_part(out: Path, rank: int, world: int, arrays: dict[str, np.ndarray]) 
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     final = parts / f"part-{rank:04d}-of-{world:04d}.npz"
-    tmp = parts / f".part-{rank:04d}-of-{world:04d}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, final)
+    save_npz(final, arrays)
     return final
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
+        np.savez(f, **arrays)
 
 
 def merge_parts(out: Path, world: int, meta: dict[str, str]) -> Path:
@@ -84,10 +87,8 @@ def merge_parts(out: Path, world: int, meta: dict[str, str]) -> Path:
         holders = [name for name, part in loaded.items() if repeated[0] in part["keys"]]
         raise UserError(f"{out / 'parts'}: key '{repeated[0]}' is in {' and '.join(holders)} ({len(repeated)} "
                         "repeated key(s)); the shards overlap")
-    tmp = out / ".latents.tmp.npz"
-    np.savez(tmp, **merged, **{k: np.array(v) for k, v in meta.items()})
     final = out / "latents.npz"
-    os.replace(tmp, final)
+    save_npz(final, {**merged, **{k: np.array(v) for k, v in meta.items()}})
     return final
 
 

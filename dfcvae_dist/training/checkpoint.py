@@ -20,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from dfcvae_dist.distributed import any_rank
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.rundir import (CHECKPOINTS, CONFIG_FILE, LATEST, STATE_FILE, WEIGHTS_FILE, atomic_write,
-                                complete_checkpoints, find_checkpoint, step_dir_name)
+                                complete_checkpoints, disk_full, find_checkpoint, step_dir_name)
 from dfcvae_dist.training.state import TrainerState
 
 
@@ -59,7 +59,7 @@ class Checkpointer:
                 atomic_write(tmp / WEIGHTS_FILE, weights_bytes(weights, model_config))
                 atomic_write(tmp / CONFIG_FILE, config_text)
                 atomic_write(tmp / STATE_FILE, state.to_json())
-        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        except (OSError, RuntimeError, UserError) as err:  # torch.save reports a full disk as a RuntimeError
             error = err
         if any_rank(acc, error is not None):
             self._fail(final, tmp, error)
@@ -86,9 +86,8 @@ class Checkpointer:
 def _reason(error: Exception, directory: Path) -> str:
     """A one-line cause. torch.save reports a full disk only as an 'unexpected pos' enforce failure, so
     the free space of the checkpoint's filesystem is measured (before the partial folder is removed)."""
-    free = shutil.disk_usage(directory).free
-    if (isinstance(error, OSError) and error.errno == 28) or free < 64 * 2**20:
-        return f"No space left on device: {free / 2**20:.1f} MiB free on {directory}"
+    if (isinstance(error, OSError) and error.errno == 28) or shutil.disk_usage(directory).free < 64 * 2**20:
+        return disk_full(directory)
     if isinstance(error, OSError) and error.errno:
         return os.strerror(error.errno)
     return str(error).splitlines()[0] if str(error) else type(error).__name__
