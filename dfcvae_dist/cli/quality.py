@@ -15,6 +15,7 @@ from dfcvae_dist.data.loader import read_images
 from dfcvae_dist.errors import cli_main
 from dfcvae_dist.evaluation.quality import (frechet_distance, inception_features, inception_or_reason,
                                             reconstruction_metrics)
+from dfcvae_dist.imagenet import PAPER_LAYERS
 from dfcvae_dist.inference import load_trained, sample
 from dfcvae_dist.losses import FeaturePerceptualLoss
 
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--fid", action="store_true", help="also FID (needs Inception v3 weights)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    perceptual = FeaturePerceptualLoss(["relu1_2", "relu2_1", "relu3_1"], weights=args.vgg_weights)
+    perceptual = FeaturePerceptualLoss(list(PAPER_LAYERS["123"]), weights=args.vgg_weights)
     images = read_images(args.shards, args.split, args.max_images)["image"]
     results = {}
     for item in args.checkpoint:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dfcvae_dist.imagenet import imagenet_normalize
+
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
     """Mean SSIM per image (Gaussian window, constants of Wang et al. for images in [0, 1])."""
@@ -62,9 +64,7 @@ def inception_or_reason():
 def inception_features(inception, images: torch.Tensor, batch: int = 100) -> torch.Tensor:
     """2048-d pool features of Inception v3 for images in [0, 1] (resized to 299, ImageNet-normalised)."""
     inception.fc = torch.nn.Identity()
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    out = [inception((F.interpolate(x, size=299, mode="bilinear", align_corners=False) - mean) / std)
+    out = [inception(imagenet_normalize(F.interpolate(x, size=299, mode="bilinear", align_corners=False)))
            for x in images.split(batch)]
     return torch.cat(out).double()
 
