@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dfcvae_dist.data.loader import read_images
-from dfcvae_dist.errors import UserError, cli_main
+from dfcvae_dist.errors import cli_main
 from dfcvae_dist.evaluation import studies
 from dfcvae_dist.extraction.latents import load_latents
 from dfcvae_dist.inference import load_trained
@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--attributes", default="Smiling,Eyeglasses", help="attributes for the arithmetic figure")
     p.add_argument("--correlate", default=",".join(studies.CORRELATION_ATTRIBUTES),
                    help="13 or more attributes for the correlation heatmap")
-    p.add_argument("--tsne-images", type=int, default=1600)
+    p.add_argument("--tsne-images", type=int, default=1600,
+                   help="images placed on the t-SNE map (at most what the split holds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlflow-run", help="also log the PNGs into this MLflow run (run id or training run directory)")
     args = p.parse_args(argv)
@@ -41,8 +42,8 @@ def main(argv: list[str]) -> int:
     sample = read_images(args.shards, args.split, args.tsne_images)
     images, attrs = sample["image"], sample["attrs"]
     if len(images) < args.tsne_images:
-        raise UserError(f"{args.shards}: the {args.split} split has {len(images)} images, fewer than "
-                        f"--tsne-images {args.tsne_images}")
+        print(f"the {args.split} split of {args.shards} holds {len(images)} images, fewer than --tsne-images "
+              f"{args.tsne_images}: the t-SNE map and the other figures use all {len(images)}")
     args.out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         mu = torch.cat([model.encode(chunk)[0] for chunk in images.split(256)]).numpy()
