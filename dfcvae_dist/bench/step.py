@@ -96,4 +96,4 @@ def slow_precision_reason(device: torch.device, precision: str, n: int = 512, sl
     ratio = sustained_seconds(lambda: low_a @ low_b, 0.2) / fp32
     if ratio < slower:
         return None
-    return f"{precision} matmul is {ratio:.0f}x slower than fp32 on this CPU ({n}x{n}): a step would take minutes"
+    return f"{precision} matmul is {ratio:.0f}x slower than fp32 on this CPU ({n}x{n}): not worth a training step"

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, no compile: a smoke test in seconds")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--svm-n", type=int, help="latents for the SVM figure (default 200,000; quick: 20,000)")
+    p.add_argument("--svm-n", type=int, help="latents for the SVM figure (default 100,000; quick: 20,000)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch sees no CUDA device on this machine; run with --device cpu")
