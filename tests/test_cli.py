@@ -35,8 +35,9 @@ def test_explore_defaults_use_a_split_smaller_than_the_tsne_default(tmp_path, tr
     """--tsne-images defaults to 1,600; a split holding fewer still gets every figure, with one line saying so."""
     run_tool("extract_latents.py", "--checkpoint", trained_run, "--shards", shard_dir, "--split", "train",
              "--out", tmp_path / "latents")
-    proc = run_tool("explore_latents.py", "--checkpoint", trained_run, "--latents", tmp_path / "latents" / "latents.npz",
-                    "--shards", shard_dir, "--split", "train", "--out", tmp_path / "studies")
+    latents = tmp_path / "latents" / "latents.npz"
+    proc = run_tool("explore_latents.py", "--checkpoint", trained_run, "--latents", latents, "--shards", shard_dir,
+                    "--split", "train", "--out", tmp_path / "studies")
     notes = [line for line in proc.stdout.splitlines() if "fewer than --tsne-images 1600" in line]
     assert len(notes) == 1 and "the train split" in notes[0]
     assert (tmp_path / "studies" / "tsne.png").is_file()

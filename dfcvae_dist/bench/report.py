@@ -17,7 +17,8 @@ def bench_table(r: dict) -> Table:
         ratio = f"{median_iqr(v['ratio_to_plain'], '.2f')}x plain" if "ratio_to_plain" in v else "reference"
         fraction = lim["fractions"][name]
         flag = " ABOVE PEAK" if fraction["above_peak"] else ""
-        table.add_row(f"step img/s, {name}", median_iqr(v["img_s"]), f"{ratio}; {fraction['fraction']:.0%} of peak{flag}")
+        table.add_row(f"step img/s, {name}", median_iqr(v["img_s"]),
+                      f"{ratio}; {fraction['fraction']:.0%} of peak{flag}")
     for precision, reason in t["skipped"].items():
         table.add_row(f"step img/s, {precision}", "skipped", reason)
     table.add_row("step GFLOP/img ours / plain", f"{t['gflop_per_img']:.2f} / {t['plain_gflop_per_img']:.2f}",
@@ -25,7 +26,8 @@ def bench_table(r: dict) -> Table:
     table.add_row("peak GFLOP/s (fp32)", f"{lim['peak_gflops']:.0f}", lim["kernel"])
     for workers, v in lo["npy_img_s_by_workers"].items():
         table.add_row(f"loader img/s, npy, {workers} worker(s)", median_iqr(v, ".0f"), "")
-    table.add_row("loader img/s, png / jpeg, 1 worker", f"{lo['png_img_s']['median']:.0f} / {lo['jpeg_img_s']['median']:.0f}",
+    table.add_row("loader img/s, png / jpeg, 1 worker",
+                  f"{lo['png_img_s']['median']:.0f} / {lo['jpeg_img_s']['median']:.0f}",
                   f"npy {median_iqr(lo['ratio_to_jpeg'], '.2f')}x jpeg")
     table.add_row("paper training phase", f"{pp['hours']:.1f} h", f"{pp['images']:,} images at {pp['img_s']:.1f} img/s "
                   f"({pp['variant']}, bound by the {pp['bound_by'].replace('_', ' ')})")
