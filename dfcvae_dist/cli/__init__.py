@@ -1,4 +1,4 @@
-"""The console scripts (`dfcvae-*`); `tools/*.py` and `python -m dfcvae_dist.train` call the same code.
+"""Console scripts (`dfcvae-*` in pyproject.toml): argument parsing and printing; the work is in the library.
 
 Importing this package is the first thing every entry point does, so a rank started by a launcher is tied
 to it before any heavy import."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dfcvae_dist.imagenet import imagenet_normalize
+
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
     """Mean SSIM per image (Gaussian window, constants of Wang et al. for images in [0, 1])."""
@@ -64,11 +66,9 @@ def inception_features(inception, images: torch.Tensor, batch: int = 100) -> tor
     Read by a hook on the pool layer that is removed afterwards, so the caller's model keeps its `fc`."""
     pooled = []
     hook = inception.avgpool.register_forward_hook(lambda module, args, out: pooled.append(out.flatten(1)))
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     try:
         for x in images.split(batch):
-            inception((F.interpolate(x, size=299, mode="bilinear", align_corners=False) - mean) / std)
+            inception(imagenet_normalize(F.interpolate(x, size=299, mode="bilinear", align_corners=False)))
     finally:
         hook.remove()
     return torch.cat(pooled).double()

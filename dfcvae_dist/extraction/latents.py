@@ -15,8 +15,9 @@ from torch import nn
 
 from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader, model_input
 from dfcvae_dist.errors import UserError
+from dfcvae_dist.imagenet import imagenet_normalize
+from dfcvae_dist.losses.perceptual import load_vgg19
 from dfcvae_dist.rundir import atomic_path
-from dfcvae_dist.losses.perceptual import IMAGENET_MEAN, IMAGENET_STD, load_vgg19
 
 ARRAYS = ("keys", "mu", "logvar", "attrs", "partition")
 
@@ -28,12 +29,10 @@ class VGGFc7(nn.Module):
         super().__init__()
         vgg, self.weights_source = load_vgg19(weights, seed)
         self.features, self.avgpool, self.fc7 = vgg.features, vgg.avgpool, vgg.classifier[:5]
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.avgpool(self.features((x - self.mean) / self.std)).flatten(1)
+        h = self.avgpool(self.features(imagenet_normalize(x))).flatten(1)
         features = self.fc7(h)
         return features, features.new_zeros(features.shape[0], 0)
 

@@ -20,10 +20,9 @@ from torchvision.models.vgg import cfgs as vgg_cfgs
 
 from dfcvae_dist.config import VGG_LAYER_NAMES, LossConfig
 from dfcvae_dist.errors import UserError
+from dfcvae_dist.imagenet import imagenet_normalize
 
 log = logging.getLogger(__name__)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -105,15 +104,17 @@ class VGG19Features(nn.Module):
         self.index = {VGG19_LAYERS[name]: name for name in self.layers}
         model, self.weights_source = load_vgg19(source, seed)
         self.features = model.features[: max(self.index) + 1]
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.requires_grad_(False).eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.features[0].weight.dtype
 
     def train(self, mode: bool = True) -> "VGG19Features":
         return super().train(False)  # always eval: the loss network is frozen
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = ((x - self.mean.to(x.dtype)) / self.std.to(x.dtype)).to(self.mean.dtype)
+        h = imagenet_normalize(x).to(self.dtype)
         out = {}
         for index, module in enumerate(self.features):
             h = module(h)
@@ -148,7 +149,7 @@ class FeaturePerceptualLoss(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.vgg.mean.dtype
+        return self.vgg.dtype
 
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():

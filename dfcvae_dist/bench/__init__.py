@@ -1,0 +1,1 @@
+"""Benchmark of training, data loading and evaluation (`dfcvae-bench`); results in benchmarks/."""
