@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlflow-run", help="also log the PNGs into this MLflow run (run id or training run directory)")
     args = p.parse_args(argv)
+    run_id = resolve_run_id(args.mlflow_run) if args.mlflow_run else None  # a bad value fails before the work
     torch.manual_seed(args.seed)
     model, _, _ = load_trained(args.checkpoint)
     names, vectors = studies.attribute_vectors(load_latents(args.latents))
@@ -57,10 +58,9 @@ def main(argv: list[str]) -> int:
     ]
     for path in paths:
         print(f"wrote {path}")
-    if args.mlflow_run:
+    if run_id:
         import mlflow
 
-        run_id = resolve_run_id(args.mlflow_run)
         for path in paths:
             mlflow.MlflowClient().log_artifact(run_id, str(path), "studies")
     return 0

@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--focus", help="also report the means over these attributes (comma-separated), or "
                                    "'synthetic': the ones the synthetic CelebA draws")
     args = p.parse_args(argv)
+    run_id = resolve_run_id(args.mlflow_run) if args.mlflow_run else None  # a bad value fails before the work
     start = time.perf_counter()
     latents = load_latents(args.latents)
     focus = focus_attributes(args.focus, [str(n) for n in latents["attribute_names"]]) if args.focus else None
@@ -48,12 +49,13 @@ def main(argv: list[str]) -> int:
     Console(width=220).print(table)
     print(f"mean accuracy {report['mean_accuracy']:.4f}, mean balanced accuracy "
           f"{report['mean_balanced_accuracy']:.4f}, majority {report['mean_majority']:.4f}; "
-          f"{report['seconds']:.1f}s; wrote {args.out / 'svm_report.json'}")
+          f"{report['seconds']:.1f}s; wrote {args.out / 'svm_report.json'}"
+          + (f"; {len(report['left_out'])} attribute(s) left out of the means" if report.get("left_out") else ""))
     if focus:
         print(f"over the {len(report['focus'])} focus attributes: mean accuracy {report['focus_mean_accuracy']:.4f}, "
               f"mean balanced accuracy {report['focus_mean_balanced_accuracy']:.4f}")
-    if args.mlflow_run:
-        log_to_mlflow(resolve_run_id(args.mlflow_run), args.out, report)
+    if run_id:
+        log_to_mlflow(run_id, args.out, report)
     return 0
 
 
