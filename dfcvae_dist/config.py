@@ -163,6 +163,9 @@ class LogConfig:
     on_unavailable: str = opt("error", "Tracking server unreachable at start: error, or warn and train "
                               "untracked.", choices=["error", "warn"], resume_safe=True)
     enabled: bool = opt(True, "Log to MLflow at all.", resume_safe=True)
+    flush_timeout_s: float = opt(30.0, "At the end of a run, wait at most this long for MLflow to take what is "
+                                 "still queued (a hung server costs a finished run this much, never more).",
+                                 min=0.0, resume_safe=True)
     progress_every_s: float = opt(30.0, "In a job log (stderr not a terminal): a plain progress line at the first "
                                   "log step after every N seconds (0: at every log step).", min=0.0,
                                   resume_safe=True)

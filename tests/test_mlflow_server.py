@@ -109,3 +109,46 @@ def test_server_killed_mid_run_training_goes_on_and_buffered_metrics_arrive(tmp_
     run_id = json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"]
     steps = [m.step for m in mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/total")]
     assert sorted(steps) == list(range(1, 301))  # outage metrics were buffered and sent, none twice
+
+
+@pytest.mark.parametrize("ending", ["finishes", "sigterm"])
+def test_a_hung_server_never_stalls_the_loop_and_costs_at_most_the_flush_deadline(tmp_path, shard_dir, processes,
+                                                                                  ending):
+    """A real server under SIGSTOP accepts connections and never answers. Each MLflow call then blocks ~10 s:
+    had the loop made them, these runs would take many minutes."""
+    import signal
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(processes, tmp_path, port)
+    run_dir, stderr = tmp_path / "run", tmp_path / "trainer.err"
+    steps = "train.max_steps=40" if ending == "finishes" else "train.max_steps=400"
+    cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, steps, f"log.tracking_uri={uri}", "log.flush_timeout_s=3",
+                                      "checkpoint.every_steps=0", "log.progress_every_s=0")]
+    with stderr.open("w") as err_file:
+        trainer = processes.popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=err_file)
+    wait_until(lambda: "step 2/" in stderr.read_text(), 240, "the loop to start", interval=0.2)
+    os.killpg(server.pid, signal.SIGSTOP)
+    if ending == "sigterm":
+        seen = stderr.read_text().count("\nstep ")
+        wait_until(lambda: stderr.read_text().count("\nstep ") >= seen + 3, 120, "steps after the server hung")
+        trainer.send_signal(signal.SIGTERM)
+    trainer.wait(timeout=180)
+    err = stderr.read_text()
+    assert "were not sent within log.flush_timeout_s=3" in err, err[-3000:]
+    marker = run_dir / ("COMPLETED.json" if ending == "finishes" else "RESUME_ME.json")
+    assert json.loads(marker.read_text())["step"] > 2
+    if ending == "finishes":  # long enough for a call to time out and the outage to be reported
+        assert trainer.returncode == 0 and "MLflow unreachable" in err
+
+
+def test_a_run_that_fails_ends_failed_in_mlflow(tmp_path, shard_dir, mlflow_server):
+    import mlflow
+
+    proc = train(tmp_path, shard_dir, tmp_path / "nan-run", "train.max_steps=2", "loss.feature_scale=1e30",
+                 f"log.tracking_uri={mlflow_server}", check=False)
+    assert proc.returncode == 2 and "non-finite loss" in proc.stderr
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="attributes.run_name = 'nan-run'")
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -250,6 +250,20 @@ def test_shards_of_another_image_size_are_named_before_any_step(tmp_path, shard_
         "model.image_size=32, or write shards with --image-size 64")
 
 
+def test_a_quiet_step_issues_no_host_sync_and_no_collective(tmp_path, shard_dir):
+    """2 processes: a step that neither logs nor checkpoints waits for nothing of ours; the counter does see
+    the agreement on stop/non-finite state (every train.sync_every_steps) and the logging."""
+    from dfcvae_dist.bench.step_overhead import measure
+
+    profile = measure(shard_dir, tmp_path)
+    assert profile["world_size"] == 2 and profile["quiet_steps"] == [2, 3, 4, 7, 8, 9]
+    assert profile["host_syncs"] == 0 and profile["collectives"] == 0
+    steps = profile["per_step"]
+    assert steps[6]["collectives"] == 1 and steps[6]["host_syncs"] == 1  # the agreement: one all-reduce, one read
+    assert steps[5]["collectives"] == 1 and steps[5]["host_syncs"] == 1  # the metrics of a log step
+    assert all(steps[s]["ddp_buffer_broadcasts"] == 1 for s in steps)  # DDP's own, counted apart
+
+
 def test_torchrun_with_a_webdataset_url_pattern(tmp_path, shard_dir):
     """The same module under plain torchrun, streaming shards named by a brace pattern instead of a manifest."""
     n = len(list(shard_dir.glob("train-*.tar")))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dfcvae_dist.bench import kernels, step, workloads
+from dfcvae_dist.bench import kernels, step, step_overhead, workloads
 from dfcvae_dist.bench.timing import interleaved, paired_ratio, rate_per_round, spread
 
 PAPER_EPOCHS, CELEBA_TRAIN_IMAGES = 5, 162_770  # the paper's training phase, at 64x64
@@ -172,6 +172,14 @@ def run(s: BenchSettings, say=print) -> dict:
         r["svm"] = {"seconds": workloads.svm_seconds(s.svm_n), "n": s.svm_n}
         say("scaling: 1 and 2 processes ...")
         r["scaling"] = scaling_section(s, work)
-    # Empty on purpose: host syncs and collectives per step come from the trainer's own step profile.
-    r["step_overhead"] = {"host_syncs": None, "collectives": None}
+        say("step overhead: host syncs and collectives per step of a 2-process run ...")
+        r["step_overhead"] = step_overhead_section(s, work)
     return r
+
+
+def step_overhead_section(s: BenchSettings, work: Path) -> dict:
+    if s.quick:
+        return {"host_syncs": None, "collectives": None,
+                "skipped": "--quick: a 2-process run (tests/test_train.py asserts the same counts)"}
+    profile = step_overhead.measure(work / "shards-npy", work, image_size=s.image_size)
+    return {k: v for k, v in profile.items() if k != "per_step"}

@@ -4,8 +4,8 @@
   retries), decides (error, or warn and go on untracked) and tells every rank.
 - A resumed run logs into the same MLflow run (its id is in the checkpoint) and skips steps that run had
   already logged, so every step appears once.
-- A server that fails mid-run never stops training: HTTP calls are short, failed metrics stay buffered
-  and are sent with the next successful call (up to `MAX_BUFFERED` points; older ones are dropped).
+- After that the loop never waits on the network: one background sender (training/sender.py) sends, with
+  a bounded queue, backoff after a failure, and a deadline at the end (log.flush_timeout_s).
 """
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ import os
 import subprocess
 import time
 import urllib.request
-from collections import deque
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
 from dfcvae_dist.config import Config
 from dfcvae_dist.errors import UserError
+from dfcvae_dist.training.sender import BackgroundSender
 
 log = logging.getLogger(__name__)
-MAX_BUFFERED = 100_000
 PROGRESS_METRIC = "train/total"
 
 
@@ -79,14 +78,16 @@ def resolve_run_id(value: str) -> str:
 
 
 class Tracker:
-    """The run's MLflow logger; on ranks other than the main one (or when disabled) every call is a no-op."""
+    """The run's MLflow logger on the main process; on other ranks (or disabled, or untracked) every call is
+    a no-op. Start-up talks to the server directly (bounded by short timeouts); everything after goes
+    through the `BackgroundSender`. Runs are created and ended with MlflowClient and an explicit run id, never
+    as MLflow's "active run", whose exit handler would mark a crashed run FINISHED."""
 
     def __init__(self, cfg: Config, accelerator, run_id: str | None = None):
         self.active = False
         self.run_id = run_id
         self.last_logged_step = -1
-        self.buffer: deque = deque(maxlen=MAX_BUFFERED)
-        self.failing = False
+        self.flush_timeout_s = cfg.log.flush_timeout_s
         decision = [None]
         if accelerator.is_main_process and cfg.log.enabled:
             decision = [self._start(cfg, run_id)]
@@ -95,45 +96,51 @@ class Tracker:
             raise UserError(decision[0][len("error:"):])
         if accelerator.is_main_process and decision[0] == "ok":
             self.active = True
+            self.sender = BackgroundSender(self.client, self.run_id)
 
     def _start(self, cfg: Config, run_id: str | None) -> str:
         _default_timeouts()
-        import mlflow
+        from mlflow import MlflowClient
 
         uri = tracking_uri(cfg)
-        if uri:
-            problem = server_reachable(uri)
-            if problem:
-                message = f"MLflow tracking server {uri} is unreachable ({problem})"
-                if cfg.log.on_unavailable == "error":
-                    return f"error:{message}; start it, fix log.tracking_uri, or set log.on_unavailable=warn"
-                log.warning("%s: training continues UNTRACKED (log.on_unavailable=warn)", message)
-                return "untracked"
-            mlflow.set_tracking_uri(uri)
+        problem = server_reachable(uri) if uri else None
+        if problem:
+            message = f"MLflow tracking server {uri} is unreachable ({problem})"
+            if cfg.log.on_unavailable == "error":
+                return f"error:{message}; start it, fix log.tracking_uri, or set log.on_unavailable=warn"
+            log.warning("%s: training continues UNTRACKED (log.on_unavailable=warn)", message)
+            return "untracked"
+        self.client = MlflowClient(tracking_uri=uri)
         try:
             if run_id:
-                self.run = mlflow.start_run(run_id=run_id)
-                history = mlflow.MlflowClient().get_metric_history(run_id, PROGRESS_METRIC)
+                self.client.update_run(run_id, status="RUNNING")
+                history = self.client.get_metric_history(run_id, PROGRESS_METRIC)
                 self.last_logged_step = max((m.step for m in history), default=-1)
             else:
-                mlflow.set_experiment(cfg.log.experiment)
-                self.run = mlflow.start_run(run_name=cfg.log.run_name or Path(cfg.train.run_dir).name)
-            self.run_id = self.run.info.run_id
+                experiment = self.client.get_experiment_by_name(cfg.log.experiment)
+                experiment_id = (experiment.experiment_id if experiment else
+                                 self.client.create_experiment(cfg.log.experiment))
+                run = self.client.create_run(experiment_id, run_name=cfg.log.run_name or Path(cfg.train.run_dir).name)
+                self.run_id = run.info.run_id
         except Exception as err:  # noqa: BLE001 - any store error at start is the user's to fix
-            return f"error:MLflow at {uri or mlflow.get_tracking_uri()} failed at start: {err}"
+            return f"error:MLflow at {self.client.tracking_uri} failed at start: {str(err).splitlines()[0][:300]}"
         return "ok"
 
     def log_params(self, params: dict) -> None:
         if self.active:
-            import mlflow
+            from mlflow.entities import Param
 
-            self._safely(mlflow.log_params, {k: str(v)[:500] for k, v in params.items()})
+            items = [Param(k, str(v)[:500]) for k, v in params.items()]
+            for start in range(0, len(items), 100):  # MLflow's limit per batch
+                chunk = items[start:start + 100]
+                self.sender.put_call("params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
 
     def set_tags(self, tags: dict) -> None:
         if self.active:
-            import mlflow
+            from mlflow.entities import RunTag
 
-            self._safely(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
+            items = [RunTag(k, str(v)) for k, v in tags.items()]
+            self.sender.put_call("tags", lambda: self.client.log_batch(self.run_id, tags=items))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active or step <= self.last_logged_step:
@@ -141,60 +148,23 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        self.flush()
-
-    def flush(self) -> bool:
-        if not self.active or not self.buffer:
-            return True
-        import mlflow
-
-        batch = list(self.buffer)
-        for start in range(0, len(batch), 1000):
-            chunk = batch[start:start + 1000]
-            if not self._safely(mlflow.MlflowClient().log_batch, self.run_id, metrics=chunk):
-                return False
-            for _ in chunk:
-                self.buffer.popleft()
-        return True
+        self.sender.put_metrics([Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_image(self, image, name: str) -> None:
         """`image`: a (3, H, W) float tensor in [0, 1]; `name`: the artifact path."""
         if self.active:
-            import mlflow
             import numpy as np
 
             array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
-            self._safely(mlflow.log_image, array, artifact_file=name)
+            self.sender.put_call("image", lambda: self.client.log_image(self.run_id, array, artifact_file=name))
 
     def log_text(self, text: str, name: str) -> None:
         if self.active:
-            import mlflow
-
-            self._safely(mlflow.log_text, text, name)
+            self.sender.put_call("text", lambda: self.client.log_text(self.run_id, text, name))
 
     def end(self, status: str = "FINISHED") -> None:
+        """End the run as it really ended (FINISHED, KILLED or FAILED), waiting at most log.flush_timeout_s."""
         if self.active:
-            import mlflow
-
-            self.flush()
-            self._safely(mlflow.end_run, status)
             self.active = False
-
-    def _safely(self, fn, *args, **kwargs) -> bool:
-        """Call MLflow; a failure never stops training. Warn once when an outage starts and once when
-        the server answers again."""
-        try:
-            fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - tracking must never stop training
-            if not self.failing:
-                log.warning("MLflow unreachable (%s: %s); training goes on, metrics are buffered and resent",
-                            getattr(fn, "__name__", fn), str(err).splitlines()[0][:200])
-            self.failing = True
-            return False
-        if self.failing:
-            log.warning("MLflow reachable again; sending %d buffered metric points", len(self.buffer))
-            self.failing = False
-        return True
-
-
+            self.sender.put_call("end", lambda: self.client.set_terminated(self.run_id, status))
+            self.sender.close(self.flush_timeout_s)

@@ -316,4 +316,9 @@ def record_rank(run_dir: Path, rank: int, module: torch.nn.Module, stream: Train
 
 def train(cfg: Config) -> dict:
     """Train as `cfg` says; the summary that COMPLETED.json / RESUME_ME.json also holds."""
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    except BaseException:
+        trainer.tracker.end("FAILED")  # as it really ended, within log.flush_timeout_s
+        raise
