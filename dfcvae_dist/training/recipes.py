@@ -269,8 +269,12 @@ class GANRecipe:
         return images
 
 
+def recipe_class(cfg: Config) -> type[VAERecipe] | type[GANRecipe]:
+    return GANRecipe if cfg.model.name == "dcgan" else VAERecipe
+
+
 def build_recipe(cfg: Config, accelerator, health: LossHealth,
                  memory_format: torch.memory_format) -> VAERecipe | GANRecipe:
-    if cfg.model.name == "dcgan":
+    if recipe_class(cfg) is GANRecipe:
         return GANRecipe(accelerator, cfg.model, cfg.optim, health, cfg.train, memory_format)
     return VAERecipe(accelerator, cfg.model, cfg.loss, cfg.optim, health, cfg.train, memory_format)

@@ -27,7 +27,7 @@ from dfcvae_dist.errors import UserError
 from dfcvae_dist.rundir import CONFIG_FILE, RunLock, atomic_write, find_checkpoint, write_end_marker
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
-from dfcvae_dist.training.recipes import LossHealth, StepResult, build_recipe, set_lr
+from dfcvae_dist.training.recipes import LossHealth, StepResult, build_recipe, recipe_class, set_lr
 from dfcvae_dist.training.state import TrainerState
 from dfcvae_dist.training.tracking import Tracker, code_version
 
@@ -100,9 +100,9 @@ class Trainer:
         self.hold_run_dir()
         set_seed(train.seed)
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+        self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, recipe_class(cfg).validates)
         self.health = LossHealth(acc, train.on_nonfinite)
         self.recipe = build_recipe(cfg, acc, self.health, self.memory_format)
-        self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, self.recipe.validates)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
                                          self.data.total_steps, acc)
         self.changed: list[tuple[str, object, object]] = []  # resume-safe keys changed since the checkpoint
