@@ -1,0 +1,87 @@
+"""The CUDA paths, run where a GPU is: fp16 VGG, autocast training steps, SyncBatchNorm on an NCCL group,
+the compiled loss and a deterministic bit-exact resume. On a machine without a GPU each is skipped with the reason
+(the same code runs on CPU in the other test files, with the device as a parameter)."""
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from dfcvae_dist.config import LossConfig, ModelConfig, OptimConfig, TrainConfig
+from dfcvae_dist.losses import FeaturePerceptualLoss
+from dfcvae_dist.models.vae import EdgePad
+from dfcvae_dist.training.recipes import LossHealth, VAERecipe
+from tests.test_train import train
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
+
+
+@pytest.fixture
+def accelerator():
+    made = []
+
+    def make(**kwargs) -> Accelerator:
+        made.append(Accelerator(**kwargs))
+        return made[-1]
+
+    yield make
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_the_loss_network_runs_in_fp16_on_cuda_by_default():
+    loss = FeaturePerceptualLoss.from_config(LossConfig(vgg_weights="random"), torch.device("cuda"))
+    assert loss.dtype == torch.float16
+    x = torch.rand(4, 3, 64, 64, device="cuda")
+    terms = loss(x, x.flip(0).requires_grad_())
+    assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms.values())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_an_autocast_training_step_updates_the_model(accelerator, precision):
+    acc = accelerator(mixed_precision=precision)
+    recipe = VAERecipe(acc, ModelConfig(), LossConfig(vgg_weights="random"), OptimConfig(), LossHealth(acc, "stop"),
+                       TrainConfig(batch_size=8), torch.channels_last)
+    before = {k: v.detach().clone() for k, v in recipe.model.named_parameters()}
+    result = recipe.train_step([torch.rand(8, 3, 64, 64, device="cuda")], step=1)
+    assert not result.skipped and torch.isfinite(result.metrics["total"])
+    assert any(not torch.equal(before[k], v) for k, v in recipe.model.named_parameters())
+    assert not recipe.health.agree(stop_requested=False)
+
+
+def test_edge_pad_backward_is_allowed_under_deterministic_algorithms():
+    torch.use_deterministic_algorithms(True)
+    try:
+        x = torch.rand(2, 8, 16, 16, device="cuda", requires_grad=True)
+        EdgePad()(x).square().sum().backward()
+        assert x.grad is not None
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_sync_bn_converts_batch_norm_under_ddp(accelerator):
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    from dfcvae_dist.training.recipes import prepare_batch_norm
+
+    class TwoRanks:  # what prepare_batch_norm reads of an accelerator on 2 GPUs
+        device, num_processes = torch.device("cuda"), 2
+
+    model = prepare_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm2d(4)).cuda(), TwoRanks(), True, 8)
+    assert isinstance(model[0], torch.nn.SyncBatchNorm)
+
+
+def test_compiled_loss_and_deterministic_bit_exact_resume_on_cuda(tmp_path, shard_dir):
+    steps = ["train.max_steps=6", "checkpoint.every_steps=3", "train.deterministic=true", "loss.compile=true"]
+    train(tmp_path, shard_dir, tmp_path / "straight", *steps)
+    train(tmp_path, shard_dir, tmp_path / "resumed", "train.max_steps=3", *steps[1:])
+    train(tmp_path, shard_dir, tmp_path / "resumed", *steps)
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000006" / "weights.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000006" / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "straight" / "COMPLETED.json").read_text())["step"] == 6
