@@ -55,7 +55,9 @@ class DataConfig:
     shuffle_buffer: int = opt(1000, "Samples in each worker's shuffle buffer.", min=0)
     num_samples: int | None = opt(None, "Training samples per epoch when `shards` is a pattern (a manifest "
                                   "knows its own).", min=1)
-    skip_corrupt: bool = opt(False, "Skip undecodable samples (counted in MLflow) instead of stopping.")
+    skip_corrupt: bool = opt(False, "Skip damaged samples (an undecodable or missing image, invalid JSON) in "
+                             "training and validation, each named in a warning and counted in MLflow "
+                             "(train/skipped_samples), instead of stopping.")
 
 
 @dataclass

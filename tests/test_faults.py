@@ -245,3 +245,47 @@ def test_disk_full_while_extracting_is_one_line_and_leaves_no_partial_file(train
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: writing {out}/") and "No space left on device" in last
     assert not leftovers(tiny_disk)
+
+
+def damage_every_shard(src: Path, dst: Path) -> None:
+    """A copy of the shards in which the second, fourth and sixth sample of every shard are damaged: no image
+    member, invalid JSON, a truncated image."""
+    import io
+    import tarfile
+
+    shutil.copytree(src, dst)
+    for shard in sorted(dst.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        keys = sorted({m.name.split(".")[0] for m, _ in members})
+        victims = dict(zip(keys[1:6:2], ["no-image", "bad-json", "cut-image"]))
+        with tarfile.open(shard, "w") as tar:
+            for member, data in members:
+                key, ext = member.name.split(".", 1)
+                kind = victims.get(key)
+                if kind == "no-image" and ext != "json":
+                    continue
+                data = b"{not json" if kind == "bad-json" and ext == "json" else data
+                data = data[:-7] if kind == "cut-image" and ext != "json" else data
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+
+
+def test_damaged_samples_are_skipped_counted_and_a_resume_after_them_is_bit_exact(tmp_path, shard_dir):
+    shards = tmp_path / "damaged"
+    damage_every_shard(shard_dir, shards)
+    common = ["data.skip_corrupt=true", "train.val_every_steps=3", "checkpoint.every_steps=3"]
+    train(tmp_path, shards, tmp_path / "straight", "train.max_steps=12", *common)
+    train(tmp_path, shards, tmp_path / "resumed", "train.max_steps=6", *common)
+    proc = train(tmp_path, shards, tmp_path / "resumed", "train.max_steps=12", *common)
+    assert "skipped: " in proc.stderr and "does not decode" in proc.stderr
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000012" / "weights.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000012" / "weights.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)  # the resume landed where the uninterrupted run was
+    summary = json.loads((tmp_path / "straight" / "COMPLETED.json").read_text())
+    assert summary["skipped_samples"] >= 3  # 12 steps x 16 images pass through several damaged training shards
+    import mlflow
+
+    history = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(summary["mlflow_run_id"],
+                                                                                       "train/skipped_samples")
+    assert history and history[-1].value == summary["skipped_samples"]

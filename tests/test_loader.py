@@ -136,6 +136,54 @@ def test_skipping_more_corrupt_samples_than_a_batch_keeps_the_batch_count(tmp_pa
     assert not {k for b in batches for k in b["key"]} & {f"{i:04d}" for i in range(0, 20, 2)}
 
 
+def write_shard_with_every_damage(path, n: int = 24) -> set[str]:
+    """npy samples; three damaged ones: no image member, invalid JSON, a truncated image. Their keys."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    damaged = {"0003": "no-image", "0010": "bad-json", "0017": "cut-npy"}
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(n):
+            key = f"{i:04d}"
+            buf.seek(0), buf.truncate()
+            np.save(buf, np.full((8, 8, 3), i, np.uint8))
+            sample = {"__key__": key, "npy": buf.getvalue(), "json": b'{"partition": 0}'}
+            if damaged.get(key) == "no-image":
+                del sample["npy"]
+            elif damaged.get(key) == "bad-json":
+                sample["json"] = b'{"partition": '
+            elif damaged.get(key) == "cut-npy":
+                sample["npy"] = sample["npy"][:-5]
+            sink.write(sample)
+    return set(damaged)
+
+
+def test_every_kind_of_damaged_sample_is_skipped_and_counted_in_training_and_evaluation(tmp_path):
+    damaged = write_shard_with_every_damage(tmp_path / "bad.tar")
+    source = SplitSource([str(tmp_path / "bad.tar")], 24, [])
+    train = list(make_loader(TrainStream(source, 3, 7, 0, 1, 0, seed=0, shuffle_buffer=0, skip_corrupt=True), 0))
+    assert [len(b["key"]) for b in train] == [3] * 7 and sum(b["skipped"] for b in train) == 3
+    assert not {k for b in train for k in b["key"]} & damaged
+    evaluation = list(make_loader(EvalStream(source, 5, 0, 1, skip_corrupt=True), 0))
+    assert sorted(k for b in evaluation for k in b["key"]) == sorted({f"{i:04d}" for i in range(24)} - damaged)
+    assert sum(b["skipped"] for b in evaluation) == 3
+    with pytest.raises(UserError, match=r"bad\.tar: sample '0003' does not decode \(no png/jpg/npy member\)"):
+        list(make_loader(EvalStream(source, 5, 0, 1), 0))
+
+
+def test_a_resumed_stream_starts_after_the_good_samples_already_used(tmp_path):
+    write_shard_with_every_damage(tmp_path / "bad.tar")
+    source = SplitSource([str(tmp_path / "bad.tar")], 24, [])
+    stream = TrainStream(source, 3, 7, 0, 1, 0, seed=0, shuffle_buffer=0, skip_corrupt=True)
+    whole = [b["key"] for b in make_loader(stream, 0)]
+    for start in (2, 4, 6):  # after 6, 12 and 18 good samples: past one, two and three damaged ones
+        stream.set_position(0, start)
+        assert [b["key"] for b in make_loader(stream, 0)] == whole[start:]
+
+
 # Both worker-signal tests run a loader in a child process: the first checks how it exits, the second
 # signals its workers the way a launcher or Slurm signals a whole process group or step.
 WORKER_FAILS_AND_EXCEPTION_OUTLIVES_MAIN = """

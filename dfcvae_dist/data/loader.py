@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import os
 import signal
 import threading
@@ -29,6 +30,8 @@ from torchvision.io import ImageReadMode, decode_image
 from dfcvae_dist.data.shards import iter_shard, read_manifest
 from dfcvae_dist.lifeline import die_with_parent
 from dfcvae_dist.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,7 +98,7 @@ def _decode_image(sample: dict) -> torch.Tensor:
         return _decode_npy(sample["npy"])
     data = sample.get("png") or sample.get("jpg")
     if data is None:
-        raise UserError(f"{sample.get('__url__')}: sample '{sample['__key__']}' has no png/jpg/npy member")
+        raise ValueError("no png/jpg/npy member")
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
 
 
@@ -130,16 +133,31 @@ class CorruptSample(UserError):
     """One sample does not decode (its shard is intact)."""
 
 
-def collate(samples: list[dict]) -> dict:
+def collate(samples: list[dict], skipped: int = 0) -> dict:
     """Images stacked by torch's collate (straight into shared memory in a worker); the small fields become
-    one tensor each per batch, not per sample (a tensor per sample costs more than decoding the image)."""
+    one tensor each per batch, not per sample (a tensor per sample costs more than decoding the image).
+    `skipped`: damaged samples passed over while this batch was assembled (data.skip_corrupt)."""
     return {
+        "skipped": skipped,
         "key": [s["key"] for s in samples],
         "image": default_collate([s["image"] for s in samples]),
         "attrs": torch.from_numpy(np.array([s["attrs"] for s in samples], dtype=np.uint8)),
         "landmarks": torch.from_numpy(np.array([s["landmarks"] for s in samples], dtype=np.int16)),
         "partition": torch.from_numpy(np.array([s["partition"] for s in samples], dtype=np.int8)),
     }
+
+
+def decoded(raw, skip_corrupt: bool, counter: list[int]):
+    """Decoded samples; a damaged one (undecodable image, missing image, invalid JSON) raises, or under
+    `skip_corrupt` is passed over with a warning naming shard and key, and counted in `counter[0]`."""
+    for sample in raw:
+        try:
+            yield decode_sample(sample)
+        except CorruptSample as err:
+            if not skip_corrupt:
+                raise
+            log.warning("skipped: %s", err)
+            counter[0] += 1
 
 
 def _worker() -> tuple[int, int]:
@@ -188,37 +206,41 @@ class TrainStream(torch.utils.data.IterableDataset):
         remaining = own - done
         if remaining <= 0:
             return
-        batch = []
-        # Count decoded batches, not raw samples: with skip_corrupt the worker reads on (its shards
-        # cycle) until its share is full, so every rank still runs the same number of batches.
-        for sample in itertools.islice(raw, done * self.batch_size, None):
-            try:
-                batch.append(decode_sample(sample))
-            except CorruptSample:
-                if not self.skip_corrupt:
-                    raise
-                continue
-            if len(batch) == self.batch_size:
-                yield collate(batch)
-                batch, remaining = [], remaining - 1
-                if remaining == 0:
-                    return
+        skipped = [0]
+        if self.skip_corrupt:  # positions count good samples, so the way to batch `done` is to decode up to it
+            samples = decoded(raw, True, skipped)
+            for _ in itertools.islice(samples, done * self.batch_size):
+                pass
+            skipped[0] = 0  # counted before the checkpoint
+        else:
+            samples = decoded(itertools.islice(raw, done * self.batch_size, None), False, skipped)
+        # The worker's shards cycle, so with skips it reads on until its share is full: every rank runs the
+        # same number of batches.
+        for batch in iter(lambda: list(itertools.islice(samples, self.batch_size)), []):
+            yield collate(batch, skipped[0])
+            skipped[0], remaining = 0, remaining - 1
+            if remaining == 0:
+                return
 
 
 class EvalStream(torch.utils.data.IterableDataset):
     """Every sample of the split exactly once across ranks and workers (shards split by rank, then worker)."""
 
-    def __init__(self, source: SplitSource, batch_size: int, rank: int, world: int):
+    def __init__(self, source: SplitSource, batch_size: int, rank: int, world: int, skip_corrupt: bool = False):
         self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
+        self.skip_corrupt = skip_corrupt
 
     def shards_for(self, worker: int, workers: int) -> list[str]:
         return self.source.urls[self.rank::self.world][worker::workers]
 
     def __iter__(self):
         worker, workers = _worker()
-        samples = (decode_sample(s) for url in self.shards_for(worker, workers) for s in iter_shard(url))
+        skipped = [0]
+        raw = (s for url in self.shards_for(worker, workers) for s in iter_shard(url))
+        samples = decoded(raw, self.skip_corrupt, skipped)
         while batch := list(itertools.islice(samples, self.batch_size)):
-            yield collate(batch)
+            yield collate(batch, skipped[0])
+            skipped[0] = 0
 
 
 def read_images(directory: str | Path, split: str, n: int) -> dict:

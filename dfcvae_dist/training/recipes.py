@@ -187,13 +187,13 @@ class VAERecipe:
         return images
 
     @torch.no_grad()
-    def validation_loss(self, source, batch_size: int, max_batches: int) -> float:
+    def validation_loss(self, source, batch_size: int, max_batches: int, skip_corrupt: bool = False) -> float:
         """Mean total loss over the first `max_batches` batches of the val split on every rank."""
         acc = self.accelerator
         net = acc.unwrap_model(self.model)
         net.eval()
         total = torch.zeros(2, device=acc.device)
-        stream = EvalStream(source, batch_size, acc.process_index, acc.num_processes)
+        stream = EvalStream(source, batch_size, acc.process_index, acc.num_processes, skip_corrupt)
         for i, batch in enumerate(make_loader(stream, 0)):
             if i >= max_batches:
                 break

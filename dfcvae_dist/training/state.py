@@ -19,17 +19,19 @@ class TrainerState:
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed on each rank
     batches_per_epoch: int = 1  # micro-batches per rank and epoch
     grad_accum: int = 1
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss
+    skipped_samples: int = 0  # damaged samples this rank passed over (data.skip_corrupt)
     model: str = ""
     mlflow_run_id: str | None = None
     world_size: int = 1
     config_digest: str = ""
     vgg_weights: str = "none"
 
-    def advance(self, skipped: bool) -> None:
+    def advance(self, skipped: bool, skipped_samples: int = 0) -> None:
         """One optimizer step done: `grad_accum` micro-batches further; a full epoch rolls over to the next."""
         self.step += 1
         self.skipped_steps += int(skipped)
+        self.skipped_samples += skipped_samples
         self.epoch, self.batch_in_epoch = divmod(self.step * self.grad_accum, self.batches_per_epoch)
 
     def to_json(self) -> str:

@@ -78,12 +78,14 @@ class TrainData:
     def steps_per_epoch(self) -> int:
         return self.batches_per_epoch // self.grad_accum
 
-    def steps(self, epoch: int, start_batch: int, device, memory_format) -> Iterator[list[torch.Tensor]]:
-        """The rest of `epoch` from micro-batch `start_batch`, `grad_accum` micro-batches per optimizer step."""
+    def steps(self, epoch: int, start_batch: int, device, memory_format) -> Iterator[tuple[list[torch.Tensor], int]]:
+        """The rest of `epoch` from micro-batch `start_batch`: per optimizer step, its `grad_accum` micro-batches
+        and the number of damaged samples passed over to fill them."""
         self.stream.set_position(epoch, start_batch)
         loader = make_loader(self.stream, self.num_workers, pin_memory=torch.device(device).type == "cuda")
-        images = (model_input(b["image"], device, memory_format) for b in loader)
-        return iter(lambda: list(itertools.islice(images, self.grad_accum)), [])
+        batches = ((model_input(b["image"], device, memory_format), b["skipped"]) for b in loader)
+        for group in iter(lambda: list(itertools.islice(batches, self.grad_accum)), []):
+            yield [images for images, _ in group], sum(skipped for _, skipped in group)
 
 
 class Trainer:
@@ -123,12 +125,13 @@ class Trainer:
         stopping = False
         while s.step < data.total_steps and not stopping:
             set_lr(self.recipe.optimizers, self.cfg.optim.lr * self.cfg.optim.lr_decay_per_epoch ** s.epoch)
-            for micro_batches in data.steps(s.epoch, s.batch_in_epoch, acc.device, self.memory_format):
+            for micro_batches, damaged in data.steps(s.epoch, s.batch_in_epoch, acc.device, self.memory_format):
                 result = self.recipe.train_step(micro_batches, s.step + 1)
-                s.advance(result.skipped)  # only the first epoch of a launch may start mid-way
+                s.advance(result.skipped, damaged)  # only the first epoch of a launch may start mid-way
                 self.log_step(result)
                 if data.val is not None and s.step % self.cfg.train.val_every_steps == 0:
-                    val = self.recipe.validation_loss(data.val, self.cfg.train.batch_size, self.cfg.train.val_batches)
+                    val = self.recipe.validation_loss(data.val, self.cfg.train.batch_size, self.cfg.train.val_batches,
+                                                      self.cfg.data.skip_corrupt)
                     self.tracker.log_metrics({"val/total": val}, s.step)
                 if s.step % self.cfg.train.sync_every_steps == 0 or self.checkpointer.due(s.step):
                     stopping = self.health.agree(self.stop.requested)  # the step's only collective (with logging)
@@ -149,6 +152,9 @@ class Trainer:
             names = list(result.metrics)
             values = self.accelerator.reduce(torch.stack([result.metrics[n].float() for n in names]), reduction="mean")
             metrics = {f"train/{n}": v for n, v in zip(names, values.tolist())}
+            if self.cfg.data.skip_corrupt:
+                metrics["train/skipped_samples"] = self.accelerator.reduce(
+                    torch.tensor(s.skipped_samples, device=self.accelerator.device), reduction="sum").item()
             metrics.update({"train/lr": self.recipe.optimizers[0].param_groups[0]["lr"], "train/epoch": s.epoch,
                             "train/img_per_s": self.progress.img_per_s_since_last_log(s.step),
                             "train/skipped_steps": s.skipped_steps})
@@ -165,9 +171,11 @@ class Trainer:
         if self.checkpointer.last_saved != s.step:
             self.health.agree(self.stop.requested)
             self.save()
+        damaged = acc.reduce(torch.tensor(s.skipped_samples, device=acc.device), reduction="sum").item()
         summary = {"step": s.step, "total_steps": self.data.total_steps, "stopped_early": stopped_early,
                    "mlflow_run_id": s.mlflow_run_id, "checkpoint": str(find_checkpoint(self.run_dir, "auto")),
                    "vgg_weights": s.vgg_weights, "skipped_steps": s.skipped_steps,
+                   "skipped_samples": damaged,
                    "img_per_s": self.progress.img_per_s(s.step)}
         record_rank(self.run_dir, acc.process_index, self.recipe.module, self.data.stream)
         if acc.is_main_process:  # before any final tracking call: a hung server must not cost the marker
