@@ -44,6 +44,15 @@ def test_dcgan_under_deepspeed_stops_with_a_clear_message(tmp_path, shard_dir, p
     assert "model.name=dcgan is not supported under DeepSpeed" in proc.stderr
 
 
+def test_gradient_accumulation_that_contradicts_the_deepspeed_config_is_refused(tmp_path, shard_dir, processes):
+    """DeepSpeed accumulates by its own config (gradient_accumulation_steps: 1 in ours) and would only warn."""
+    proc = deepspeed_train(processes, tmp_path, shard_dir, tmp_path / "run", "train.grad_accum=2", "train.max_steps=2",
+                           check=False)
+    assert proc.returncode != 0
+    assert "train.grad_accum=2, but the DeepSpeed config accumulates 1 micro-batches: make them agree" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def mlflow_tags(tmp_path, run_dir):
     import mlflow
 
