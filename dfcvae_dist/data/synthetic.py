@@ -74,6 +74,51 @@ def _scale(p: tuple[float, float], c: tuple[float, float], s: float, d: tuple[fl
     return c[0] + (p[0] - 89) * s + d[0], c[1] + (p[1] - 125) * s + d[1]
 
 
+def _draw_eyes(draw, a: dict[str, int], P, box, hair) -> list[tuple[float, float]]:
+    """Eyes, brows, makeup, cheeks and glasses; the eye centres (landmarks) in the aligned template."""
+    eyes = [(69.0, 111.0), (108.0, 111.0)]
+    eye_h = 2 if a["Narrow_Eyes"] else 4
+    for ex, ey in eyes:
+        if a["Heavy_Makeup"]:
+            draw.ellipse(box(ex - 9, ey - 7, ex + 9, ey + 5), fill=(120, 60, 130))
+        draw.ellipse(box(ex - 7, ey - eye_h, ex + 7, ey + eye_h), fill=(245, 245, 245))
+        draw.ellipse(box(ex - 3, ey - 3, ex + 3, ey + 3), fill=(40, 30, 20))
+        brow_w = 4 if a["Bushy_Eyebrows"] else 2
+        draw.line([P(ex - 9, ey - 10), P(ex, ey - 13 if a["Arched_Eyebrows"] else ey - 11),
+                   P(ex + 9, ey - 10)], fill=hair if not a["Bald"] else (60, 50, 40), width=brow_w)
+        if a["Rosy_Cheeks"]:
+            draw.ellipse(box(ex - 8, ey + 20, ex + 8, ey + 30), fill=(225, 110, 120))
+    if a["Eyeglasses"]:
+        for ex, ey in eyes:
+            draw.ellipse(box(ex - 11, ey - 9, ex + 11, ey + 9), fill=(20, 20, 25))
+        draw.line([P(80, 109), P(97, 109)], fill=(20, 20, 25), width=3)
+    return eyes
+
+
+def _draw_mouth(draw, a: dict[str, int], P, box, skin, hair, face_w: int) -> tuple[tuple[float, float], ...]:
+    """Mouth, lips, mustache, beard and goatee; the mouth corners (landmarks) in the aligned template."""
+    mouth_l, mouth_r = (72.0, 152.0), (104.0, 152.0)
+    if a["Smiling"]:
+        mouth_l, mouth_r = (70.0, 149.0), (106.0, 149.0)
+    lip = (190, 25, 45) if a["Wearing_Lipstick"] else tuple(int(v) for v in skin * 0.6)
+    lip_w = 5 if a["Big_Lips"] else 3
+    if a["Mouth_Slightly_Open"]:
+        draw.ellipse(box(mouth_l[0] + 4, 149, mouth_r[0] - 4, 160), fill=(60, 15, 20))
+    if a["Smiling"]:
+        draw.arc(box(mouth_l[0], 134, mouth_r[0], mouth_r[1] + 12), 20, 160, fill=lip, width=lip_w)
+    else:
+        draw.line([P(*mouth_l), P(*mouth_r)], fill=lip, width=lip_w)
+    beard_c = hair if a["Male"] and not a["Bald"] else (50, 40, 35)
+    if a["Mustache"]:
+        draw.rectangle(box(74, 141, 102, 146), fill=beard_c)
+    if not a["No_Beard"]:
+        draw.chord(box(89 - face_w, 120, 89 + face_w, 182), 20, 160, fill=beard_c)
+        draw.line([P(*mouth_l), P(*mouth_r)], fill=lip, width=lip_w)
+    if a["Goatee"]:
+        draw.ellipse(box(80, 164, 98, 178), fill=beard_c)
+    return mouth_l, mouth_r
+
+
 def draw_face(a: dict[str, int], rng: np.random.Generator) -> tuple[Image.Image, list[int]]:
     """Draw one 178x218 aligned face for attribute row `a`; return it with its 5 landmarks."""
     w, h = celeba.ALIGNED_SIZE
@@ -117,47 +162,14 @@ def draw_face(a: dict[str, int], rng: np.random.Generator) -> tuple[Image.Image,
         for ex in (89 - face_w - 2, 89 + face_w + 2):
             draw.ellipse(box(ex - 3, 140, ex + 3, 146), fill=(240, 200, 40))
 
-    eyes = [(69.0, 111.0), (108.0, 111.0)]
-    eye_h = 2 if a["Narrow_Eyes"] else 4
-    for ex, ey in eyes:
-        if a["Heavy_Makeup"]:
-            draw.ellipse(box(ex - 9, ey - 7, ex + 9, ey + 5), fill=(120, 60, 130))
-        draw.ellipse(box(ex - 7, ey - eye_h, ex + 7, ey + eye_h), fill=(245, 245, 245))
-        draw.ellipse(box(ex - 3, ey - 3, ex + 3, ey + 3), fill=(40, 30, 20))
-        brow_w = 4 if a["Bushy_Eyebrows"] else 2
-        draw.line([P(ex - 9, ey - 10), P(ex, ey - 13 if a["Arched_Eyebrows"] else ey - 11),
-                   P(ex + 9, ey - 10)], fill=hair if not a["Bald"] else (60, 50, 40), width=brow_w)
-        if a["Rosy_Cheeks"]:
-            draw.ellipse(box(ex - 8, ey + 20, ex + 8, ey + 30), fill=(225, 110, 120))
-    if a["Eyeglasses"]:
-        for ex, ey in eyes:
-            draw.ellipse(box(ex - 11, ey - 9, ex + 11, ey + 9), fill=(20, 20, 25))
-        draw.line([P(80, 109), P(97, 109)], fill=(20, 20, 25), width=3)
+    eyes = _draw_eyes(draw, a, P, box, hair)
 
     nose = (88.0, 134.0)
     nose_w = 7 if a["Big_Nose"] else 4
     darker = tuple(int(v) for v in skin * 0.75)
     draw.polygon([P(nose[0], 118), P(nose[0] - nose_w, nose[1]), P(nose[0] + nose_w, nose[1])], fill=darker)
 
-    mouth_l, mouth_r = (72.0, 152.0), (104.0, 152.0)
-    if a["Smiling"]:
-        mouth_l, mouth_r = (70.0, 149.0), (106.0, 149.0)
-    lip = (190, 25, 45) if a["Wearing_Lipstick"] else tuple(int(v) for v in skin * 0.6)
-    lip_w = 5 if a["Big_Lips"] else 3
-    if a["Mouth_Slightly_Open"]:
-        draw.ellipse(box(mouth_l[0] + 4, 149, mouth_r[0] - 4, 160), fill=(60, 15, 20))
-    if a["Smiling"]:
-        draw.arc(box(mouth_l[0], 134, mouth_r[0], mouth_r[1] + 12), 20, 160, fill=lip, width=lip_w)
-    else:
-        draw.line([P(*mouth_l), P(*mouth_r)], fill=lip, width=lip_w)
-    beard_c = hair if a["Male"] and not a["Bald"] else (50, 40, 35)
-    if a["Mustache"]:
-        draw.rectangle(box(74, 141, 102, 146), fill=beard_c)
-    if not a["No_Beard"]:
-        draw.chord(box(89 - face_w, 120, 89 + face_w, 182), 20, 160, fill=beard_c)
-        draw.line([P(*mouth_l), P(*mouth_r)], fill=lip, width=lip_w)
-    if a["Goatee"]:
-        draw.ellipse(box(80, 164, 98, 178), fill=beard_c)
+    mouth_l, mouth_r = _draw_mouth(draw, a, P, box, skin, hair, face_w)
     if a["Blurry"]:
         img = img.filter(ImageFilter.GaussianBlur(2.5))
     landmarks = [P(*eyes[0]), P(*eyes[1]), P(*nose), P(*mouth_l), P(*mouth_r)]
