@@ -130,6 +130,7 @@ class RunLock:
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.token = uuid.uuid4().hex
         self.stopped = threading.Event()
+        self.writing = threading.Lock()  # a heartbeat never rewrites a lock that release() just removed
         self.held = False
 
     def owner_record(self) -> dict:
@@ -148,7 +149,8 @@ class RunLock:
                                 f"{owner.get('pid')}{job}, heartbeat {age:.0f} s ago): wait for it, stop it, or "
                                 "choose another train.run_dir")
             log.warning("taking over the lock of %s: %s", self.path.parent, reason)
-            self.path.unlink(missing_ok=True)
+            if self._read().get("token") == owner.get("token"):  # not a lock another taker just made
+                self.path.unlink(missing_ok=True)
         self.held = True
         atexit.register(self.release)
         threading.Thread(target=self._beat, daemon=True, name="run-lock-heartbeat").start()
@@ -159,8 +161,9 @@ class RunLock:
             return
         self.held = False
         self.stopped.set()
-        if self._read().get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+        with self.writing:
+            if self._read().get("token") == self.token:
+                self.path.unlink(missing_ok=True)
 
     def _create(self) -> bool:
         tmp = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
@@ -180,8 +183,9 @@ class RunLock:
             return {}
 
     def _takeover_reason(self, owner: dict) -> str | None:
-        if not owner:
-            return "the lock is unreadable"
+        if not owner:  # being replaced, or damaged: only an old file is stale
+            age = time.time() - self.path.stat().st_mtime if self.path.exists() else self.stale_s + 1
+            return f"the lock is unreadable and {age:.0f} s old" if age > self.stale_s else None
         job = os.environ.get("SLURM_JOB_ID")
         if job and owner.get("slurm_job_id") == job:
             return f"it belongs to this Slurm job ({job}), restarted"
@@ -194,10 +198,14 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self.stopped.wait(self.heartbeat_s):
-            if self._read().get("token") != self.token:
-                log.warning("%s was taken over by another launch", self.path)
-                return
-            atomic_write(self.path, json.dumps(self.owner_record()))
+            with self.writing:
+                token = self._read().get("token")
+                if token is None or self.stopped.is_set():  # unreadable for a moment (NFS): beat next time
+                    continue
+                if token != self.token:
+                    log.warning("%s was taken over by another launch", self.path)
+                    return
+                atomic_write(self.path, json.dumps(self.owner_record()))
 
 
 def _alive(pid) -> bool:

@@ -93,9 +93,12 @@ def prepare_batch_norm(model: torch.nn.Module, accelerator, sync_bn: bool, batch
     return model
 
 
-def check_deepspeed(accelerator, grad_accum: int, grad_clip: float | None) -> None:
+def check_deepspeed(accelerator, grad_accum: int, grad_clip: float | None, on_nonfinite: str) -> None:
     """DeepSpeed clips and accumulates by its own config: carry ours there, or refuse a contradiction."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if on_nonfinite == "skip" and grad_accum > 1:  # its engine steps at the boundary whatever we skip
+        raise UserError("train.on_nonfinite=skip with train.grad_accum > 1 is not supported under DeepSpeed: its "
+                        "engine steps on the accumulated gradients regardless; use train.on_nonfinite=stop")
     if accelerator.gradient_accumulation_steps != grad_accum:
         raise UserError(f"train.grad_accum={grad_accum}, but the DeepSpeed config accumulates "
                         f"{accelerator.gradient_accumulation_steps} micro-batches: make them agree")
@@ -137,7 +140,7 @@ class VAERecipe:
                                      weight_decay=optim_cfg.weight_decay)
         if deepspeed:  # ZeRO cannot flatten channels-last parameters
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
-            check_deepspeed(accelerator, train_cfg.grad_accum, optim_cfg.grad_clip)
+            check_deepspeed(accelerator, train_cfg.grad_accum, optim_cfg.grad_clip, train_cfg.on_nonfinite)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.optimizers = [self.optimizer]
 
@@ -168,8 +171,10 @@ class VAERecipe:
                 sums[name] = sums.get(name, 0.0) + value.detach() / len(micro_batches)
         if not skipped:
             norm = clip_or_norm(acc, self.model, self.optim_cfg.grad_clip)  # None under DeepSpeed before its first step
-            if norm is not None:
+            if norm is not None:  # a finite loss can still give infinite gradients, and NaN weights after the step
                 sums["grad_norm"] = torch.as_tensor(norm, device=acc.device)
+                skipped = not self.health.finite(sums["grad_norm"], step)
+        if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult({} if skipped else sums, (x, x_hat.detach()), skipped)
@@ -240,6 +245,8 @@ class GANRecipe:
         optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         norm = clip_or_norm(self.accelerator, net, self.optim_cfg.grad_clip)
+        if not self.health.finite(norm, step):
+            return None
         optimizer.step()
         return norm
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
+MAX_CALL_FAILURES = 5
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Item:
     kind: str  # metrics | call
     payload: Any = None  # metrics: list of mlflow Metric; call: (name, fn)
     points: int = 0
+    failures: int = 0
 
 
 @dataclass
@@ -57,10 +59,12 @@ class BackgroundSender:
             self._drop_oldest_points()
             self.cond.notify()
 
-    def put_call(self, name: str, fn: Callable[[], Any]) -> None:
-        """Tags, params, text and images: sent in order with the metrics, never dropped."""
+    def put_call(self, name: str, fn: Callable[[], Any], first: bool = False) -> None:
+        """Tags, params, text and images, sent in order with the metrics (`first`: ahead of them). A call that
+        fails `MAX_CALL_FAILURES` times in a row is dropped with a warning naming it, so that one call the
+        server always refuses cannot hold back everything behind it."""
         with self.cond:
-            self.queue.append(Item("call", (name, fn)))
+            (self.queue.appendleft if first else self.queue.append)(Item("call", (name, fn)))
             self.cond.notify()
 
     def close(self, deadline_s: float) -> int:
@@ -121,6 +125,11 @@ class BackgroundSender:
             self._sent(batch)
 
     def _failed(self, batch: list[Item], err: Exception) -> None:
+        batch[0].failures += 1
+        if batch[0].kind == "call" and batch[0].failures >= MAX_CALL_FAILURES:
+            log.warning("MLflow: gave up on '%s' after %d failures (%s)", batch[0].payload[0], batch[0].failures,
+                        str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+            batch = []
         with self.cond:
             self.queue.extendleft(reversed(batch))  # retried first, in order
             self.points += sum(i.points for i in batch)

@@ -166,5 +166,6 @@ class Tracker:
         """End the run as it really ended (FINISHED, KILLED or FAILED), waiting at most log.flush_timeout_s."""
         if self.active:
             self.active = False
-            self.sender.put_call("end", lambda: self.client.set_terminated(self.run_id, status))
+            # first: with a backlog at the deadline, the run's real status matters more than its last points
+            self.sender.put_call("end", lambda: self.client.set_terminated(self.run_id, status), first=True)
             self.sender.close(self.flush_timeout_s)

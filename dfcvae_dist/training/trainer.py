@@ -4,6 +4,7 @@ checkpointer's, and the counters a resume needs live in `TrainerState`."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -23,7 +24,7 @@ from dfcvae_dist.config import Config, load_config, resume_changes
 from dfcvae_dist.data.loader import (SplitSource, TrainStream, batches_per_epoch, make_loader, model_input,
                                      resolve_split)
 from dfcvae_dist.distributed import make_accelerator, set_determinism
-from dfcvae_dist.errors import UserError
+from dfcvae_dist.errors import UserError, one_line
 from dfcvae_dist.rundir import CONFIG_FILE, RunLock, atomic_write, find_checkpoint, write_end_marker
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
@@ -140,7 +141,7 @@ class Trainer:
                 if stopping or s.step == data.total_steps:
                     break
         self.progress.stop()
-        return self.finish(stopping)
+        return self.finish(stopped_early=stopping and s.step < data.total_steps)
 
     def log_step(self, result: StepResult) -> None:
         s, log = self.state, self.cfg.log
@@ -164,7 +165,11 @@ class Trainer:
             self.log_images()
 
     def save(self) -> Path:
-        return self.checkpointer.save(self.state, self.recipe.weights(), self.recipe.model_config, self.cfg.to_yaml())
+        """Every rank; the checkpoint's state holds the damaged samples of all ranks (the main one resumes with them)."""
+        acc, state = self.accelerator, dataclasses.replace(self.state)
+        state.skipped_samples = int(acc.reduce(torch.tensor(self.state.skipped_samples, device=acc.device),
+                                               reduction="sum").item())
+        return self.checkpointer.save(state, self.recipe.weights(), self.recipe.model_config, self.cfg.to_yaml())
 
     def finish(self, stopped_early: bool) -> dict:
         s, acc = self.state, self.accelerator
@@ -180,11 +185,11 @@ class Trainer:
         record_rank(self.run_dir, acc.process_index, self.recipe.module, self.data.stream)
         if acc.is_main_process:  # before any final tracking call: a hung server must not cost the marker
             write_end_marker(self.run_dir, stopped_early, summary)
+        acc.wait_for_everyone()  # the last collective: the tracker's flush below may take log.flush_timeout_s
         self.log_images()
         self.tracker.end("KILLED" if stopped_early else "FINISHED")
         self.console.print(f"{'stopped at' if stopped_early else 'finished'} step {s.step}; checkpoint "
                            f"{summary['checkpoint']}")
-        acc.wait_for_everyone()
         acc.end_training()
         self.lock.release()
         return summary
@@ -192,15 +197,7 @@ class Trainer:
     def hold_run_dir(self) -> None:
         """The main process takes the run directory's lock before anything reads or writes there; every
         rank learns the outcome, so a second launch on a busy directory stops at once on all of them."""
-        refusal = [None]
-        if self.accelerator.is_main_process:
-            try:
-                self.lock.acquire()
-            except UserError as err:
-                refusal = [str(err)]
-        broadcast_object_list(refusal, from_process=0)
-        if refusal[0]:
-            raise UserError(refusal[0])
+        on_main_then_all(self.accelerator, self.lock.acquire)
 
     def resume(self) -> TrainerState:
         """The state to start from: fresh, or that of the checkpoint the main process picked, loaded on every rank."""
@@ -208,11 +205,10 @@ class Trainer:
         state = TrainerState(batches_per_epoch=self.data.batches_per_epoch, grad_accum=cfg.train.grad_accum,
                              model=cfg.model.name, world_size=acc.num_processes, config_digest=cfg.digest(),
                              vgg_weights=self.recipe.weights_source)
-        choice = [str(find_checkpoint(self.run_dir, cfg.train.resume) or "") if acc.is_main_process else None]
-        broadcast_object_list(choice, from_process=0)
-        if not choice[0]:
+        choice = on_main_then_all(acc, lambda: str(find_checkpoint(self.run_dir, cfg.train.resume) or ""))
+        if not choice:
             return state
-        checkpoint = Path(choice[0])
+        checkpoint = Path(choice)
         saved = TrainerState.read(checkpoint)
         refuse_incompatible(checkpoint, saved, state)
         self.changed = self.compare_config(checkpoint)
@@ -221,6 +217,7 @@ class Trainer:
         except (pickle.UnpicklingError, RuntimeError, OSError) as err:
             raise UserError(f"{checkpoint}: checkpoint refused or unreadable ({str(err).splitlines()[0][:300]})") from None
         saved.config_digest, saved.vgg_weights = state.config_digest, state.vgg_weights
+        saved.skipped_samples = saved.skipped_samples if acc.is_main_process else 0  # a sum over ranks
         self.checkpointer.last_saved = saved.step
         self.console.print(f"resumed from {checkpoint} at step {saved.step}")
         return saved
@@ -272,6 +269,21 @@ class Trainer:
         samples = self.recipe.decode(self.fixed_z)
         self.tracker.log_image(torchvision.utils.make_grid(samples.float().cpu(), nrow=8),
                                f"images/samples_step{step:08d}.png")
+
+
+def on_main_then_all(accelerator, fn):
+    """`fn()` on the main process, its result (or its error, as one line) on every rank."""
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [("ok", fn())]
+        except Exception as err:  # noqa: BLE001 - any error must reach the other ranks, not leave them waiting
+            outcome = [("error", one_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")]
+    broadcast_object_list(outcome, from_process=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 def refuse_incompatible(checkpoint: Path, saved: TrainerState, now: TrainerState) -> None:
