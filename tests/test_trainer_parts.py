@@ -2,6 +2,10 @@
 resume starts, and each recipe's optimizer step."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,3 +124,14 @@ def test_contradicting_precisions_are_refused_and_deepspeed_decides_its_own():
     with pytest.raises(UserError, match="train.mixed_precision=bf16, but the launcher asks for fp16"):
         resolve_precision("bf16", "fp16", deepspeed=False)
     assert resolve_precision("bf16", "fp16", deepspeed=True) is None
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="taskset (util-linux) is not installed")
+def test_torch_threads_follow_the_cpus_the_job_may_use():
+    """A Slurm job or container gets a share of the machine's cores; os.cpu_count() sees them all."""
+    code = "from dfcvae_dist.distributed import make_accelerator; import torch; make_accelerator(); " \
+           "print(torch.get_num_threads())"
+    proc = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "WORLD_SIZE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "1"
