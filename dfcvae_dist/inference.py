@@ -3,6 +3,7 @@ pickle), encode images, decode latents, sample."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -40,6 +41,25 @@ def load_trained(path: str | Path, expect: type | None = VAE) -> tuple[torch.nn.
         raise UserError(f"{checkpoint / WEIGHTS_FILE}: does not load into {cfg.model.name} "
                         f"({str(err).splitlines()[0]})") from None
     return model.eval(), cfg, checkpoint
+
+
+def load_weights_file(path: str | Path) -> torch.nn.Module:
+    """A model (eval mode) from a `weights.safetensors` alone: its metadata holds the model config."""
+    from safetensors import safe_open
+
+    from dfcvae_dist.config import ModelConfig
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            model_config = (f.metadata() or {}).get("model")
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path}: not a readable safetensors file ({err})") from None
+    if model_config is None:
+        raise UserError(f"{path}: no model config in its metadata (written before it was kept there); load the "
+                        "checkpoint folder instead")
+    model = build_model(ModelConfig(**json.loads(model_config)))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
 
 
 @torch.no_grad()

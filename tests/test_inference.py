@@ -1,0 +1,28 @@
+"""Using a trained model without the training stack."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dfcvae_dist.errors import UserError
+from dfcvae_dist.inference import decode, load_trained, load_weights_file
+
+
+def test_inference_imports_neither_accelerate_deepspeed_nor_mlflow():
+    code = "import sys, dfcvae_dist.inference; print(sorted({'accelerate', 'deepspeed', 'mlflow'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_weights_file_alone_rebuilds_the_model(trained_run, tmp_path):
+    model, _, checkpoint = load_trained(trained_run)
+    alone = load_weights_file(checkpoint / "weights.safetensors")
+    z = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(decode(model, z), decode(alone, z))
+    plain = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(plain))  # no metadata: a file from before it was kept
+    with pytest.raises(UserError, match="no model config in its metadata"):
+        load_weights_file(plain)
