@@ -2,8 +2,8 @@
 
 Per layer l: L_l = 1 / (2 C W H) * sum_{c,w,h} (s * Phi_l(x) - s * Phi_l(x_hat))^2, averaged over the batch,
 where s = `feature_scale` maps torchvision's features to the Caffe scale of the released code
-(README, "Feature scale"). Target features Phi(x) are computed under no_grad in their own pass; only x_hat
-runs through VGG with autograd. VGG runs in its own dtype (fp16 on CUDA by default); the distances are
+(docs/paper-fidelity.md, "Feature scale"). Target features Phi(x) are computed under no_grad in their own
+pass; only x_hat runs through VGG with autograd. VGG runs in its own dtype (fp16 on CUDA by default); the distances are
 reduced in fp32.
 """
 
