@@ -3,6 +3,7 @@
 import logging
 import pickle
 import socket
+import urllib.request
 
 import numpy as np
 import pytest
@@ -224,6 +225,9 @@ def test_imagenet_weights_not_cached_and_not_downloadable_is_one_line_saying_whi
     """An empty hub and a download that fails whatever the machine's network: every proxy variable points at a
     loopback port that is bound but never listens, so the connection is refused."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # urlopen builds its opener, proxies included, on first use and keeps it: give this test its own, so the
+    # refused proxy neither depends on earlier tests nor outlives this one
+    monkeypatch.setattr(urllib.request, "_opener", None)
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     with socket.socket() as closed:
