@@ -220,16 +220,17 @@ def make_shards(names: list[str], samples: list[Sample], out: Path, settings: Sh
                 progress(len(job.samples))
         else:
             todo.append((job, out, settings, names, skip_corrupt))
-    try:
-        with mp.get_context("fork").Pool(max(1, workers)) as pool:
-            for record in pool.imap_unordered(_write_shard_star, todo):
-                records[record["name"]] = record
-                if progress:
-                    progress(record["num_samples"] + len(record["skipped"]))
-    except BaseException:  # the pool's workers were stopped mid-shard: their temporary files stay behind
-        for job, *_ in todo:
-            temp_name(out / job.name).unlink(missing_ok=True)
-        raise
+    if todo:
+        try:
+            with mp.get_context("fork").Pool(max(1, workers)) as pool:
+                for record in pool.imap_unordered(_write_shard_star, todo):
+                    records[record["name"]] = record
+                    if progress:
+                        progress(record["num_samples"] + len(record["skipped"]))
+        except BaseException:  # the pool's workers were stopped mid-shard: their temporary files stay behind
+            for job, *_ in todo:
+                temp_name(out / job.name).unlink(missing_ok=True)
+            raise
     manifest = build_manifest(names, [records[j.name] for j in jobs], settings)
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
