@@ -46,7 +46,10 @@ def test_an_autocast_training_step_updates_the_model(accelerator, precision):
     recipe = VAERecipe(acc, ModelConfig(), LossConfig(vgg_weights="random"), OptimConfig(), LossHealth(acc, "stop"),
                        TrainConfig(batch_size=8), torch.channels_last)
     before = {k: v.detach().clone() for k, v in recipe.model.named_parameters()}
-    result = recipe.train_step([torch.rand(8, 3, 64, 64, device="cuda")], step=1)
+    for step in range(1, 40):  # fp16: the GradScaler skips the first steps until its scale fits the gradients
+        result = recipe.train_step([torch.rand(8, 3, 64, 64, device="cuda")], step=step)
+        if not result.skipped:
+            break
     assert not result.skipped and torch.isfinite(result.metrics["total"])
     assert any(not torch.equal(before[k], v) for k, v in recipe.model.named_parameters())
     assert not recipe.health.agree(stop_requested=False)
@@ -77,7 +80,8 @@ def test_sync_bn_converts_batch_norm_under_ddp(accelerator):
 
 
 def test_compiled_loss_and_deterministic_bit_exact_resume_on_cuda(tmp_path, shard_dir):
-    steps = ["train.max_steps=6", "checkpoint.every_steps=3", "train.deterministic=true", "loss.compile=true"]
+    steps = ["train.max_steps=6", "checkpoint.every_steps=3", "train.deterministic=true", "loss.compile=true",
+             "log.enabled=false"]  # tracking is tested on CPU; this is about CUDA determinism
     train(tmp_path, shard_dir, tmp_path / "straight", *steps)
     train(tmp_path, shard_dir, tmp_path / "resumed", "train.max_steps=3", *steps[1:])
     train(tmp_path, shard_dir, tmp_path / "resumed", *steps)
@@ -85,3 +89,11 @@ def test_compiled_loss_and_deterministic_bit_exact_resume_on_cuda(tmp_path, shar
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000006" / "weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "straight" / "COMPLETED.json").read_text())["step"] == 6
+
+
+def test_an_fp16_run_trains_through_the_grad_scaler_warm_up(tmp_path, shard_dir):
+    # the scaler's first overflowing steps are skipped steps, not a non-finite loss that stops the run
+    train(tmp_path, shard_dir, tmp_path / "fp16", "train.max_steps=20", "train.mixed_precision=fp16",
+          "log.enabled=false")
+    done = json.loads((tmp_path / "fp16" / "COMPLETED.json").read_text())
+    assert done["step"] == 20 and done["skipped_steps"] < 20

@@ -91,6 +91,25 @@ def test_a_nonfinite_micro_batch_skips_the_whole_accumulated_step(accelerator):
     assert not all(torch.equal(params[k], v) for k, v in recipe.model.named_parameters())
 
 
+@pytest.mark.parametrize("family", ["pvae", "dcgan"])
+def test_an_fp16_scaler_overflow_skips_the_step_without_tripping_the_loss_health_check(accelerator, family):
+    # accelerate gives CPU no GradScaler; CUDA fp16 does (tests/test_gpu.py): the same scaler, made to overflow here
+    acc = accelerator()
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # before prepare: the optimizers take it
+    model_cfg = ModelConfig(name=family, image_size=32)
+    health = LossHealth(acc, "stop")
+    recipe = (GANRecipe(acc, model_cfg, OptimConfig(), health, TrainConfig(batch_size=4), torch.contiguous_format) if family == "dcgan" else
+              VAERecipe(acc, model_cfg, LossConfig(), OptimConfig(), health, TrainConfig(batch_size=4),
+                        torch.contiguous_format))
+    params = {k: v.detach().clone() for k, v in recipe.module.named_parameters()}
+    result = recipe.train_step([torch.rand(4, 3, 32, 32)], step=1)
+    assert result.skipped and not result.metrics
+    assert all(torch.equal(params[k], v) for k, v in recipe.module.named_parameters())
+    assert acc.scaler.get_scale() < 2.0 ** 127 and not health.agree(stop_requested=False)  # no NonFiniteLoss
+    acc.scaler.update(1.0)
+    assert not recipe.train_step([torch.rand(4, 3, 32, 32)], step=2).skipped
+
+
 def test_dcgan_refuses_gradient_accumulation(accelerator):
     acc = accelerator(grad_accum=2)
     with pytest.raises(UserError, match="model.name=dcgan does not support train.grad_accum=2"):

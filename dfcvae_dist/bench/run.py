@@ -181,5 +181,6 @@ def step_overhead_section(s: BenchSettings, work: Path) -> dict:
     if s.quick:
         return {"host_syncs": None, "collectives": None,
                 "skipped": "--quick: a 2-process run (tests/test_train.py asserts the same counts)"}
-    profile = step_overhead.measure(work / "shards-npy", work, image_size=s.image_size)
+    nproc = 2 if s.device == "cpu" else min(2, torch.cuda.device_count())  # one process per GPU
+    profile = step_overhead.measure(work / "shards-npy", work, image_size=s.image_size, nproc=nproc)
     return {k: v for k, v in profile.items() if k != "per_step"}

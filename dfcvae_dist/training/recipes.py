@@ -114,6 +114,18 @@ def clip_or_norm(accelerator, module, max_norm: float | None) -> torch.Tensor:
     return accelerator.clip_grad_norm_(module.parameters(), max_norm if max_norm is not None else float("inf"))
 
 
+def gradients_finite(accelerator, health: "LossHealth", grad_norm: torch.Tensor, step: int) -> bool:
+    """Under fp16 the GradScaler judges the gradients itself: overflow in its first steps is expected."""
+    return accelerator.scaler is not None or health.finite(grad_norm, step)
+
+
+def optimizer_stepped(accelerator, optimizer) -> bool:
+    """Steps; False when fp16's GradScaler skipped the step for inf/NaN gradients and lowered its scale
+    (reading that flag costs no host sync of ours: the scaler's step has already read it)."""
+    optimizer.step()
+    return accelerator.scaler is None or not optimizer.step_was_skipped
+
+
 def set_lr(optimizers, lr: float) -> None:
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -173,9 +185,9 @@ class VAERecipe:
             norm = clip_or_norm(acc, self.model, self.optim_cfg.grad_clip)  # None under DeepSpeed before its first step
             if norm is not None:  # a finite loss can still give infinite gradients, and NaN weights after the step
                 sums["grad_norm"] = torch.as_tensor(norm, device=acc.device)
-                skipped = not self.health.finite(sums["grad_norm"], step)
+                skipped = not gradients_finite(acc, self.health, sums["grad_norm"], step)
         if not skipped:
-            self.optimizer.step()
+            skipped = not optimizer_stepped(acc, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult({} if skipped else sums, (x, x_hat.detach()), skipped)
 
@@ -245,10 +257,9 @@ class GANRecipe:
         optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         norm = clip_or_norm(self.accelerator, net, self.optim_cfg.grad_clip)
-        if not self.health.finite(norm, step):
+        if not gradients_finite(self.accelerator, self.health, norm, step):
             return None
-        optimizer.step()
-        return norm
+        return norm if optimizer_stepped(self.accelerator, optimizer) else None
 
     def train_step(self, micro_batches: list[torch.Tensor], step: int) -> StepResult:
         """A discriminator step on real vs fake, then a generator step (non-saturating loss)."""
