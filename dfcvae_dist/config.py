@@ -39,7 +39,7 @@ NULL_TAG = "tag:yaml.org,2002:null"
 def opt(default: Any, help: str, *, resume_safe: bool = False, **checks: Any) -> Any:
     """A config field: default, help text, whether a resumed run may change it (it changes neither the model,
     the optimisation nor the data order and position) and optional checks (choices=, min=, max=, items=,
-    nonempty=)."""
+    nonempty=, key_value=)."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
     return field(metadata={"help": help, "resume_safe": resume_safe, **checks}, **kw)
 
@@ -171,6 +171,10 @@ class LogConfig:
     progress_every_s: float = opt(30.0, "In a job log (stderr not a terminal): a plain progress line at the first "
                                   "log step after every N seconds (0: at every log step).", min=0.0,
                                   resume_safe=True)
+    parent_run_id: str | None = opt(None, "MLflow run to nest this run under (mlflow.parentRunId); a sweep sets "
+                                    "its parent run here.", resume_safe=True)
+    run_tags: list[str] = opt([], "Extra MLflow tags of the run, as KEY=VALUE (a sweep sets its name and the "
+                              "task's index and name).", key_value=True, resume_safe=True)
 
 
 @dataclass
@@ -369,6 +373,8 @@ def _check_value(key: str, value: Any, meta: typing.Mapping, source: str) -> Any
         if "items" in meta and v not in _items(meta):
             raise UserError(f"{source}: '{key}' has unknown entry {v!r}{_suggest(v, _items(meta))}; "
                             f"allowed: {', '.join(_items(meta))}")
+        if meta.get("key_value") and not str(v).partition("=")[0]:
+            raise UserError(f"{source}: '{key}' entries are KEY=VALUE, got {v!r}")
         if "min" in meta and v < meta["min"]:
             raise UserError(f"{source}: '{key}' must be >= {meta['min']}, got {v!r}")
         if "max" in meta and v > meta["max"]:

@@ -77,6 +77,14 @@ def resolve_run_id(value: str) -> str:
                     "before its first marker, or not a training run directory); pass the MLflow run id instead")
 
 
+def run_tags(cfg: Config) -> dict[str, str]:
+    """The tags a run is created with: log.run_tags, and its parent run where log.parent_run_id names one."""
+    tags = dict(tag.partition("=")[::2] for tag in cfg.log.run_tags)
+    if cfg.log.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.log.parent_run_id
+    return tags
+
+
 class Tracker:
     """The run's MLflow logger on the main process; on other ranks (or disabled, or untracked) every call is
     a no-op. Start-up talks to the server directly (bounded by short timeouts); everything after goes
@@ -120,7 +128,8 @@ class Tracker:
                 experiment = self.client.get_experiment_by_name(cfg.log.experiment)
                 experiment_id = (experiment.experiment_id if experiment else
                                  self.client.create_experiment(cfg.log.experiment))
-                run = self.client.create_run(experiment_id, run_name=cfg.log.run_name or Path(cfg.train.run_dir).name)
+                run = self.client.create_run(experiment_id, run_name=cfg.log.run_name or Path(cfg.train.run_dir).name,
+                                             tags=run_tags(cfg))
                 self.run_id = run.info.run_id
         except Exception as err:  # noqa: BLE001 - any store error at start is the user's to fix
             return f"error:MLflow at {self.client.tracking_uri} failed at start: {str(err).splitlines()[0][:300]}"
