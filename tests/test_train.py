@@ -57,6 +57,8 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_d
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
     assert summary["step"] == 40 and summary["vgg_weights"] == "random(seed=0)"
     ckpt = run_dir / "checkpoints" / "step-00000040"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert summary["config_digest"] == state["config_digest"] and 0 < state["wall_time_s"] <= summary["wall_time_s"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == ckpt.name
     assert {"weights.safetensors", "trainer_state.json", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
     from dfcvae_dist.models import VAE

@@ -26,6 +26,7 @@ class TrainerState:
     world_size: int = 1
     config_digest: str = ""
     vgg_weights: str = "none"
+    wall_time_s: float = 0.0  # seconds of training, over every launch, up to `step` (work lost to a kill not counted)
 
     def advance(self, skipped: bool, skipped_samples: int = 0) -> None:
         """One optimizer step done: `grad_accum` micro-batches further; a full epoch rolls over to the next."""

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -117,6 +118,7 @@ class Trainer:
         self.fixed_z = torch.randn(16, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
         self.last_images: tuple[torch.Tensor, torch.Tensor] | None = None
         self.stop = StopFlag()
+        self.launched = (time.perf_counter(), self.state.wall_time_s)
         self.describe()
 
     def fit(self) -> dict:
@@ -166,7 +168,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Every rank; the checkpoint's state holds the damaged samples of all ranks (the main one resumes with them)."""
-        acc, state = self.accelerator, dataclasses.replace(self.state)
+        acc, state = self.accelerator, dataclasses.replace(self.state, wall_time_s=self.wall_time_s())
         state.skipped_samples = int(acc.reduce(torch.tensor(self.state.skipped_samples, device=acc.device),
                                                reduction="sum").item())
         return self.checkpointer.save(state, self.recipe.weights(), self.recipe.model_config, self.cfg.to_yaml())
@@ -181,7 +183,8 @@ class Trainer:
                    "mlflow_run_id": s.mlflow_run_id, "checkpoint": str(find_checkpoint(self.run_dir, "auto")),
                    "vgg_weights": s.vgg_weights, "skipped_steps": s.skipped_steps,
                    "skipped_samples": damaged,
-                   "img_per_s": self.progress.img_per_s(s.step)}
+                   "img_per_s": self.progress.img_per_s(s.step), "wall_time_s": round(self.wall_time_s(), 3),
+                   "config_digest": s.config_digest}
         record_rank(self.run_dir, acc.process_index, self.recipe.module, self.data.stream)
         if acc.is_main_process:  # before any final tracking call: a hung server must not cost the marker
             write_end_marker(self.run_dir, stopped_early, summary)
@@ -193,6 +196,10 @@ class Trainer:
         acc.end_training()
         self.lock.release()
         return summary
+
+    def wall_time_s(self) -> float:
+        started, before = self.launched
+        return before + time.perf_counter() - started
 
     def hold_run_dir(self) -> None:
         """The main process takes the run directory's lock before anything reads or writes there; every
