@@ -1,27 +1,75 @@
-"""Offline reconstruction-quality metrics, so DFC-VAE and PVAE compare by numbers: pixel MSE, SSIM, a blur
-ratio (variance of the Laplacian of reconstructions over that of the inputs: 1 = as sharp, < 1 = blurrier)
-and the feature perceptual distance; FID only where Inception weights are available."""
+"""Image-quality metrics of trained models, computed as papers compute them where a standard exists:
+
+- SSIM and MS-SSIM: torchmetrics, Gaussian 11x11 window (sigma 1.5), data range 1;
+- LPIPS: the `lpips` package (AlexNet backbone, its learned linear weights), when the ImageNet AlexNet is cached;
+- FID: torchmetrics' `FrechetInceptionDistance` with torch-fidelity's FID Inception weights, uint8 inputs and the
+  TensorFlow-1 bilinear resize of the original FID code, samples from N(0, I) against real images.
+
+Two numbers are ours and compare only with each other: the blur ratio (variance of the Laplacian of the
+reconstructions over that of the inputs: 1 = as sharp, < 1 = blurrier) and the perceptual distance (our training
+loss's VGG19 feature distance). Each metric is None where it cannot be computed, and `notes` says why."""
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
+                                           structural_similarity_index_measure)
 
-from dfcvae_dist.imagenet import imagenet_normalize
+from dfcvae_dist.errors import UserError
+
+SSIM_WINDOW = {"gaussian_kernel": True, "kernel_size": 11, "sigma": 1.5, "data_range": 1.0}
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest scale first
+FID_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for the FID Inception
+FID_WEIGHTS_ALIASES = (FID_WEIGHTS_FILE, "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's copy
+FID_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{FID_WEIGHTS_FILE}"
+LPIPS_BACKBONE_FILE = "alexnet-owt-7be5be79.pth"
+LPIPS_BACKBONE_URL = f"https://download.pytorch.org/models/{LPIPS_BACKBONE_FILE}"
+RECONSTRUCTION_METRICS = ("mse", "ssim", "ms_ssim", "lpips", "blur_ratio", "perceptual_distance")
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
-    """Mean SSIM per image (Gaussian window, constants of Wang et al. for images in [0, 1])."""
-    coords = torch.arange(window, dtype=x.dtype) - window // 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = (g / g.sum()).to(x.device)
-    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, window, window)
-    blur = lambda t: F.conv2d(t, kernel, groups=x.shape[1])  # noqa: E731
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)
+def hub_checkpoints() -> Path:
+    """Where torch.hub (and so torchvision, lpips and torch-fidelity) caches downloaded weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def ssim(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """SSIM per image, images in [0, 1]."""
+    return structural_similarity_index_measure(x_hat, x, reduction="none", **SSIM_WINDOW)
+
+
+def ms_ssim_scales(size: int) -> int | None:
+    """The most scales (5, the standard, else 3) an 11x11 window fits at `size` px, or None. torchmetrics
+    needs size // (scales - 1)**2 > 10: 176 px for 5 scales, 44 px for 3."""
+    return next((s for s in (5, 3) if size // (s - 1) ** 2 > SSIM_WINDOW["kernel_size"] - 1), None)
+
+
+def ms_ssim_betas(scales: int) -> tuple[float, ...]:
+    """The standard weights of the finest `scales` scales, renormalised to sum to 1."""
+    kept = MS_SSIM_BETAS[:scales]
+    return tuple(b / sum(kept) for b in kept)
+
+
+def ms_ssim(x_hat: torch.Tensor, x: torch.Tensor, scales: int) -> torch.Tensor:
+    """MS-SSIM per image; negative terms are clipped to 0 ("relu", as TensorFlow's ssim_multiscale does)."""
+    return multiscale_structural_similarity_index_measure(x_hat, x, reduction="none", betas=ms_ssim_betas(scales),
+                                                          normalize="relu", **SSIM_WINDOW)
+
+
+def ms_ssim_note(size: int) -> tuple[int | None, str]:
+    scales = ms_ssim_scales(size)
+    if scales is None:
+        return None, (f"n/a: {size} px images are below the 44 px that 3 scales of an 11x11 window need "
+                      "(5 scales, the standard, need 176 px)")
+    betas = ", ".join(f"{b:.4f}" for b in ms_ssim_betas(scales))
+    if scales == 5:
+        return scales, f"torchmetrics MS-SSIM, the standard 5 scales, betas ({betas})"
+    return scales, (f"torchmetrics MS-SSIM with 3 scales, not the standard 5 (which need 176 px; these images are "
+                    f"{size} px): the first 3 betas renormalised to ({betas}); not comparable with 5-scale numbers")
 
 
 def laplacian_variance(x: torch.Tensor) -> torch.Tensor:
@@ -30,57 +78,188 @@ def laplacian_variance(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(gray, kernel).flatten(1).var(1)
 
 
+def lpips_or_reason(random_backbone_not_lpips: bool = False):
+    """(lpips.LPIPS, how it was computed) or (None, why not). `random_backbone_not_lpips` (tests only) builds
+    the network on a random AlexNet: it exercises the computation, and its numbers are NOT LPIPS."""
+    import lpips
+
+    if random_backbone_not_lpips:
+        return lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval(), \
+            "NOT LPIPS: random AlexNet backbone (a test of the computation path)"
+    cached = hub_checkpoints() / LPIPS_BACKBONE_FILE
+    if not cached.is_file():
+        return None, (f"n/a: LPIPS needs torchvision's ImageNet AlexNet, {LPIPS_BACKBONE_FILE}, not found; download "
+                      f"{LPIPS_BACKBONE_URL} into {hub_checkpoints()}/ (torch hub's cache, $TORCH_HOME)")
+    try:
+        return lpips.LPIPS(net="alex", verbose=False).eval(), \
+            f"the lpips package's v0.1 learned linear weights on torchvision's ImageNet AlexNet ({cached})"
+    except (OSError, RuntimeError) as err:
+        return None, f"n/a: LPIPS's AlexNet {cached} does not load ({str(err).splitlines()[0]})"
+
+
 @torch.no_grad()
-def reconstruction_metrics(model, batches, perceptual) -> dict[str, float]:
-    """Means over all images of `batches` (tensors in [0, 1]); reconstructions from the mean latent."""
-    sums = {"mse": 0.0, "ssim": 0.0, "blur_ratio_num": 0.0, "blur_ratio_den": 0.0, "perceptual": 0.0}
+def reconstruction_metrics(model, batches, perceptual, lpips_net=None, ms_ssim_scales_: int | None = None) -> dict:
+    """Means over all images of `batches` (tensors in [0, 1]), reconstructions from the mean latent; the blur
+    ratio is a ratio of the summed variances. `lpips_net` / `ms_ssim_scales_` None: that metric is None."""
+    sums = dict.fromkeys(("mse", "ssim", "ms_ssim", "lpips", "blur_num", "blur_den", "perceptual_distance"), 0.0)
     n = 0
     for x in batches:
-        mu, _ = model.encode(x)
-        x_hat = model.decode(mu)
+        x_hat = model.decode(model.encode(x)[0]).clamp(0, 1)
         sums["mse"] += F.mse_loss(x_hat, x, reduction="none").flatten(1).mean(1).sum().item()
         sums["ssim"] += ssim(x_hat, x).sum().item()
-        sums["blur_ratio_num"] += laplacian_variance(x_hat).sum().item()
-        sums["blur_ratio_den"] += laplacian_variance(x).sum().item()
-        sums["perceptual"] += sum(perceptual(x, x_hat).values()).item() * x.shape[0]
+        if ms_ssim_scales_:
+            sums["ms_ssim"] += ms_ssim(x_hat, x, ms_ssim_scales_).sum().item()
+        if lpips_net is not None:
+            sums["lpips"] += lpips_net(x_hat, x, normalize=True).sum().item()
+        sums["blur_num"] += laplacian_variance(x_hat).sum().item()
+        sums["blur_den"] += laplacian_variance(x).sum().item()
+        sums["perceptual_distance"] += sum(perceptual(x, x_hat).values()).item() * x.shape[0]
         n += x.shape[0]
-    return {"images": n, "mse": sums["mse"] / n, "ssim": sums["ssim"] / n,
-            "blur_ratio": sums["blur_ratio_num"] / max(sums["blur_ratio_den"], 1e-12),
-            "perceptual": sums["perceptual"] / n}
+    means = {key: sums[key] / n for key in RECONSTRUCTION_METRICS if key != "blur_ratio"}
+    means["ms_ssim"] = means["ms_ssim"] if ms_ssim_scales_ else None
+    means["lpips"] = means["lpips"] if lpips_net is not None else None
+    means["blur_ratio"] = sums["blur_num"] / max(sums["blur_den"], 1e-12)
+    return {"images": n, **{key: means[key] for key in RECONSTRUCTION_METRICS}}
 
 
-def inception_or_reason():
-    """torchvision's Inception v3 for FID, or the reason it is not available (offline, not cached)."""
-    from torchvision.models import Inception_V3_Weights, inception_v3
+def find_fid_weights(path: str | Path | None) -> Path | None:
+    """`path` if given, else the FID Inception in torch hub's cache (under either of its two names), else None."""
+    if path is not None:
+        return Path(path)
+    return next((hub_checkpoints() / name for name in FID_WEIGHTS_ALIASES if (hub_checkpoints() / name).is_file()),
+                None)
+
+
+def missing_fid_weights_note() -> str:
+    return (f"n/a: FID needs the FID Inception weights {FID_WEIGHTS_FILE} (torch-fidelity's; pytorch-fid's "
+            f"pt_inception-2015-12-05-6726825d.pth also loads), not found; download {FID_WEIGHTS_URL} and pass "
+            f"--fid-weights PATH, or put it in {hub_checkpoints()}/ (torch hub's cache, $TORCH_HOME). "
+            "No other Inception weights are used: their FID would compare with no published number")
+
+
+def fid_metric(weights: Path):
+    """torchmetrics' FID on torch-fidelity's Inception, fed uint8 images and resized with the TensorFlow-1
+    bilinear resize (antialias=False) of the original FID code; statistics in float64."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
     try:
-        return inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1, aux_logits=True).eval(), None
-    except (OSError, RuntimeError) as err:
-        return None, (f"FID skipped: Inception v3 weights are not cached and cannot be downloaded ({err}); place "
-                      f"{Inception_V3_Weights.IMAGENET1K_V1.url.rsplit('/', 1)[1]} in torch's hub cache to enable it")
+        metric = FrechetInceptionDistance(feature=2048, normalize=False, antialias=False, reset_real_features=False,
+                                          feature_extractor_weights_path=str(weights))
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise UserError(f"{weights}: not the FID Inception weights {FID_WEIGHTS_FILE} "
+                        f"({str(err).splitlines()[0][:200]})") from None
+    return metric.set_dtype(torch.float64)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats -> uint8 rounded as an image file would store them (what FID's Inception expects)."""
+    return images.clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
 @torch.no_grad()
-def inception_features(inception, images: torch.Tensor, batch: int = 100) -> torch.Tensor:
-    """2048-d pool features of Inception v3 for images in [0, 1] (resized to 299, ImageNet-normalised).
-    Read by a hook on the pool layer that is removed afterwards, so the caller's model keeps its `fc`."""
-    pooled = []
-    hook = inception.avgpool.register_forward_hook(lambda module, args, out: pooled.append(out.flatten(1)))
-    try:
-        for x in images.split(batch):
-            inception(imagenet_normalize(F.interpolate(x, size=299, mode="bilinear", align_corners=False)))
-    finally:
-        hook.remove()
-    return torch.cat(pooled).double()
+def add_fid_images(metric, batches, real: bool) -> int:
+    """Feed batches of [0, 1] images to one side of the FID; returns how many."""
+    n = 0
+    for x in batches:
+        metric.update(to_uint8(x.to(metric.device)), real=real)
+        n += len(x)
+    return n
 
 
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) between two feature sets (N x D)."""
-    from scipy import linalg
+def sample_batches(model, n: int, batch: int = 250, seed: int = 0):
+    """n samples from N(0, I) through the decoder / generator, a batch at a time, deterministic for `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch):
+        yield model.sample(min(batch, n - start), generator)
 
-    a, b = a.numpy(), b.numpy()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.from_numpy(a).T.cov().numpy(), torch.from_numpy(b).T.cov().numpy()
-    root = linalg.sqrtm(cov_a @ cov_b)
-    root = root.real if hasattr(root, "real") else root
-    return float(((mu_a - mu_b) ** 2).sum() + (cov_a + cov_b - 2 * root).trace())
+
+def split_batches(shards: Path, split: str, n: int, batch: int = 250):
+    """The first `n` images of a split as [0, 1] batches, streamed (FID reads up to 50,000)."""
+    from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader, model_input
+
+    left = n
+    for item in make_loader(EvalStream(SplitSource.from_manifest(shards, split), batch, 0, 1), 0):
+        if left <= 0:
+            break
+        images = item["image"][:left]
+        left -= len(images)
+        yield model_input(images, "cpu")
+
+
+@dataclass
+class QualityOptions:
+    shards: Path
+    split: str = "test"
+    max_images: int = 2000  # reconstruction metrics
+    vgg_weights: str = "imagenet"  # the perceptual distance's VGG19
+    fid_weights: Path | None = None
+    fid_samples: int = 10_000
+    random_lpips_backbone_not_lpips: bool = False  # tests only
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fixed_notes(perceptual) -> dict[str, str]:
+    return {
+        "mse": "mean over images of the per-pixel squared error, images in [0, 1], reconstruction from the mean latent",
+        "ssim": "torchmetrics SSIM, Gaussian 11x11 window, sigma 1.5, data range 1, mean over images",
+        "blur_ratio": "ours: variance of the Laplacian of the reconstructions over that of the inputs (1 = as sharp); "
+                      "no published counterpart",
+        "perceptual_distance": "ours: the DFC-VAE training loss's VGG19 feature distance (relu1_2, relu2_1, relu3_1), "
+                               f"VGG19 weights {perceptual.weights_source}; not comparable with published numbers",
+    }
+
+
+def evaluate_models(checkpoints: dict[str, str], opts: QualityOptions) -> dict:
+    """quality.json's content for the named models (a run directory or checkpoint each): reconstruction
+    metrics for the VAEs, FID for every model."""
+    from dfcvae_dist.data.loader import read_images
+    from dfcvae_dist.imagenet import PAPER_LAYERS
+    from dfcvae_dist.inference import load_trained
+    from dfcvae_dist.losses import FeaturePerceptualLoss
+    from dfcvae_dist.models import VAE
+
+    perceptual = FeaturePerceptualLoss(list(PAPER_LAYERS["123"]), weights=opts.vgg_weights).to(opts.device)
+    notes = fixed_notes(perceptual)
+    lpips_net, notes["lpips"] = lpips_or_reason(opts.random_lpips_backbone_not_lpips)
+    lpips_net = lpips_net.to(opts.device) if lpips_net is not None else None
+    images = read_images(opts.shards, opts.split, opts.max_images)["image"].to(opts.device)
+    scales, notes["ms_ssim"] = ms_ssim_note(images.shape[-1])
+    models, results = {}, {}
+    for name, path in checkpoints.items():
+        model, cfg, checkpoint = load_trained(path, expect=None)
+        models[name] = model.to(opts.device)
+        results[name] = {"checkpoint": str(checkpoint), "family": cfg.model.name, "split": opts.split}
+        if isinstance(model, VAE):
+            results[name] |= reconstruction_metrics(model, images.split(200), perceptual, lpips_net, scales)
+        else:
+            results[name] |= {"images": 0, **dict.fromkeys(RECONSTRUCTION_METRICS)}
+    no_encoder = sorted(name for name, r in results.items() if r["family"] == "dcgan")
+    for key in RECONSTRUCTION_METRICS if no_encoder else ():
+        notes[key] += f"; null for {', '.join(no_encoder)}: a GAN has no encoder, so no reconstructions"
+    add_fid(models, results, opts, notes)
+    return {"models": results, "notes": notes}
+
+
+def add_fid(models: dict, results: dict, opts: QualityOptions, notes: dict) -> None:
+    """FID of each model's samples against as many images of the split (at most --fid-samples)."""
+    weights = find_fid_weights(opts.fid_weights)
+    for r in results.values():
+        r["fid"], r["fid_samples"] = None, 0
+    if opts.fid_samples <= 0 or weights is None:
+        notes["fid"] = "n/a: --fid-samples 0" if opts.fid_samples <= 0 else missing_fid_weights_note()
+        return
+    if not weights.is_file():
+        raise UserError(f"--fid-weights {weights}: no such file (the FID Inception weights, {FID_WEIGHTS_URL})")
+    metric = fid_metric(weights).to(opts.device)
+    real = add_fid_images(metric, split_batches(opts.shards, opts.split, opts.fid_samples), real=True)
+    if real < 2:
+        notes["fid"] = f"n/a: the {opts.split} split has {real} image(s); FID needs at least 2"
+        return
+    for name, model in models.items():
+        metric.reset()  # the fake side only (reset_real_features=False)
+        add_fid_images(metric, sample_batches(model, real), real=False)
+        results[name]["fid"], results[name]["fid_samples"] = float(metric.compute()), real
+    notes["fid"] = (f"FID of {real:,} samples from N(0, I) against {real:,} {opts.split} images"
+                    + (f" ({opts.fid_samples:,} asked; the {opts.split} split has {real:,})"
+                       if real < opts.fid_samples else "")
+                    + f"; torchmetrics FrechetInceptionDistance, FID Inception weights {weights}")
