@@ -38,8 +38,12 @@ def hub_checkpoints() -> Path:
 
 
 def ssim(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """SSIM per image, images in [0, 1]."""
-    return structural_similarity_index_measure(x_hat, x, reduction="none", **SSIM_WINDOW)
+    """SSIM per image, images in [0, 1]: the mean of torchmetrics' SSIM map over the pixels whose whole window
+    lies inside the image, as Wang et al.'s reference code ('valid' filtering) and scikit-image average it;
+    torchmetrics' own mean also counts the 5-px border computed from reflected padding."""
+    _, full = structural_similarity_index_measure(x_hat, x, reduction="none", return_full_image=True, **SSIM_WINDOW)
+    border = SSIM_WINDOW["kernel_size"] // 2
+    return full[..., border:-border, border:-border].flatten(1).mean(1)
 
 
 def ms_ssim_scales(size: int) -> int | None:
@@ -148,7 +152,7 @@ def fid_metric(weights: Path):
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise UserError(f"{weights}: not the FID Inception weights {FID_WEIGHTS_FILE} "
                         f"({str(err).splitlines()[0][:200]})") from None
-    return metric.set_dtype(torch.float64)
+    return metric
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
