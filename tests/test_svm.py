@@ -1,14 +1,18 @@
 """40-attribute SVM evaluation: a linearly decodable attribute is learned, a noise attribute is not; C comes
-from the val split; attributes with one class in a split stay out of the means; bad latents are one line."""
+from the val split; attributes with one class in a split stay out of the means; bad latents are one line; the
+report carries the latents' KL per image and active units, and all of it reaches the MLflow run as eval/..."""
 
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 
+from dfcvae_dist.evaluation.latent_stats import active_units, kl_per_image, latent_statistics
 from dfcvae_dist.evaluation.svm import evaluate, markdown_table
 from tests.conftest import run_tool
+from tests.test_mlflow_server import mlflow_server  # noqa: F401  (a real `mlflow server` on loopback)
 
 
 def synthetic_latents(n=3000, attributes=40, seed=0):
@@ -164,3 +168,42 @@ def test_mlflow_run_that_names_no_tracked_run_is_one_line(tmp_path, run):
                                    "run id"}[run]
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == expected, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "mlruns").exists()
+
+
+def test_kl_per_image_and_active_units_of_hand_computed_posteriors():
+    mu = np.array([[1.0, 0.0], [-1.0, 0.05]])
+    logvar = np.array([[0.0, math.log(4)], [0.0, 0.0]])
+    # image 1: 0.5 * 1^2 + 0.5 * (4 - 1 - ln 4); image 2: 0.5 * 1^2 + 0.5 * 0.05^2
+    assert kl_per_image(mu, logvar) == pytest.approx(((2 - math.log(2)) + 0.50125) / 2)
+    assert active_units(mu) == 1  # Var(mu_1) = 1 > 0.01; Var(mu_2) = 0.000625 is not
+    assert active_units(np.array([[0.0], [0.21]])) == 1 and active_units(np.array([[0.0], [0.19]])) == 0
+
+
+def test_latent_statistics_read_the_test_split_only():
+    latents = synthetic_latents(n=300)
+    latents["mu"][latents["partition"] != 2] = 100.0  # train and val: would dominate both numbers
+    test = latents["partition"] == 2
+    stats = latent_statistics(latents)
+    assert stats == {"kl_per_image": pytest.approx(kl_per_image(latents["mu"][test], latents["logvar"][test])),
+                     "active_units": 10, "split": "test"}
+    assert latent_statistics({**latents, "logvar": latents["logvar"][:, :0]}) is None  # VGG-FC: no posterior
+
+
+def test_report_and_its_latent_statistics_are_logged_as_eval_metrics(tmp_path, mlflow_server):  # noqa: F811
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run_id = client.create_run(client.create_experiment("svm")).info.run_id
+    np.savez(tmp_path / "latents.npz", **synthetic_latents(n=600))
+    proc = run_tool("eval_svm.py", "--latents", tmp_path / "latents.npz", "--out", tmp_path / "out", "--jobs", "1",
+                    "--focus", "attr0,attr1", "--mlflow-run", run_id,
+                    env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server})
+    report = json.loads((tmp_path / "out" / "svm_report.json").read_text())
+    assert report["latent"]["split"] == "test" and report["latent"]["active_units"] == 10
+    assert "KL per image" in proc.stdout and "10 of 10 units active" in proc.stdout
+    metrics = client.get_run(run_id).data.metrics
+    assert set(metrics) == {"eval/svm/mean_accuracy", "eval/svm/mean_balanced_accuracy", "eval/svm/mean_majority",
+                            "eval/svm/focus_mean_accuracy", "eval/svm/focus_mean_balanced_accuracy",
+                            "eval/latent/kl_per_image", "eval/latent/active_units"}
+    assert metrics["eval/latent/kl_per_image"] == pytest.approx(report["latent"]["kl_per_image"])
+    assert metrics["eval/svm/mean_accuracy"] == pytest.approx(report["mean_accuracy"])

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--fid-samples", type=int, default=10_000,
                    help="samples and real images for FID (at most the split's size; 50000 for papers that use it; "
                         "0: no FID)")
-    p.add_argument("--fid-weights", type=Path, help=f"the FID Inception weights file (default: torch hub's cache)")
+    p.add_argument("--fid-weights", type=Path, help="the FID Inception weights file (default: torch hub's cache)")
     p.add_argument("--fid", action="store_true", help=argparse.SUPPRESS)  # FID is on by default; old command lines
     p.add_argument("--no-mlflow", action="store_true", help="do not log into the models' MLflow runs")
     p.add_argument("--out", type=Path, required=True)

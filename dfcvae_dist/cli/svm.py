@@ -1,4 +1,5 @@
-"""Train 40 linear SVMs (one per attribute) on latents and print the table beside the paper's Table 1."""
+"""Train 40 linear SVMs (one per attribute) on latents and print the table beside the paper's Table 1; report the
+latents' KL per image and active units on the test split."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dfcvae_dist.errors import UserError, cli_main
+from dfcvae_dist.evaluation.latent_stats import latent_statistics
 from dfcvae_dist.evaluation.svm import add_focus_means, evaluate, focus_attributes, markdown_table, table_rows
 from dfcvae_dist.extraction.latents import load_latents
 from dfcvae_dist.training.tracking import resolve_run_id
@@ -38,6 +40,9 @@ def main(argv: list[str]) -> int:
                       class_weight=None if args.class_weight == "none" else "balanced")
     if focus:
         add_focus_means(report, focus)
+    latent = latent_statistics(latents)
+    if latent:
+        report["latent"] = latent
     report["seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "svm_report.json").write_text(json.dumps(report, indent=1))
@@ -54,6 +59,9 @@ def main(argv: list[str]) -> int:
     if focus:
         print(f"over the {len(report['focus'])} focus attributes: mean accuracy {report['focus_mean_accuracy']:.4f}, "
               f"mean balanced accuracy {report['focus_mean_balanced_accuracy']:.4f}")
+    if latent:
+        print(f"latents ({latent['split']} split): KL per image {latent['kl_per_image']:.2f} nats, "
+              f"{latent['active_units']} of {latents['mu'].shape[1]} units active")
     if run_id:
         log_to_mlflow(run_id, args.out, report)
     return 0
@@ -69,7 +77,10 @@ def log_to_mlflow(run_id: str, out: Path, report: dict) -> None:
         for key in ("mean_accuracy", "mean_balanced_accuracy", "mean_majority", "focus_mean_accuracy",
                     "focus_mean_balanced_accuracy"):
             if key in report:
-                client.log_metric(run_id, f"svm/{key}", report[key])
+                client.log_metric(run_id, f"eval/svm/{key}", report[key])
+        for key in ("kl_per_image", "active_units"):
+            if "latent" in report:
+                client.log_metric(run_id, f"eval/latent/{key}", report["latent"][key])
     except Exception as err:  # noqa: BLE001
         raise UserError(f"MLflow run {run_id}: cannot log the SVM report ({str(err).splitlines()[0]})") from None
 
