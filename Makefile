@@ -32,28 +32,30 @@ QS := quickstart
 LAUNCH_CPU2 := $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
 QS_MLFLOW := MLFLOW_TRACKING_URI=sqlite:///$(QS)/mlflow.db
 # synthetic CelebA -> landmark-crop shards -> DFC-VAE and PVAE (2 processes each) -> latents (2 processes)
-# -> SVM table -> latent-space figures -> quality table. Offline; about 10 minutes on 2 cores.
+# -> per model: latents, SVM table, quality table (into RUN_DIR/eval/ and the model's MLflow run) -> latent-space
+# figures. Offline; about 10 minutes on 2 cores.
 quickstart: $(STAMP)
 	$(BIN)/python tools/make_synthetic_celeba.py --out $(QS)/celeba --num 16000 --seed 0
 	$(BIN)/python tools/make_shards.py --celeba-root $(QS)/celeba --out $(QS)/shards/landmarks-32 --image-size 32 --crop landmarks --shard-size 500
 	$(QS_MLFLOW) $(LAUNCH_CPU2) -m dfcvae_dist.train --config configs/quickstart.yaml
 	$(QS_MLFLOW) $(LAUNCH_CPU2) -m dfcvae_dist.train --config configs/quickstart.yaml model.name=pvae loss.beta=1.0 \
 		train.run_dir=$(QS)/runs/pvae log.image_every_steps=0
-	$(QS_MLFLOW) $(LAUNCH_CPU2) tools/extract_latents.py --checkpoint $(QS)/runs/dfcvae \
-		--shards $(QS)/shards/landmarks-32 --out $(QS)/results/latents
-	$(QS_MLFLOW) $(BIN)/python tools/eval_svm.py --latents $(QS)/results/latents/latents.npz --out $(QS)/results/svm \
-		--class-weight balanced --focus synthetic --mlflow-run $(QS)/runs/dfcvae
-	$(QS_MLFLOW) $(BIN)/python tools/explore_latents.py --checkpoint $(QS)/runs/dfcvae --latents $(QS)/results/latents/latents.npz \
+	for m in dfcvae pvae; do \
+		$(QS_MLFLOW) $(LAUNCH_CPU2) tools/extract_latents.py --checkpoint $(QS)/runs/$$m \
+			--shards $(QS)/shards/landmarks-32 --out $(QS)/runs/$$m/eval/latents && \
+		$(QS_MLFLOW) $(BIN)/python tools/eval_svm.py --latents $(QS)/runs/$$m/eval/latents/latents.npz \
+			--out $(QS)/runs/$$m/eval/svm --class-weight balanced --focus synthetic --mlflow-run $(QS)/runs/$$m && \
+		$(QS_MLFLOW) $(BIN)/python tools/quality.py --checkpoint $$m=$(QS)/runs/$$m --shards $(QS)/shards/landmarks-32 \
+			--vgg-weights random --out $(QS)/runs/$$m/eval/quality || exit 1; done
+	$(QS_MLFLOW) $(BIN)/python tools/explore_latents.py --checkpoint $(QS)/runs/dfcvae --latents $(QS)/runs/dfcvae/eval/latents/latents.npz \
 		--shards $(QS)/shards/landmarks-32 --split train --out $(QS)/results/studies --attributes Smiling,Eyeglasses,Male \
 		--mlflow-run $(QS)/runs/dfcvae
-	$(BIN)/python tools/quality.py --checkpoint dfcvae=$(QS)/runs/dfcvae --checkpoint pvae=$(QS)/runs/pvae \
-		--shards $(QS)/shards/landmarks-32 --vgg-weights random --fid --out $(QS)/results/quality
 	@echo
 	@echo "Results (random VGG19 weights: a demo of the pipeline, not the paper's numbers):"
 	@echo "  checkpoints   $(QS)/runs/dfcvae, $(QS)/runs/pvae"
-	@echo "  SVM table     $(QS)/results/svm/svm_table.md"
+	@echo "  SVM tables    $(QS)/runs/{dfcvae,pvae}/eval/svm/svm_table.md  (KL per image, active units: svm_report.json)"
+	@echo "  quality       $(QS)/runs/{dfcvae,pvae}/eval/quality/quality.json"
 	@echo "  figures       $(QS)/results/studies/*.png"
-	@echo "  quality       $(QS)/results/quality/quality.json"
 	@echo "  MLflow        $(BIN)/mlflow ui --backend-store-uri sqlite:///$(QS)/mlflow.db   (then http://127.0.0.1:5000)"
 
 clean-quickstart:
