@@ -205,7 +205,8 @@ class QualityOptions:
 def fixed_notes(perceptual) -> dict[str, str]:
     return {
         "mse": "mean over images of the per-pixel squared error, images in [0, 1], reconstruction from the mean latent",
-        "ssim": "torchmetrics SSIM, Gaussian 11x11 window, sigma 1.5, data range 1, mean over images",
+        "ssim": "torchmetrics SSIM map, Gaussian 11x11 window, sigma 1.5, data range 1, averaged over the pixels "
+                "whose window lies inside the image (as Wang et al.'s code and scikit-image), then over images",
         "blur_ratio": "ours: variance of the Laplacian of the reconstructions over that of the inputs (1 = as sharp); "
                       "no published counterpart",
         "perceptual_distance": "ours: the DFC-VAE training loss's VGG19 feature distance (relu1_2, relu2_1, relu3_1), "
