@@ -172,7 +172,8 @@ def test_quality_json_in_the_shared_schema_logged_into_each_tracked_models_run(
     tracked = shutil.copytree(trained_run, tmp_path / "tracked")
     summary = json.loads((tracked / "COMPLETED.json").read_text())
     (tracked / "COMPLETED.json").write_text(json.dumps({**summary, "mlflow_run_id": run_id}))
-    proc = run_tool("quality.py", "--checkpoint", f"vae={tracked}", "--checkpoint", f"gan={dcgan_checkpoint(tmp_path / 'gan')}",
+    gan_checkpoint = dcgan_checkpoint(tmp_path / "gan")
+    proc = run_tool("quality.py", "--checkpoint", f"vae={tracked}", "--checkpoint", f"gan={gan_checkpoint}",
                     "--shards", tiny_shards, "--vgg-weights", "random",
                     "--fid-weights", fid_weights, "--out", tmp_path / "out",
                     env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "TORCH_HOME": str(tmp_path / "torch")})

@@ -102,17 +102,17 @@ def lpips_or_reason(random_backbone_not_lpips: bool = False):
 
 
 @torch.no_grad()
-def reconstruction_metrics(model, batches, perceptual, lpips_net=None, ms_ssim_scales_: int | None = None) -> dict:
+def reconstruction_metrics(model, batches, perceptual, lpips_net=None, scales: int | None = None) -> dict:
     """Means over all images of `batches` (tensors in [0, 1]), reconstructions from the mean latent; the blur
-    ratio is a ratio of the summed variances. `lpips_net` / `ms_ssim_scales_` None: that metric is None."""
+    ratio is a ratio of the summed variances. `lpips_net` / `scales` (of MS-SSIM) None: that metric is None."""
     sums = dict.fromkeys(("mse", "ssim", "ms_ssim", "lpips", "blur_num", "blur_den", "perceptual_distance"), 0.0)
     n = 0
     for x in batches:
         x_hat = model.decode(model.encode(x)[0]).clamp(0, 1)
         sums["mse"] += F.mse_loss(x_hat, x, reduction="none").flatten(1).mean(1).sum().item()
         sums["ssim"] += ssim(x_hat, x).sum().item()
-        if ms_ssim_scales_:
-            sums["ms_ssim"] += ms_ssim(x_hat, x, ms_ssim_scales_).sum().item()
+        if scales:
+            sums["ms_ssim"] += ms_ssim(x_hat, x, scales).sum().item()
         if lpips_net is not None:
             sums["lpips"] += lpips_net(x_hat, x, normalize=True).sum().item()
         sums["blur_num"] += laplacian_variance(x_hat).sum().item()
@@ -120,7 +120,7 @@ def reconstruction_metrics(model, batches, perceptual, lpips_net=None, ms_ssim_s
         sums["perceptual_distance"] += sum(perceptual(x, x_hat).values()).item() * x.shape[0]
         n += x.shape[0]
     means = {key: sums[key] / n for key in RECONSTRUCTION_METRICS if key != "blur_ratio"}
-    means["ms_ssim"] = means["ms_ssim"] if ms_ssim_scales_ else None
+    means["ms_ssim"] = means["ms_ssim"] if scales else None
     means["lpips"] = means["lpips"] if lpips_net is not None else None
     means["blur_ratio"] = sums["blur_num"] / max(sums["blur_den"], 1e-12)
     return {"images": n, **{key: means[key] for key in RECONSTRUCTION_METRICS}}
