@@ -49,11 +49,13 @@ def save_pyfunc(checkpoint: Path, local_dir: Path, mlflow_model=None) -> None:
     """The MLflow model folder of a checkpoint folder (weights.safetensors + config.yaml)."""
     import mlflow.pyfunc
 
-    mlflow.pyfunc.save_model(str(local_dir), python_model=str(CODE_FILE), mlflow_model=mlflow_model,
-                             artifacts={"weights": str(checkpoint / WEIGHTS_FILE),
-                                        "config": str(checkpoint / CONFIG_FILE)},
-                             code_paths=[str(PACKAGE_DIR)], signature=model_signature(),
-                             pip_requirements=pinned_requirements())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example")  # the signature says more than one would
+        mlflow.pyfunc.save_model(str(local_dir), python_model=str(CODE_FILE), mlflow_model=mlflow_model,
+                                 artifacts={"weights": str(checkpoint / WEIGHTS_FILE),
+                                            "config": str(checkpoint / CONFIG_FILE)},
+                                 code_paths=[str(PACKAGE_DIR)], signature=model_signature(),
+                                 pip_requirements=pinned_requirements())
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -65,13 +67,14 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 class ModelUpload:
     """One checkpoint's upload as a LoggedModel, run by the background sender. The checkpoint's files are
-    hard-linked aside at once, so pruning the checkpoint before the upload runs costs nothing. The sender
+    hard-linked aside at once, so pruning the checkpoint before the upload runs loses nothing. The sender
     retries a failed call: a retry goes on from the stage that failed, never creating a second model."""
 
     def __init__(self, client, run_id: str, checkpoint: Path, step: int, name: str):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a job log
         self.client, self.run_id, self.step, self.name = client, run_id, step, name
-        self.staged = tempfile.TemporaryDirectory(prefix="dfcvae-model-")  # removed when this object goes
+        # beside the checkpoints (one filesystem, so hard links work); removed when this object goes
+        self.staged = tempfile.TemporaryDirectory(prefix=".mlflow-model-", dir=Path(checkpoint).parent)
         for file in (WEIGHTS_FILE, CONFIG_FILE):
             link_or_copy(Path(checkpoint) / file, Path(self.staged.name) / file)
         self.model = None
@@ -94,9 +97,7 @@ class ModelUpload:
 
         meta = Model(artifact_path=self.model.artifact_location, run_id=self.run_id, model_id=self.model.model_id,
                      model_uuid=self.model.model_id)
-        with tempfile.TemporaryDirectory(prefix="dfcvae-pyfunc-") as local, warnings.catch_warnings():
-            # MLflow asks for predict type hints and an input example: our signature says more than either
-            warnings.filterwarnings("ignore", message=".*(type hints|input example)")
+        with tempfile.TemporaryDirectory(prefix="dfcvae-pyfunc-") as local:
             save_pyfunc(Path(self.staged.name), Path(local) / "model", meta)
             for pycache in (Path(local) / "model").rglob("__pycache__"):  # saving imports the code file once
                 shutil.rmtree(pycache, ignore_errors=True)

@@ -11,6 +11,7 @@ A DCGAN generator decodes only.
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
@@ -25,7 +26,7 @@ class TrainedVAE(PythonModel):
         # the artifacts folder holds weights.safetensors and config.yaml: a checkpoint folder to load_trained
         self.model, self.config, _ = load_trained(Path(context.artifacts["weights"]).parent, expect=None)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None):  # MLflow's tensor signature checks it
         from dfcvae_dist.inference import decode, encode
         from dfcvae_dist.models import DCGAN
 

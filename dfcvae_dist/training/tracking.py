@@ -186,5 +186,10 @@ class Tracker:
         if self.active and (which == "checkpoints" or (final and which == "final")):
             from dfcvae_dist.model_logging import FINAL_MODEL, ModelUpload
 
-            upload = ModelUpload(self.client, self.run_id, checkpoint, step, FINAL_MODEL if final else checkpoint.name)
+            try:
+                upload = ModelUpload(self.client, self.run_id, checkpoint, step,
+                                     FINAL_MODEL if final else checkpoint.name)
+            except OSError as err:  # tracking never stops training
+                log.warning("MLflow: the model of %s is not logged (%s)", checkpoint, err)
+                return
             self.sender.put_call("model", upload)
