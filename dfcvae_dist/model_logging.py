@@ -127,8 +127,8 @@ class ModelUpload:
 
 
 def logged_model_id(client, run_id: str, name: str = FINAL_MODEL) -> str | None:
-    """The id of the run's logged model called `name` (the final one by default), for linking evaluation
-    metrics to it (`client.log_metric(..., model_id=...)`)."""
+    """The id of the run's newest logged model called `name` (the final one by default), for linking
+    evaluation metrics to it (`client.log_metric(..., model_id=...)`)."""
     experiment_id = client.get_run(run_id).info.experiment_id
     models = client.search_logged_models([experiment_id], max_results=1,
                                          filter_string=f"name = '{name}' AND source_run_id = '{run_id}'")

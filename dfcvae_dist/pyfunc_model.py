@@ -2,7 +2,8 @@
 model it sets reads the logged `weights.safetensors` and `config.yaml` with our own loader, so loading
 unpickles nothing (docs/reliability.md, "Logged models"). Logged by `dfcvae_dist.model_logging`.
 
-`predict(inputs, params={"mode": ...})`, inputs a float32 ndarray or tensor:
+`predict(inputs, params={"mode": ...})`, inputs a float32 ndarray (MLflow's signature check refuses torch
+tensors; our inference API takes them):
 - `reconstruct` (default): images (N, 3, S, S) in [0, 1] -> the decoded posterior means, (N, 3, S, S)
 - `encode`: images -> (N, 2, latent_dim), mu and logvar
 - `decode`: latents (N, latent_dim, 1, 1) (the signature has one 4-D input) or (N, latent_dim) -> images
