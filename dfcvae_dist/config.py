@@ -175,6 +175,9 @@ class LogConfig:
                                     "its parent run here.", resume_safe=True)
     run_tags: list[str] = opt([], "Extra MLflow tags of the run, as KEY=VALUE (a sweep sets its name and the "
                               "task's index and name).", key_value=True, resume_safe=True)
+    model: str = opt("final", "Log the trained model to MLflow as a LoggedModel of the run (safetensors + "
+                     "our code, loadable with mlflow.pyfunc.load_model): the final one, every checkpoint, or none.",
+                     choices=["final", "checkpoints", "none"], resume_safe=True)
 
 
 @dataclass

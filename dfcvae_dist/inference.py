@@ -1,5 +1,6 @@
 """Using a trained model: load a checkpoint's consolidated weights (no accelerate, no DeepSpeed, no
-pickle), encode images, decode latents, sample."""
+pickle), from a run directory, a checkpoint folder or a model logged to MLflow, encode images, decode
+latents, sample."""
 
 from __future__ import annotations
 
@@ -27,8 +28,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
 def load_trained(path: str | Path, expect: type | None = VAE) -> tuple[torch.nn.Module, Config, Path]:
-    """(model in eval mode, its config, the checkpoint folder). `expect`: the model class required."""
+    """(model in eval mode, its config, the checkpoint folder). `path`: a run directory, a checkpoint folder,
+    or an MLflow model URI (`load_model_uri`). `expect`: the model class required."""
+    if str(path).startswith(MODEL_URI_SCHEMES):
+        return load_model_uri(str(path), expect=expect)
     checkpoint = resolve_checkpoint(path)
     cfg = load_config(checkpoint / CONFIG_FILE)
     model = build_model(cfg.model)
@@ -41,6 +48,41 @@ def load_trained(path: str | Path, expect: type | None = VAE) -> tuple[torch.nn.
         raise UserError(f"{checkpoint / WEIGHTS_FILE}: does not load into {cfg.model.name} "
                         f"({str(err).splitlines()[0]})") from None
     return model.eval(), cfg, checkpoint
+
+
+def load_model_uri(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None,
+                   expect: type | None = VAE) -> tuple[torch.nn.Module, Config, Path]:
+    """A model logged by training (`models:/<model_id>`, or `runs:/<run_id>/model` for a run's final
+    model): MLflow downloads it (into `dst`, else a temporary folder), then its `artifacts/` folder, which
+    holds `weights.safetensors` and `config.yaml`, loads like a checkpoint. Its code is never run."""
+    import mlflow  # here, not at the top: using a model from disk needs no MLflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_location(uri, tracking_uri),
+                                                    tracking_uri=tracking_uri, dst_path=str(dst) if dst else None)
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own and the store's errors
+        raise UserError(f"{uri}: MLflow could not fetch the model ({str(err).splitlines()[0][:300]})") from None
+    folder = Path(local) / "artifacts"
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(f"{uri}: not a model logged by dfcvae_dist training (no artifacts/{WEIGHTS_FILE})")
+    return load_trained(folder, expect)
+
+
+def model_location(uri: str, tracking_uri: str | None) -> str:
+    """Where a LoggedModel's files are, for `models:/<model_id>` and `runs:/<run_id>/<name>[/path]`; other
+    URIs as they are. MLflow 3.17 resolves both in the process's tracking store, whatever `tracking_uri` says."""
+    from mlflow import MlflowClient
+
+    from dfcvae_dist.model_logging import logged_model_id
+
+    client = MlflowClient(tracking_uri)
+    scheme, _, rest = uri.partition(":/")
+    parts = rest.strip("/").split("/")
+    if scheme == "models" and len(parts) == 1 and parts[0].startswith("m-"):
+        return client.get_logged_model(parts[0]).artifact_location
+    if scheme == "runs" and len(parts) >= 2 and (model_id := logged_model_id(client, parts[0], parts[1])):
+        return "/".join([client.get_logged_model(model_id).artifact_location.rstrip("/"), *parts[2:]])
+    return uri
 
 
 def load_weights_file(path: str | Path) -> torch.nn.Module:

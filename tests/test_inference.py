@@ -26,3 +26,11 @@ def test_weights_file_alone_rebuilds_the_model(trained_run, tmp_path):
     save_file(model.state_dict(), str(plain))  # no metadata: a file from before it was kept
     with pytest.raises(UserError, match="no model config in its metadata"):
         load_weights_file(plain)
+
+
+def test_a_model_uri_mlflow_cannot_fetch_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(UserError, match=r"^models:/m-0123: MLflow could not fetch the model \(.*not found"):
+        load_trained("models:/m-0123")
+    with pytest.raises(UserError, match=r"^runs:/0123/model: MLflow could not fetch the model"):
+        load_trained("runs:/0123/model")

@@ -178,3 +178,18 @@ class Tracker:
             # first: with a backlog at the deadline, the run's real status matters more than its last points
             self.sender.put_call("end", lambda: self.client.set_terminated(self.run_id, status), first=True)
             self.sender.close(self.flush_timeout_s)
+
+    def log_model(self, checkpoint: Path, step: int, final: bool, which: str) -> None:
+        """The checkpoint as an MLflow LoggedModel of this run at `step`, uploaded by the sender; `which`
+        (log.model): the final model, every checkpoint, or none. The final one is named `model`, others by
+        their checkpoint folder."""
+        if self.active and (which == "checkpoints" or (final and which == "final")):
+            from dfcvae_dist.model_logging import FINAL_MODEL, ModelUpload
+
+            try:
+                upload = ModelUpload(self.client, self.run_id, checkpoint, step,
+                                     FINAL_MODEL if final else checkpoint.name)
+            except OSError as err:  # tracking never stops training
+                log.warning("MLflow: the model of %s is not logged (%s)", checkpoint, err)
+                return
+            self.sender.put_call("model", upload)

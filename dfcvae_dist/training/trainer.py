@@ -171,7 +171,9 @@ class Trainer:
         acc, state = self.accelerator, dataclasses.replace(self.state, wall_time_s=self.wall_time_s())
         state.skipped_samples = int(acc.reduce(torch.tensor(self.state.skipped_samples, device=acc.device),
                                                reduction="sum").item())
-        return self.checkpointer.save(state, self.recipe.weights(), self.recipe.model_config, self.cfg.to_yaml())
+        checkpoint = self.checkpointer.save(state, self.recipe.weights(), self.recipe.model_config, self.cfg.to_yaml())
+        self.tracker.log_model(checkpoint, state.step, state.step == self.data.total_steps, self.cfg.log.model)
+        return checkpoint
 
     def finish(self, stopped_early: bool) -> dict:
         s, acc = self.state, self.accelerator
