@@ -93,7 +93,9 @@ def sweep_tasks(path: Path) -> tuple[list[ReportTask], dict]:
     tasks = [ReportTask(t.name, t.run_name, t.family, t.run_dir, task_status(t)) for t in sweep.tasks]
     parent_file = sweep.sweep_dir / "parent.json"
     parent = read_json(parent_file) if parent_file.is_file() else None
-    return tasks, {"title": f"Sweep {sweep.name}", "shards": sweep.evaluate.shards or None, "parent": parent}
+    # the faces of reconstructions.png: the quality metrics' shards (the training crop) where the sweep names them
+    shards = getattr(sweep.evaluate, "quality_shards", None) or sweep.evaluate.shards
+    return tasks, {"title": f"Sweep {sweep.name}", "shards": shards, "parent": parent}
 
 
 def expected_files(task: ReportTask) -> list[Path]:
@@ -252,13 +254,13 @@ def build_report(tasks: list[ReportTask], out: Path, parent: dict | None = None,
 
 # report.md
 
-def cell(stat: dict | None, scale: float = 1.0, digits: int = 1, column_n: int | None = None) -> str:
+def cell(stat: dict | None, scale: float = 1.0, spec: str = ".1f", column_n: int | None = None) -> str:
     """`mean ± std` (the std only over two seeds or more), `(n=K)` where fewer seeds than the column's have it."""
     if not stat:
         return "n/a"
-    text = f"{scale * stat['mean']:.{digits}f}"
+    text = format(scale * stat["mean"], spec)
     if stat["n"] > 1:
-        text += f" ± {scale * stat['std']:.{digits}f}"
+        text += f" ± {format(scale * stat['std'], spec)}"
     return text + (f" (n={stat['n']})" if column_n is not None and stat["n"] != column_n else "")
 
 
@@ -289,7 +291,7 @@ def svm_section(runs: dict) -> list[str]:
     for i, attribute in enumerate(names):
         stats = [svm["per_attribute"].get(attribute) for svm in columns.values()]
         mark = "†" if any(s and s["left_out"] for s in stats) else ""
-        rows.append([attribute + mark, *(cell(s if s and "mean" in s else None, 100, 1, svm["n"])
+        rows.append([attribute + mark, *(cell(s if s and "mean" in s else None, 100, ".1f", svm["n"])
                                          for s, svm in zip(stats, columns.values())),
                      *(str(v[i]) for v in paper.values())])
     for key, label in (("mean_accuracy", "Average accuracy"), ("mean_balanced_accuracy", "Average balanced accuracy"),
@@ -298,7 +300,7 @@ def svm_section(runs: dict) -> list[str]:
         if any(svm[key] for svm in columns.values()):
             averages = [f"{v:.2f}" for v in PAPER_AVERAGES.values()] if paper and key == "mean_accuracy" else \
                 ["-"] * len(paper)
-            rows.append([f"**{label}**", *(cell(svm[key], 100, 2, svm["n"]) for svm in columns.values()), *averages])
+            rows.append([f"**{label}**", *(cell(svm[key], 100, ".2f", svm["n"]) for svm in columns.values()), *averages])
     note = ("Beside the paper's Table 1 (FaceTracer, PANDA-w, PANDA-l, LNets+ANet, VAE-Z, VGG-FC); the comparison "
             "means something only on real CelebA with ImageNet VGG19 weights. `†`: left out of the means in at least "
             "one seed (one class in its train or test split). Averages are over the attributes each seed counted.")
@@ -306,20 +308,21 @@ def svm_section(runs: dict) -> list[str]:
 
 
 def latent_section(runs: dict) -> list[str]:
-    rows = [[name, str(seeds(run)), cell(run["latent"]["kl_per_image"], digits=2, column_n=seeds(run)),
-             cell(run["latent"]["active_units"], digits=1, column_n=seeds(run))] for name, run in runs.items()]
+    rows = [[name, str(seeds(run)), cell(run["latent"]["kl_per_image"], spec=".2f", column_n=seeds(run)),
+             cell(run["latent"]["active_units"], spec=".1f", column_n=seeds(run))] for name, run in runs.items()]
     return ["## Latent space (test split)", "", *table(["run", "seeds", "KL per image", "active units"], rows), "",
             "n/a: a VAE whose svm_report.json has no `latent` section, or a DCGAN (no encoder).", ""]
 
 
-QUALITY_COLUMNS = {"mse": ("MSE", 5), "ssim": ("SSIM", 4), "ms_ssim": ("MS-SSIM", 4), "lpips": ("LPIPS", 4),
-                   "blur_ratio": ("blur ratio", 3), "perceptual_distance": ("perceptual distance", 4),
-                   "fid": ("FID", 2), "fid_samples": ("FID samples", 0)}
+QUALITY_COLUMNS = {"mse": ("MSE", ".3g"), "ssim": ("SSIM", ".4f"), "ms_ssim": ("MS-SSIM", ".4f"),
+                   "lpips": ("LPIPS", ".4f"), "blur_ratio": ("blur ratio", ".3g"),
+                   "perceptual_distance": ("perceptual distance", ".4g"), "fid": ("FID", ".2f"),
+                   "fid_samples": ("FID samples", ".0f")}
 
 
 def quality_section(runs: dict) -> list[str]:
-    rows = [[name, *(cell(run["quality"][key], digits=digits, column_n=seeds(run))
-                     for key, (_, digits) in QUALITY_COLUMNS.items())] for name, run in runs.items()]
+    rows = [[name, *(cell(run["quality"][key], spec=spec, column_n=seeds(run))
+                     for key, (_, spec) in QUALITY_COLUMNS.items())] for name, run in runs.items()]
     notes = {}
     for name, run in runs.items():
         for metric, note in run["quality_notes"].items():
@@ -331,8 +334,8 @@ def quality_section(runs: dict) -> list[str]:
 
 
 def cost_section(runs: dict) -> list[str]:
-    rows = [[name, cell(run["cost"]["wall_time_s"], digits=0, column_n=seeds(run)),
-             cell(run["cost"]["img_per_s"], digits=1, column_n=seeds(run))] for name, run in runs.items()]
+    rows = [[name, cell(run["cost"]["wall_time_s"], spec=".0f", column_n=seeds(run)),
+             cell(run["cost"]["img_per_s"], spec=".1f", column_n=seeds(run))] for name, run in runs.items()]
     return ["## Training cost (from COMPLETED.json)", "", *table(["run", "wall time (s)", "img/s"], rows), ""]
 
 
