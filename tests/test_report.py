@@ -150,3 +150,20 @@ def test_a_corrupt_svm_report_is_one_line_naming_it(sweep_dir, shard_dir, tmp_pa
     md = (tmp_path / "out" / "report.md").read_text()
     assert f"{run / 'eval' / 'svm' / 'svm_report.json'}: unreadable" in md and "No finished VAE task has an SVM" in md
     assert json.loads((tmp_path / "out" / "report.json").read_text())["runs"]["pvae"]["quality"]["mse"]["n"] == 1
+
+
+def test_without_a_reachable_parent_run_the_report_is_written_and_says_so(sweep_dir, shard_dir, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--runs", f"pvae={sweep_dir / 'pvae-seed0'}", "--shards", str(shard_dir)]
+    assert report_main([*args, "--out", str(tmp_path / "alone")]) == 0
+    assert "no parent run (parent.json): the report is not logged to MLflow" in capsys.readouterr().out
+    (tmp_path / "parent.json").write_text(json.dumps({"run_id": "abc", "experiment_id": "1",
+                                                      "tracking_uri": f"http://127.0.0.1:{port}"}))
+    assert report_main([*args, "--parent", str(tmp_path / "parent.json"), "--out", str(tmp_path / "down")]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("MLflow parent run abc"))
+    assert line.startswith(f"MLflow parent run abc at http://127.0.0.1:{port}: ") and "not logged" in line
+    assert (tmp_path / "down" / "report.md").is_file() and (tmp_path / "down" / "samples.png").is_file()
