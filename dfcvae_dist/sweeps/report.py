@@ -327,10 +327,11 @@ def quality_section(runs: dict) -> list[str]:
     for name, run in runs.items():
         for metric, note in run["quality_notes"].items():
             notes.setdefault(f"{metric}: {note}", []).append(name)
+    why = "the notes below say why" if notes else "its quality.json gives no note"
     return ["## Reconstruction and sample quality (test split)", "",
             *table(["run", *(label for label, _ in QUALITY_COLUMNS.values())], rows), "",
-            *(f"- {text} ({', '.join(names)})" for text, names in notes.items()), "",
-            "n/a: not computed for that model; the notes above say why.", ""]
+            f"n/a: not computed for that model; {why}.", "",
+            *(f"- {text} ({', '.join(names)})" for text, names in notes.items()), *([""] if notes else [])]
 
 
 def cost_section(runs: dict) -> list[str]:
