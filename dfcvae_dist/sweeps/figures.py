@@ -1,0 +1,98 @@
+"""The paper's Figures 3 and 4 for a comparison: one labelled row per model, small images upscaled with
+nearest neighbours so their pixels stay visible.
+
+samples.png          random samples; every VAE decodes the SAME z (one seed, one latent size), the DCGAN
+                     generator draws its own z from the same seed (a different latent space)
+reconstructions.png  the same test faces (top row) through each VAE, from the mean latent
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
+
+from dfcvae_dist.errors import UserError
+from dfcvae_dist.inference import decode, encode, load_trained, sample
+
+MIN_CELL_PX = 64
+PADDING_PX = 2
+FONT_PX = 14
+COLUMNS = 8
+
+
+def labelled_grid(rows: list[tuple[str, torch.Tensor]], path: Path) -> dict:
+    """Rows of images (N, 3, h, w) in [0, 1], each labelled on its left, as one PNG; its layout."""
+    cell = max(MIN_CELL_PX, *(images.shape[-1] for _, images in rows))
+    columns = len(rows[0][1])
+    tiles = torch.cat([F.interpolate(images.float().clamp(0, 1).cpu(), size=(cell, cell), mode="nearest")
+                       for _, images in rows])
+    picture = to_pil_image(make_grid(tiles, nrow=columns, padding=PADDING_PX, pad_value=1.0))
+    font = ImageFont.load_default(size=FONT_PX)
+    label_px = int(max(font.getlength(label) for label, _ in rows)) + 3 * PADDING_PX
+    canvas = Image.new("RGB", (label_px + picture.width, picture.height), "white")
+    canvas.paste(picture, (label_px, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, _) in enumerate(rows):
+        draw.text((PADDING_PX, PADDING_PX + i * (cell + PADDING_PX) + cell // 2), label, fill="black", font=font,
+                  anchor="lm")
+    canvas.save(path)
+    return {"file": path.name, "rows": [label for label, _ in rows], "columns": columns, "cell_px": cell,
+            "padding_px": PADDING_PX, "label_px": label_px, "size": list(canvas.size)}
+
+
+def first_models(tasks, problems: list[str]) -> list[tuple[str, torch.nn.Module, object]]:
+    """(run name, model, config) of each run name's first finished task whose checkpoint loads."""
+    models, seen = [], set()
+    for task in tasks:
+        if task.run_name in seen:
+            continue
+        try:
+            model, cfg, _ = load_trained(task.run_dir, expect=None)
+        except UserError as err:
+            problems.append(f"figures: {task.name}: {err}")
+            continue
+        seen.add(task.run_name)
+        models.append((task.run_name, model, cfg))
+    return models
+
+
+def samples_rows(models, seed: int) -> list[tuple[str, torch.Tensor]]:
+    return [(name if cfg.model.name != "dcgan" else f"{name} (own z)", sample(model, COLUMNS, seed))
+            for name, model, cfg in models]
+
+
+def reconstruction_rows(vaes, faces: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    rows = [("test faces", faces)]
+    for name, model, cfg in vaes:
+        size = cfg.model.image_size
+        x = faces if faces.shape[-1] == size else F.interpolate(faces, size=(size, size), mode="bilinear",
+                                                                 antialias=True)
+        rows.append((name, decode(model, encode(model, x)[0]).cpu()))
+    return rows
+
+
+def comparison_figures(tasks, out: Path, shards: str | None, seed: int = 0) -> tuple[dict, list[str]]:
+    """Write samples.png and reconstructions.png for the finished `tasks`; (their layouts, problem lines).
+    `shards`: the test faces' manifest directory (default: the first VAE's data.shards)."""
+    from dfcvae_dist.data.loader import read_images
+
+    problems: list[str] = []
+    models = first_models(tasks, problems)
+    figures = {}
+    if models:
+        figures["samples"] = labelled_grid(samples_rows(models, seed), out / "samples.png")
+    vaes = [m for m in models if m[2].model.name != "dcgan"]
+    if vaes:
+        shards = shards or vaes[0][2].data.shards
+        try:
+            faces = read_images(shards, "test", COLUMNS)["image"]
+        except UserError as err:
+            problems.append(f"figures: reconstructions.png not drawn: {err}")
+        else:
+            figures["reconstructions"] = labelled_grid(reconstruction_rows(vaes, faces), out / "reconstructions.png")
+    return figures, problems
