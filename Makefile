@@ -54,7 +54,11 @@ quickstart: $(STAMP)
 	@echo "  SVM table     $(QS)/results/svm/svm_table.md"
 	@echo "  figures       $(QS)/results/studies/*.png"
 	@echo "  quality       $(QS)/results/quality/quality.json"
-	@echo "  MLflow        $(BIN)/mlflow ui --backend-store-uri sqlite:///$(QS)/mlflow.db   (then http://127.0.0.1:5000)"
+	@echo "  MLflow        $(BIN)/mlflow ui --backend-store-uri sqlite:///$(QS)/mlflow.db   (artifacts: $(QS)/mlartifacts)"
+	@echo "                then open the model-training view: http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c \
+		"import mlflow; print(mlflow.MlflowClient('sqlite:///$(QS)/mlflow.db').get_experiment_by_name('quickstart').experiment_id)" \
+		2>/dev/null)?workflowType=machine_learning"
 
 clean-quickstart:
 	rm -rf $(QS)
+	@if [ -d mlruns ]; then echo "note: ./mlruns holds artifacts of runs logged before they moved beside the store; remove it by hand if nothing else logged there"; fi

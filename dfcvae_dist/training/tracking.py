@@ -30,8 +30,6 @@ from dfcvae_dist.training.sender import BackgroundSender
 
 log = logging.getLogger(__name__)
 PROGRESS_METRIC = "train/total"
-# MLflow 3's UI opens an experiment of this kind in its model-training view, not its GenAI one.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def _default_timeouts() -> None:
@@ -202,7 +200,7 @@ class Tracker:
             else:
                 experiment = self.client.get_experiment_by_name(cfg.log.experiment)
                 experiment_id = (experiment.experiment_id if experiment else self.client.create_experiment(
-                    cfg.log.experiment, artifact_location=artifact_root(self.client.tracking_uri), tags=EXPERIMENT_KIND))
+                    cfg.log.experiment, artifact_location=artifact_root(self.client.tracking_uri)))
                 run = self.client.create_run(experiment_id, run_name=cfg.log.run_name or Path(cfg.train.run_dir).name,
                                              tags=run_tags(cfg))
                 self.run_id = run.info.run_id

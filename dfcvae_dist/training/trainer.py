@@ -117,8 +117,10 @@ class Trainer:
             atomic_write(self.run_dir / CONFIG_FILE, cfg.to_yaml())
         self.tracker = self.start_tracking()
         self.fixed_z = torch.randn(16, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
-        # the same faces at every image step, read once (DCGAN reconstructs nothing)
-        self.fixed_images = fixed_batch(cfg) if self.tracker.active and cfg.model.name != "dcgan" else None
+        self.fixed_images = None  # the same faces at every image step, read once (DCGAN reconstructs nothing)
+        if self.tracker.active and cfg.model.name != "dcgan":
+            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global generator
+                self.fixed_images = fixed_batch(cfg)
         self.images_logged_at = -1
         self.stop = StopFlag()
         self.launched = (time.perf_counter(), self.state.wall_time_s)
@@ -289,7 +291,7 @@ class Trainer:
         if self.fixed_images is not None:
             rows = [("input", self.fixed_images), ("reconstruction", self.reconstruct(self.fixed_images))]
             self.tracker.log_image(labelled_rows(rows), "reconstructions", step)
-        samples = self.recipe.decode(self.fixed_z)
+        samples = self.recipe.decode(self.fixed_z)  # a fixed z: no random stream is drawn from
         self.tracker.log_image(labelled_rows([("samples", samples[:8]), ("(fixed z)", samples[8:])]), "samples", step)
 
     @torch.no_grad()
