@@ -117,7 +117,7 @@ def metric_lines(cfg: Config) -> list[str]:
             "- `eval/...`: the evaluations (SVM attribute accuracy, latent statistics, quality) once run."]
 
 
-def fixed_batch(cfg: Config, n: int = 8) -> torch.Tensor:
+def fixed_batch(cfg: Config, n: int = 8) -> torch.Tensor | None:
     """The first `n` images by key of the val split, or of the train split where the data has no val split:
     the same faces at every image step and after a resume. Shards are written in key order, so the first
     shard holds the first keys."""
@@ -131,6 +131,8 @@ def fixed_batch(cfg: Config, n: int = 8) -> torch.Tensor:
     for batch in make_loader(EvalStream(source, 256, 0, 1, data.skip_corrupt), 0):
         keys += batch["key"]
         images.append(batch["image"])
+    if not keys:
+        return None
     order = sorted(range(len(keys)), key=keys.__getitem__)[:n]
     return model_input(torch.cat(images)[order], "cpu")
 
