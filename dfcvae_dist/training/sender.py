@@ -6,8 +6,8 @@ handler ends a run as FINISHED (blocking on a hung server), which is why this ex
   dropped, counted, and reported in one line.
 - A failed call is retried with exponential backoff (1 s doubling to 30 s), not on every enqueue; the
   outage and the recovery are each reported in one line.
-- `close(status, deadline_s)` ends the run with its real status and waits at most `deadline_s` for the
-  queue to drain: a hung server costs a finished run that much, never more.
+- `close(deadline_s)` waits at most `deadline_s` for the queue to drain (the tracker queues the run's end
+  first): a hung server costs a finished run that much, never more, and one line names what was left unsent.
 """
 
 from __future__ import annotations
