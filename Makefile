@@ -56,10 +56,14 @@ quickstart: $(STAMP)
 	@echo "  SVM tables    $(QS)/runs/{dfcvae,pvae}/eval/svm/svm_table.md  (KL per image, active units: svm_report.json)"
 	@echo "  quality       $(QS)/runs/{dfcvae,pvae}/eval/quality/quality.json"
 	@echo "  figures       $(QS)/results/studies/*.png"
-	@echo "  MLflow        $(BIN)/mlflow ui --backend-store-uri sqlite:///$(QS)/mlflow.db   (then http://127.0.0.1:5000)"
+	@echo "  MLflow        $(BIN)/mlflow ui --backend-store-uri sqlite:///$(QS)/mlflow.db   (artifacts: $(QS)/mlartifacts)"
+	@echo "                then open the model-training view: http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c \
+		"import mlflow; print(mlflow.MlflowClient('sqlite:///$(QS)/mlflow.db').get_experiment_by_name('quickstart').experiment_id)" \
+		2>/dev/null)?workflowType=machine_learning"
 
 clean-quickstart:
 	rm -rf $(QS)
+	@if [ -d mlruns ]; then echo "note: ./mlruns holds artifacts of runs logged before they moved beside the store; remove it by hand if nothing else logged there"; fi
 
 RP := reproduce
 RP_MLFLOW := MLFLOW_TRACKING_URI=sqlite:///$(RP)/mlflow.db

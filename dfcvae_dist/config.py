@@ -165,6 +165,11 @@ class LogConfig:
     on_unavailable: str = opt("error", "Tracking server unreachable at start: error, or warn and train "
                               "untracked.", choices=["error", "warn"], resume_safe=True)
     enabled: bool = opt(True, "Log to MLflow at all.", resume_safe=True)
+    system_metrics: bool = opt(True, "MLflow's system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py): "
+                               "one monitor per node with an http(s) tracking URI, the main process only with "
+                               "sqlite or a file store.", resume_safe=True)
+    system_metrics_interval_s: float = opt(10.0, "Seconds between system-metric samples.", min=0.1,
+                                           resume_safe=True)
     flush_timeout_s: float = opt(30.0, "At the end of a run, wait at most this long for MLflow to take what is "
                                  "still queued (a hung server costs a finished run this much, never more).",
                                  min=0.0, resume_safe=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ProcessGroups, wait_until
-from tests.test_train import base_args, env_for, launch_cmd, train
+from dfcvae_dist.data.shards import manifest_digest, read_manifest
+from tests.test_train import base_args, env_for, image_steps, launch_cmd, train
 
 pytestmark = pytest.mark.slow
 
@@ -47,17 +48,45 @@ def mlflow_server(tmp_path_factory):
         yield f"http://127.0.0.1:{port}"
 
 
-def test_two_process_run_logs_to_a_real_server(tmp_path, shard_dir, mlflow_server):
+def two_node_launch(machine_rank: int, port: int) -> list[str]:
+    """One `accelerate launch` per node, as slurm/train.sbatch starts them: here two nodes of one process on loopback."""
+    return [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "2", "--num_processes", "2",
+            "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            "--rdzv_backend", "static", "--same_network", "--multi_gpu", "--mixed_precision", "no",
+            "-m", "dfcvae_dist.train"]
+
+
+def test_a_two_node_run_fills_its_run_page_on_a_real_server(tmp_path, shard_dir, mlflow_server, processes):
+    """Metrics, a description, the data's lineage, images over time, and system metrics from every node."""
     import mlflow
 
-    run_dir = tmp_path / "run"
-    train(tmp_path, shard_dir, run_dir, "train.max_steps=6", f"log.tracking_uri={mlflow_server}",
-          "log.image_every_steps=3", nproc=2)
+    run_dir, port = tmp_path / "run", free_port()
+    args = base_args(shard_dir, run_dir, "train.max_steps=6", f"log.tracking_uri={mlflow_server}",
+                     "log.image_every_steps=3", "log.system_metrics_interval_s=0.5")
+    logs = [tmp_path / f"node{rank}.err" for rank in (0, 1)]
+    nodes = [processes.popen([*two_node_launch(rank, port), *args], cwd=tmp_path, env=env_for(tmp_path),
+                             stdout=subprocess.DEVNULL, stderr=log.open("w")) for rank, log in enumerate(logs)]
+    for node, log in zip(nodes, logs):
+        assert node.wait(timeout=600) == 0, log.read_text()[-3000:]
     run_id = json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"]
+    assert f"MLflow: run {run_id} in {mlflow_server}; artifacts in " in logs[0].read_text()  # the startup line
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.batch_size"] == "16"
+    assert run.data.tags["world_size"] == "2"
     assert [m.step for m in client.get_metric_history(run_id, "train/total")] == list(range(1, 7))
+    description = run.data.tags["mlflow.note.content"]
+    assert "DFC-VAE" in description and "RANDOM weights" in description and "synthetic" in description
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {f"{shard_dir.name}/{split}" for split in ("train", "val", "test")}
+    training = inputs[f"{shard_dir.name}/train"]
+    assert training.dataset.digest == manifest_digest(read_manifest(shard_dir))
+    assert training.dataset.source == str(shard_dir.resolve()) and [t.value for t in training.tags] == ["training"]
+    assert json.loads(training.dataset.profile)["num_samples"] == 321 and json.loads(training.dataset.profile)["synthetic"]
+    assert image_steps(client, run_id) == {"reconstructions": [3, 6], "samples": [3, 6]}  # one entry per image step
+    for node in ("node0", "node1"):  # one monitor per node, each under its node id
+        for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+            assert client.get_metric_history(run_id, f"system/{node}/{name}"), (node, name)
 
 
 def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, shard_dir, processes):
@@ -124,7 +153,8 @@ def test_a_hung_server_never_stalls_the_loop_and_costs_at_most_the_flush_deadlin
     run_dir, stderr = tmp_path / "run", tmp_path / "trainer.err"
     steps = "train.max_steps=40" if ending == "finishes" else "train.max_steps=400"
     cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, steps, f"log.tracking_uri={uri}", "log.flush_timeout_s=3",
-                                      "checkpoint.every_steps=0", "log.progress_every_s=0")]
+                                      "checkpoint.every_steps=0", "log.progress_every_s=0",
+                                      "log.system_metrics_interval_s=0.5")]
     with stderr.open("w") as err_file:
         trainer = processes.popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=err_file)
     wait_until(lambda: "step 2/" in stderr.read_text(), 240, "the loop to start", interval=0.2)
@@ -135,7 +165,8 @@ def test_a_hung_server_never_stalls_the_loop_and_costs_at_most_the_flush_deadlin
         trainer.send_signal(signal.SIGTERM)
     trainer.wait(timeout=180)
     err = stderr.read_text()
-    assert "were not sent within log.flush_timeout_s=3" in err, err[-3000:]
+    unsent = next((line for line in err.splitlines() if "were not sent within log.flush_timeout_s=3" in line), None)
+    assert unsent and "system metrics" in unsent, err[-3000:]  # MLflow's monitor, stopped without waiting on it
     marker = run_dir / ("COMPLETED.json" if ending == "finishes" else "RESUME_ME.json")
     assert json.loads(marker.read_text())["step"] > 2
     if ending == "finishes":  # long enough for a call to time out and the outage to be reported

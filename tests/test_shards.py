@@ -33,6 +33,21 @@ def test_manifest_describes_every_shard(shard_dir, celeba_dir):
     assert manifest["splits"]["train"]["num_samples"] == 321  # CelebA's partition fractions
 
 
+def test_manifest_says_whether_the_data_is_synthetic(shard_dir, tmp_path):
+    assert read_manifest(shard_dir)["synthetic"] is True  # drawn by the synthetic generator
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    run_tool("make_shards.py", "--image-folder", folder, "--out", tmp_path / "out", "--image-size", "16")
+    assert read_manifest(tmp_path / "out")["synthetic"] is False  # a user's own images
+    old = json.loads((shard_dir / "manifest.json").read_text())
+    del old["synthetic"]  # a manifest written before it recorded this
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(old))
+    assert read_manifest(tmp_path / "old")["synthetic"] is False
+
+
 def test_sample_format(shard_dir):
     sample = next(iter_shard(str(shard_dir / "train-000000.tar")))
     assert sample["__key__"] == "000001"

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 
 from dfcvae_dist.data import celeba
-from dfcvae_dist.data.synthetic import ATTRIBUTE_NAMES, CELEBA_ATTRIBUTE_RATES, make_synthetic_celeba
+from dfcvae_dist.data.synthetic import (ATTRIBUTE_NAMES, CELEBA_ATTRIBUTE_RATES, is_synthetic,
+                                        make_synthetic_celeba)
 from tests.conftest import run_tool
 
 
@@ -27,6 +28,11 @@ def test_layout_matches_official(celeba_dir):
     image = Image.open(celeba_dir / "img_align_celeba" / "000001.jpg")
     assert image.size == (178, 218) and image.mode == "RGB" and image.format == "JPEG"
     assert (celeba_dir / "img_align_celeba" / "000400.jpg").exists()
+
+
+def test_output_is_marked_synthetic_and_real_layouts_are_not(celeba_dir, tmp_path):
+    assert is_synthetic(celeba_dir)
+    assert not is_synthetic(tmp_path)
 
 
 def test_deterministic_for_a_seed(tmp_path):

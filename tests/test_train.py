@@ -49,7 +49,19 @@ def mlflow_client(tmp_path):
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
 
 
+def image_steps(client, run_id) -> dict[str, list[int]]:
+    """The steps of each image key of a run (MLflow stores `images/KEY+step+N+...png`, plus a webp preview)."""
+    steps = {}
+    for artifact in client.list_artifacts(run_id, "images"):
+        name = artifact.path.removeprefix("images/")
+        if name.endswith(".png") and "+step+" in name:
+            key, _, step = name.split("+")[:3]
+            steps.setdefault(key, []).append(int(step))
+    return {key: sorted(found) for key, found in steps.items()}
+
+
 def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_dir):
+    """Also: with a sqlite store, artifacts go beside it (mlartifacts/), never to ./mlruns of the launch directory."""
     os.umask(0o022)
     run_dir = tmp_path / "run"
     train(tmp_path, shard_dir, run_dir, "train.max_steps=40", "checkpoint.every_steps=20", "log.image_every_steps=20",
@@ -76,11 +88,13 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_d
     assert run.data.tags["vgg_weights_random"] == "True" and run.data.tags["world_size"] == "1"
     history = [m.value for m in client.get_metric_history(run.info.run_id, "train/total")]
     assert len(history) == 40 and sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5  # the loss falls
-    for name in ("train/kl", "train/rec_relu1_2", "train/lr", "train/img_per_s", "train/grad_norm", "val/total"):
+    for name in ("train/kl", "train/rec_perceptual", "train/rec_perceptual/relu1_2", "train/lr", "train/img_per_s",
+                 "train/grad_norm", "val/total"):
         assert client.get_metric_history(run.info.run_id, name), name
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
-    assert "images/reconstructions_step00000020.png" in artifacts and "images/samples_step00000040.png" in artifacts
+    assert image_steps(client, run.info.run_id) == {"reconstructions": [20, 40], "samples": [20, 40]}
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert not (tmp_path / "mlruns").exists()  # the launch directory
+    assert run.info.artifact_uri == (tmp_path / "mlartifacts").as_uri() + f"/{run.info.run_id}/artifacts"
 
 
 def test_two_process_ddp_ranks_agree_and_read_disjoint_shards(tmp_path, shard_dir):
@@ -199,6 +213,14 @@ def test_baselines_train_in_the_same_loop(tmp_path, shard_dir, model):
     assert summary["step"] == 6 and summary["vgg_weights"] == "none"
     client = mlflow_client(tmp_path)
     assert len(client.get_metric_history(summary["mlflow_run_id"], "train/total")) == 6
+    run = client.get_run(summary["mlflow_run_id"])
+    assert not {"loss.layers", "loss.vgg_weights", "loss.feature_scale"} & set(run.data.params)  # no VGG in either
+    if model == "pvae":
+        assert len(client.get_metric_history(run.info.run_id, "train/rec_pixel")) == 6
+        assert image_steps(client, run.info.run_id) == {"reconstructions": [3, 6], "samples": [3, 6]}
+    else:
+        assert not any(k.startswith("loss.") for k in run.data.params)
+        assert image_steps(client, run.info.run_id) == {"samples": [3, 6]}  # a GAN reconstructs nothing
     torch.manual_seed(0)  # train.seed: the weights the run started from
     start = build_model(load_config(run_dir / "config.yaml").model).state_dict()
     trained = load_file(run_dir / "checkpoints" / "step-00000006" / "weights.safetensors")

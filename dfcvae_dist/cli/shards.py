@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from dfcvae_dist.data import shards
+from dfcvae_dist.data.synthetic import is_synthetic
 from dfcvae_dist.errors import UserError, cli_main
 
 
@@ -44,19 +45,19 @@ def main(argv: list[str]) -> int:
         raise UserError("--out is required when writing shards")
     if args.celeba_root:
         names, samples = shards.celeba_samples(args.celeba_root)
-        crop, source = args.crop, str(args.celeba_root)
+        crop, source, synthetic = args.crop, str(args.celeba_root), is_synthetic(args.celeba_root)
     else:
         names, samples = shards.folder_samples(args.image_folder, args.attributes, args.holdout)
-        crop, source = "center", str(args.image_folder)
+        crop, source, synthetic = "center", str(args.image_folder), False
     settings = shards.ShardSettings(args.image_size, crop, args.format, args.shard_size, source)
     start = time.perf_counter()
     with Progress() as progress:
         task = progress.add_task("sharding", total=len(samples))
         manifest = shards.make_shards(names, samples, args.out, settings, args.workers, args.skip_corrupt,
-                                      progress=lambda n: progress.advance(task, n))
+                                      progress=lambda n: progress.advance(task, n), synthetic=synthetic)
     elapsed = time.perf_counter() - start
     counts = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
-    print(f"wrote {args.out} ({counts}; skipped {len(manifest['skipped'])}) in {elapsed:.1f}s "
+    print(f"wrote {args.out} ({counts}; skipped {len(manifest['skipped'])}{'; synthetic' if synthetic else ''}) in {elapsed:.1f}s "
           f"({len(samples) / elapsed:.0f} img/s)")
     return 0
 

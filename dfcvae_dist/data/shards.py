@@ -204,8 +204,9 @@ def _write_shard_star(args: tuple) -> dict:
 
 def make_shards(names: list[str], samples: list[Sample], out: Path, settings: ShardSettings,
                 workers: int = 1, skip_corrupt: bool = False,
-                progress: Callable[[int], None] | None = None) -> dict:
-    """Write every missing shard (in parallel), then the manifest. Returns the manifest."""
+                progress: Callable[[int], None] | None = None, synthetic: bool = False) -> dict:
+    """Write every missing shard (in parallel), then the manifest. Returns the manifest. `synthetic`: the
+    source was drawn by the synthetic generator (the manifest says so, and so does every run trained on it)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / ".parts").mkdir(exist_ok=True)
     _check_settings(out, settings)
@@ -231,7 +232,7 @@ def make_shards(names: list[str], samples: list[Sample], out: Path, settings: Sh
             for job, *_ in todo:
                 temp_name(out / job.name).unlink(missing_ok=True)
             raise
-    manifest = build_manifest(names, [records[j.name] for j in jobs], settings)
+    manifest = build_manifest(names, [records[j.name] for j in jobs], settings, synthetic)
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
@@ -249,7 +250,7 @@ def _check_settings(out: Path, settings: ShardSettings) -> None:
         atomic_write(path, json.dumps(asdict(settings)))
 
 
-def build_manifest(names: list[str], records: list[dict], settings: ShardSettings) -> dict:
+def build_manifest(names: list[str], records: list[dict], settings: ShardSettings, synthetic: bool = False) -> dict:
     splits = {}
     for split in celeba.SPLITS.values():
         shards = [{k: r[k] for k in ("name", "num_samples", "sha256")} for r in records if r["split"] == split]
@@ -258,6 +259,7 @@ def build_manifest(names: list[str], records: list[dict], settings: ShardSetting
         "format": FORMAT,
         **asdict(settings),
         "attributes": names,
+        "synthetic": synthetic,
         "splits": splits,
         "skipped": [s for r in records for s in r["skipped"]],
     }
@@ -273,7 +275,15 @@ def read_manifest(directory: Path) -> dict:
         raise UserError(f"{path}: unreadable manifest: {err}") from None
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a {FORMAT} manifest (format={manifest.get('format')!r})")
+    manifest.setdefault("synthetic", False)  # written before the manifest recorded it
     return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """A short digest of the data a manifest describes: every shard's split, name and sha256."""
+    shards = [(split, s["name"], s["sha256"]) for split, info in sorted(manifest["splits"].items())
+              for s in info["shards"]]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
 
 
 def verify_shards(directory: Path) -> list[str]:

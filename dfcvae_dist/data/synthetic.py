@@ -11,6 +11,7 @@ image i uses its own generator (seed, i).
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 from pathlib import Path
 
@@ -18,6 +19,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from dfcvae_dist.data import celeba
+
+# Left in the output directory, so that shards written from it record `synthetic: true` in their manifest.
+SYNTHETIC_MARKER = "SYNTHETIC.json"
 
 # CelebA's 40 attributes in file order, with their approximate positive rate on the real data set.
 CELEBA_ATTRIBUTE_RATES = {
@@ -209,6 +213,12 @@ def make_synthetic_celeba(out: Path, num: int, seed: int = 0, workers: int = 2, 
     _write(out / celeba.BBOX_FILE, [str(num), "image_id x_1 y_1 width height"] +
            [f"{i} {_bbox(r[1])}" for i, r in zip(ids, rows)])
     _write(out / celeba.IDENTITY_FILE, [f"{i} {r[2]}" for i, r in zip(ids, rows)])
+    _write(out / SYNTHETIC_MARKER, [json.dumps({"generator": __name__, "num": num, "seed": seed})])
+
+
+def is_synthetic(root: Path) -> bool:
+    """Whether a CelebA-layout directory (ROOT or ROOT/celeba) was drawn by `make_synthetic_celeba`."""
+    return any((Path(root) / sub / SYNTHETIC_MARKER).is_file() for sub in (".", "celeba"))
 
 
 def _bbox(landmarks: list[int]) -> str:

@@ -132,6 +132,16 @@ def set_lr(optimizers, lr: float) -> None:
             group["lr"] = lr
 
 
+def metric_name(term: str, pixel: bool) -> str:
+    """The logged name of a loss term, saying what the reconstruction term measures: `rec_pixel` (PVAE),
+    `rec_perceptual` (DFC-VAE, the sum over layers) and `rec_perceptual/<layer>`."""
+    if term == "rec":
+        return "rec_pixel" if pixel else "rec_perceptual"
+    if term.startswith("rec_"):
+        return "rec_perceptual/" + term.removeprefix("rec_")
+    return term
+
+
 class VAERecipe:
     validates = True
 
@@ -179,7 +189,8 @@ class VAERecipe:
                     skipped = True
                     continue
                 acc.backward(terms["total"])
-            for name, value in terms.items():
+            for term, value in terms.items():
+                name = metric_name(term, pixel=self.perceptual is None)
                 sums[name] = sums.get(name, 0.0) + value.detach() / len(micro_batches)
         if not skipped:
             norm = clip_or_norm(acc, self.model, self.optim_cfg.grad_clip)  # None under DeepSpeed before its first step

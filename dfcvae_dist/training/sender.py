@@ -6,8 +6,8 @@ handler ends a run as FINISHED (blocking on a hung server), which is why this ex
   dropped, counted, and reported in one line.
 - A failed call is retried with exponential backoff (1 s doubling to 30 s), not on every enqueue; the
   outage and the recovery are each reported in one line.
-- `close(status, deadline_s)` ends the run with its real status and waits at most `deadline_s` for the
-  queue to drain: a hung server costs a finished run that much, never more.
+- `close(deadline_s)` waits at most `deadline_s` for the queue to drain (the tracker queues the run's end
+  first): a hung server costs a finished run that much, never more, and one line names what was left unsent.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class SenderStats:
     outages: list[str] = field(default_factory=list)
 
 
+def item_name(item: Item) -> str:
+    return "metrics" if item.kind == "metrics" else item.payload[0]
+
+
 class BackgroundSender:
     def __init__(self, client, run_id: str, max_points: int = 100_000, max_backoff_s: float = 30.0):
         self.client, self.run_id = client, run_id
@@ -48,6 +52,7 @@ class BackgroundSender:
         self.points = 0  # metric points in the queue
         self.cond = threading.Condition()
         self.busy = False  # an item is being sent
+        self.sending = ""  # what it is
         self.failing = False
         self.stats = SenderStats()
         threading.Thread(target=self._run, daemon=True, name="mlflow-sender").start()
@@ -74,12 +79,14 @@ class BackgroundSender:
             while (self.queue or self.busy) and time.monotonic() < end:
                 self.cond.wait(timeout=max(0.0, min(0.5, end - time.monotonic())))
             left = len(self.queue) + int(self.busy)
+            unsent = ([self.sending] if self.busy else []) + [item_name(i) for i in self.queue]
         if self.stats.dropped:
             log.warning("MLflow: %d metric point(s) were dropped while the server was unreachable (queue full at "
                         "%d points)", self.stats.dropped, self.max_points)
         if left:
             log.warning("MLflow: %d item(s) were not sent within log.flush_timeout_s=%g s (%s); the run in MLflow "
-                        "lacks them", left, deadline_s, self.stats.first_error or "server not answering")
+                        "lacks them: %s", left, deadline_s, self.stats.first_error or "server not answering",
+                        ", ".join(dict.fromkeys(unsent)))
         return left
 
     def _drop_oldest_points(self) -> None:
@@ -101,7 +108,7 @@ class BackgroundSender:
                     sum(i.points for i in batch) + self.queue[0].points <= 1000:
                 batch.append(self.queue.popleft())
             self.points -= sum(i.points for i in batch)
-            self.busy = True
+            self.busy, self.sending = True, item_name(batch[0])
             return batch
 
     def _send(self, batch: list[Item]) -> None:

@@ -1,4 +1,4 @@
-"""MLflow tracking from the main process only.
+"""MLflow tracking from the main process (system metrics: also from one process per node).
 
 - At start the main process checks the tracking server once (a few seconds, not MLflow's 120 s with
   retries), decides (error, or warn and go on untracked) and tells every rank.
@@ -6,6 +6,10 @@
   already logged, so every step appears once.
 - After that the loop never waits on the network: one background sender (training/sender.py) sends, with
   a bounded queue, backoff after a failure, and a deadline at the end (log.flush_timeout_s).
+- With a sqlite store a new experiment keeps its artifacts beside the store (`mlartifacts/`), not in
+  `./mlruns` of whatever directory the job was launched from.
+- MLflow's system-metrics monitor runs in a thread of its own; its `finish()` joins without a timeout, so
+  it is stopped through the sender (main process) or a thread joined with the deadline (other nodes).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -77,12 +82,75 @@ def resolve_run_id(value: str) -> str:
                     "before its first marker, or not a training run directory); pass the MLflow run id instead")
 
 
+def artifact_root(uri: str) -> str | None:
+    """Beside a sqlite store (`sqlite:///PATH/x.db` -> PATH/mlartifacts); None elsewhere: a server has its
+    own artifact root, and a file store keeps artifacts inside itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
 def run_tags(cfg: Config) -> dict[str, str]:
     """The tags a run is created with: log.run_tags, and its parent run where log.parent_run_id names one."""
     tags = dict(tag.partition("=")[::2] for tag in cfg.log.run_tags)
     if cfg.log.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.log.parent_run_id
     return tags
+
+
+class SystemMetrics:
+    """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU through nvidia-ml-py) in its own
+    thread. With an http(s) URI one per node (local rank 0), named `system/nodeN/...` when there are several
+    nodes; with sqlite or a file store (which lock badly on shared filesystems) only on the main process."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    @classmethod
+    def start_where_due(cls, cfg: Config, accelerator, run_id: str, resumed: bool) -> "SystemMetrics | None":
+        from mlflow import get_tracking_uri
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        uri = tracking_uri(cfg) or get_tracking_uri()
+        per_node = uri.startswith(("http://", "https://"))
+        if not (accelerator.local_process_index == 0 if per_node else accelerator.is_main_process):
+            return None
+        per_node_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        nodes = max(1, accelerator.num_processes // per_node_processes)
+        node_id = f"node{accelerator.process_index // per_node_processes}" if per_node and nodes > 1 else None
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.log.system_metrics_interval_s,
+                                       resume_logging=resumed, node_id=node_id, tracking_uri=uri)
+        report_missing_gpu_metrics(monitor)
+        monitor.start()
+        return cls(monitor)
+
+    def stop(self, sender: BackgroundSender | None, deadline_s: float) -> None:
+        """Stop without ever waiting past the end-of-run deadline: on the main process as one more call of the
+        sender (its deadline covers it), elsewhere in a thread joined for at most `deadline_s`."""
+        if sender is not None:
+            sender.put_call("system metrics", self.monitor.finish)
+            return
+        stopper = threading.Thread(target=self.monitor.finish, daemon=True, name="system-metrics-stop")
+        stopper.start()
+        stopper.join(deadline_s)
+        if stopper.is_alive():
+            log.warning("MLflow: the system-metrics monitor did not stop within log.flush_timeout_s=%g s (server "
+                        "not answering); its last samples are lost", deadline_s)
+
+
+def report_missing_gpu_metrics(monitor) -> None:
+    """One line where a GPU is there but MLflow's GPU monitor could not start (nvidia-ml-py missing, or NVML)."""
+    import torch
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+    if not torch.cuda.is_available() or any(isinstance(m, GPUMonitor) for m in monitor.monitors):
+        return
+    try:
+        GPUMonitor()
+        reason = "unknown reason"
+    except Exception as err:  # noqa: BLE001 - ImportError or an NVML error: either way, only the reason matters
+        reason = str(err).splitlines()[0][:200]
+    log.warning("MLflow system metrics: no GPU metrics (%s); CPU, memory, disk and network are logged", reason)
 
 
 class Tracker:
@@ -96,15 +164,19 @@ class Tracker:
         self.run_id = run_id
         self.last_logged_step = -1
         self.flush_timeout_s = cfg.log.flush_timeout_s
-        decision = [None]
+        self.artifact_uri = ""
+        self.system_metrics: SystemMetrics | None = None
+        decision = [None, None]
         if accelerator.is_main_process and cfg.log.enabled:
-            decision = [self._start(cfg, run_id)]
+            decision = [self._start(cfg, run_id), self.run_id]
         broadcast_object_list(decision, from_process=0)
         if isinstance(decision[0], str) and decision[0].startswith("error:"):
             raise UserError(decision[0][len("error:"):])
         if accelerator.is_main_process and decision[0] == "ok":
             self.active = True
             self.sender = BackgroundSender(self.client, self.run_id)
+        if decision[0] == "ok" and cfg.log.system_metrics:
+            self.system_metrics = SystemMetrics.start_where_due(cfg, accelerator, decision[1], resumed=bool(run_id))
 
     def _start(self, cfg: Config, run_id: str | None) -> str:
         _default_timeouts()
@@ -124,13 +196,15 @@ class Tracker:
                 self.client.update_run(run_id, status="RUNNING")
                 history = self.client.get_metric_history(run_id, PROGRESS_METRIC)
                 self.last_logged_step = max((m.step for m in history), default=-1)
+                run = self.client.get_run(run_id)
             else:
                 experiment = self.client.get_experiment_by_name(cfg.log.experiment)
-                experiment_id = (experiment.experiment_id if experiment else
-                                 self.client.create_experiment(cfg.log.experiment))
+                experiment_id = (experiment.experiment_id if experiment else self.client.create_experiment(
+                    cfg.log.experiment, artifact_location=artifact_root(self.client.tracking_uri)))
                 run = self.client.create_run(experiment_id, run_name=cfg.log.run_name or Path(cfg.train.run_dir).name,
                                              tags=run_tags(cfg))
                 self.run_id = run.info.run_id
+            self.artifact_uri = run.info.artifact_uri
         except Exception as err:  # noqa: BLE001 - any store error at start is the user's to fix
             return f"error:MLflow at {self.client.tracking_uri} failed at start: {str(err).splitlines()[0][:300]}"
         return "ok"
@@ -159,13 +233,16 @@ class Tracker:
         now = int(time.time() * 1000)
         self.sender.put_metrics([Metric(k, float(v), now, step) for k, v in metrics.items()])
 
-    def log_image(self, image, name: str) -> None:
-        """`image`: a (3, H, W) float tensor in [0, 1]; `name`: the artifact path."""
+    def log_image(self, image, key: str, step: int) -> None:
+        """`image`: a PIL image, one entry of the run's image `key` at `step` (the UI's step slider)."""
         if self.active:
-            import numpy as np
+            self.sender.put_call(f"image {key}", lambda: self.client.log_image(self.run_id, image, key=key, step=step,
+                                                                                synchronous=True))
 
-            array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
-            self.sender.put_call("image", lambda: self.client.log_image(self.run_id, array, artifact_file=name))
+    def log_inputs(self, datasets: list) -> None:
+        """MLflow dataset inputs (`mlflow.entities.DatasetInput`): the data the run was trained and evaluated on."""
+        if self.active and datasets:
+            self.sender.put_call("dataset inputs", lambda: self.client.log_inputs(self.run_id, datasets=datasets))
 
     def log_text(self, text: str, name: str) -> None:
         if self.active:
@@ -173,6 +250,9 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         """End the run as it really ended (FINISHED, KILLED or FAILED), waiting at most log.flush_timeout_s."""
+        if self.system_metrics is not None:
+            self.system_metrics.stop(self.sender if self.active else None, self.flush_timeout_s)
+            self.system_metrics = None
         if self.active:
             self.active = False
             # first: with a backlog at the deadline, the run's real status matters more than its last points

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torchvision
 from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
 
@@ -30,6 +29,8 @@ from dfcvae_dist.rundir import CONFIG_FILE, RunLock, atomic_write, find_checkpoi
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
 from dfcvae_dist.training.recipes import LossHealth, StepResult, build_recipe, recipe_class, set_lr
+from dfcvae_dist.training.run_page import (dataset_inputs, family_params, fixed_batch, labelled_rows,
+                                           run_description, shard_manifest)
 from dfcvae_dist.training.state import TrainerState
 from dfcvae_dist.training.tracking import Tracker, code_version
 
@@ -116,7 +117,11 @@ class Trainer:
             atomic_write(self.run_dir / CONFIG_FILE, cfg.to_yaml())
         self.tracker = self.start_tracking()
         self.fixed_z = torch.randn(16, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
-        self.last_images: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fixed_images = None  # the same faces at every image step, read once (DCGAN reconstructs nothing)
+        if self.tracker.active and cfg.model.name != "dcgan":
+            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global generator
+                self.fixed_images = fixed_batch(cfg)
+        self.images_logged_at = -1
         self.stop = StopFlag()
         self.launched = (time.perf_counter(), self.state.wall_time_s)
         self.describe()
@@ -150,14 +155,12 @@ class Trainer:
         self.progress.step_done(s.step, s.epoch)
         if result.skipped:
             return
-        self.last_images = result.images
         if s.step % log.every_steps == 0 or s.step == self.data.total_steps:
             names = list(result.metrics)
             values = self.accelerator.reduce(torch.stack([result.metrics[n].float() for n in names]), reduction="mean")
             metrics = {f"train/{n}": v for n, v in zip(names, values.tolist())}
             if self.cfg.data.skip_corrupt:
-                metrics["train/skipped_samples"] = self.accelerator.reduce(
-                    torch.tensor(s.skipped_samples, device=self.accelerator.device), reduction="sum").item()
+                metrics["train/skipped_samples"] = self.skipped_samples_all_ranks()
             metrics.update({"train/lr": self.recipe.optimizers[0].param_groups[0]["lr"], "train/epoch": s.epoch,
                             "train/img_per_s": self.progress.img_per_s_since_last_log(s.step),
                             "train/skipped_steps": s.skipped_steps})
@@ -168,9 +171,8 @@ class Trainer:
 
     def save(self) -> Path:
         """Every rank; the checkpoint's state holds the damaged samples of all ranks (the main one resumes with them)."""
-        acc, state = self.accelerator, dataclasses.replace(self.state, wall_time_s=self.wall_time_s())
-        state.skipped_samples = int(acc.reduce(torch.tensor(self.state.skipped_samples, device=acc.device),
-                                               reduction="sum").item())
+        state = dataclasses.replace(self.state, wall_time_s=self.wall_time_s())
+        state.skipped_samples = self.skipped_samples_all_ranks()
         checkpoint = self.checkpointer.save(state, self.recipe.weights(), self.recipe.model_config, self.cfg.to_yaml())
         self.tracker.log_model(checkpoint, state.step, state.step == self.data.total_steps, self.cfg.log.model)
         return checkpoint
@@ -180,7 +182,7 @@ class Trainer:
         if self.checkpointer.last_saved != s.step:
             self.health.agree(self.stop.requested)
             self.save()
-        damaged = acc.reduce(torch.tensor(s.skipped_samples, device=acc.device), reduction="sum").item()
+        damaged = self.skipped_samples_all_ranks()
         summary = {"step": s.step, "total_steps": self.data.total_steps, "stopped_early": stopped_early,
                    "mlflow_run_id": s.mlflow_run_id, "checkpoint": str(find_checkpoint(self.run_dir, "auto")),
                    "vgg_weights": s.vgg_weights, "skipped_steps": s.skipped_steps,
@@ -191,13 +193,19 @@ class Trainer:
         if acc.is_main_process:  # before any final tracking call: a hung server must not cost the marker
             write_end_marker(self.run_dir, stopped_early, summary)
         acc.wait_for_everyone()  # the last collective: the tracker's flush below may take log.flush_timeout_s
-        self.log_images()
+        if self.images_logged_at != s.step:
+            self.log_images()
         self.tracker.end("KILLED" if stopped_early else "FINISHED")
         self.console.print(f"{'stopped at' if stopped_early else 'finished'} step {s.step}; checkpoint "
                            f"{summary['checkpoint']}")
         acc.end_training()
         self.lock.release()
         return summary
+
+    def skipped_samples_all_ranks(self) -> int:
+        """Damaged samples passed over, summed over ranks (a collective: every rank calls it)."""
+        acc = self.accelerator
+        return int(acc.reduce(torch.tensor(self.state.skipped_samples, device=acc.device), reduction="sum").item())
 
     def wall_time_s(self) -> float:
         started, before = self.launched
@@ -248,12 +256,18 @@ class Trainer:
     def start_tracking(self) -> Tracker:
         cfg, s, acc = self.cfg, self.state, self.accelerator
         tracker = Tracker(cfg, acc, s.mlflow_run_id)
+        manifest = shard_manifest(cfg.data.shards) if tracker.active else None
         if not s.mlflow_run_id:
-            tracker.log_params(cfg.flat())
+            tracker.log_params(family_params(cfg))
             tracker.log_text(cfg.to_yaml(), "config.yaml")
+            tracker.log_inputs(dataset_inputs(cfg.data.shards, manifest))
         s.mlflow_run_id = tracker.run_id or s.mlflow_run_id
+        if tracker.active:
+            self.console.print(f"MLflow: run {tracker.run_id} in {tracker.client.tracking_uri}; artifacts in "
+                               f"{tracker.artifact_uri}")
         perceptual = self.recipe.perceptual
-        tracker.set_tags({"world_size": acc.num_processes, "precision": acc.mixed_precision,
+        tracker.set_tags({"mlflow.note.content": run_description(cfg, s.vgg_weights, manifest),
+                          "world_size": acc.num_processes, "precision": acc.mixed_precision,
                           "vgg_dtype": str(perceptual.dtype) if perceptual else "none", "vgg_weights": s.vgg_weights,
                           "vgg_weights_random": s.vgg_weights.startswith("random"), "code_version": code_version(),
                           "distributed_type": str(acc.distributed_type), **slurm_tags(),
@@ -270,14 +284,27 @@ class Trainer:
                            f"{self.accelerator.mixed_precision}")
 
     def log_images(self) -> None:
-        """Inputs above their reconstructions (or real above fake), and samples of a fixed z."""
-        if not self.tracker.active or self.last_images is None:
+        """The fixed batch above its reconstructions, and samples of the fixed z: one entry per image step of
+        the keys `reconstructions` and `samples`. Decoded in eval mode from the mean of z, so no training
+        random stream is drawn from (a resumed run stays bit-exact)."""
+        if not self.tracker.active:
             return
-        step = self.state.step
-        self.tracker.log_image(image_grid(*self.last_images), f"images/reconstructions_step{step:08d}.png")
-        samples = self.recipe.decode(self.fixed_z)
-        self.tracker.log_image(torchvision.utils.make_grid(samples.float().cpu(), nrow=8),
-                               f"images/samples_step{step:08d}.png")
+        step = self.images_logged_at = self.state.step
+        if self.fixed_images is not None:
+            rows = [("input", self.fixed_images), ("reconstruction", self.reconstruct(self.fixed_images))]
+            self.tracker.log_image(labelled_rows(rows), "reconstructions", step)
+        samples = self.recipe.decode(self.fixed_z)  # a fixed z: no random stream is drawn from
+        self.tracker.log_image(labelled_rows([("samples", samples[:8]), ("(fixed z)", samples[8:])]), "samples", step)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        net = self.accelerator.unwrap_model(self.recipe.module)
+        was_training = net.training
+        net.eval()
+        mu, _ = net.encode(images.to(self.accelerator.device).contiguous(memory_format=self.memory_format))
+        reconstructions = net.decode(mu)
+        net.train(was_training)
+        return reconstructions
 
 
 def on_main_then_all(accelerator, fn):
@@ -319,11 +346,6 @@ def check_image_size(shards: str, image_size: int) -> None:
     if size is not None and size != image_size:
         raise UserError(f"{manifest}: the shards hold {size}x{size} images, but model.image_size={image_size}: set "
                         f"model.image_size={size}, or write shards with --image-size {image_size}")
-
-
-def image_grid(inputs: torch.Tensor, outputs: torch.Tensor, n: int = 8) -> torch.Tensor:
-    n = min(n, inputs.shape[0])
-    return torchvision.utils.make_grid(torch.cat([inputs[:n], outputs[:n]]).float().cpu(), nrow=n, padding=2)
 
 
 def slurm_tags() -> dict:

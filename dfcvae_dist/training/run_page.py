@@ -1,0 +1,152 @@
+"""What a run's MLflow page shows besides its curves: a description in words, the data's lineage (dataset
+inputs from the shard manifest), only the params its model family reads, and image panels that can be
+followed over time (a fixed batch with its reconstructions, samples of a fixed z)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
+
+from dfcvae_dist.config import Config
+from dfcvae_dist.data.loader import EvalStream, make_loader, model_input, resolve_split
+from dfcvae_dist.data.shards import MANIFEST, manifest_digest, read_manifest
+
+VGG_KEYS = {"loss.layers", "loss.layer_weights", "loss.feature_scale", "loss.vgg_weights", "loss.vgg_dtype",
+            "loss.vgg_seed", "loss.compile"}
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "evaluation"}
+MIN_DISPLAY_PX = 128  # small images are upscaled (nearest neighbour) to at least this for the UI
+LABEL_WIDTH_PX = 150
+
+
+def family_params(cfg: Config) -> dict:
+    """The config as MLflow params, without the keys this model family never reads."""
+    params = cfg.flat()
+    if cfg.model.name == "dcgan":  # no VAE loss and no validation pass
+        unused = {k for k in params if k.startswith("loss.")} | {"train.val_every_steps", "train.val_batches",
+                                                                 "data.val_shards"}
+    elif cfg.model.name == "pvae":
+        unused = VGG_KEYS
+    else:
+        unused = set()
+    return {k: v for k, v in params.items() if k not in unused}
+
+
+def shard_manifest(shards: str) -> dict | None:
+    """The manifest of `data.shards`, or None where it is a URL pattern."""
+    return read_manifest(Path(shards)) if (Path(shards) / MANIFEST).is_file() else None
+
+
+def dataset_inputs(shards: str, manifest: dict | None) -> list:
+    """MLflow dataset inputs, one per non-empty split of the manifest (train: training, val: validation,
+    test: evaluation), each with the manifest's digest, the sample counts and whether the data is synthetic."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    if manifest is None:
+        return []
+    directory = Path(shards).resolve()
+    counts = {split: info["num_samples"] for split, info in manifest["splits"].items()}
+    inputs = []
+    for split, context in SPLIT_CONTEXTS.items():
+        if not counts.get(split):
+            continue
+        profile = {"split": split, "num_samples": counts[split], "splits": counts,
+                   "synthetic": manifest["synthetic"], "image_size": manifest.get("image_size"),
+                   "crop": manifest.get("crop"), "made_from": manifest.get("source")}
+        dataset = Dataset(f"{directory.name}/{split}", manifest_digest(manifest), "local", str(directory),
+                          profile=json.dumps(profile))
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
+
+
+def run_description(cfg: Config, vgg_weights: str, manifest: dict | None) -> str:
+    """The run page's description (markdown): model, data, loss network, what the numbers mean."""
+    model, loss = cfg.model, cfg.loss
+    lines = [f"**{model_title(cfg)}**, {model.image_size}×{model.image_size} images, latent size "
+             f"{model.latent_dim}, trained by `dfcvae_dist` into `{cfg.train.run_dir}`.", ""]
+    if vgg_weights.startswith("random"):
+        lines += [f"> **Warning: the VGG19 loss network has RANDOM weights ({vgg_weights}).** The loss is not the "
+                  "paper's feature perceptual loss; the numbers demonstrate the pipeline, not the method.", ""]
+    lines += ["**Data**: " + data_line(cfg.data.shards, manifest), ""]
+    if model.name == "dfcvae":
+        lines += [f"**Loss network**: VGG19 `{vgg_weights}`, layers {', '.join(loss.layers)}, features ×"
+                  f"{loss.feature_scale:g}.", ""]
+    lines += ["**What the numbers mean** (every name: docs/metrics.md)", *metric_lines(cfg), "",
+              "**Images** (step slider): " + ("`samples`, the generator's images of one fixed z."
+                                              if model.name == "dcgan" else
+                                              "`reconstructions`, the same faces every time (input above "
+                                              "reconstruction, decoded from the mean of z); `samples`, decoded "
+                                              "from one fixed z.")]
+    return "\n".join(lines)
+
+
+def model_title(cfg: Config) -> str:
+    if cfg.model.name == "dfcvae":
+        return "DFC-VAE (feature perceptual loss)"
+    return "PVAE (pixel loss)" if cfg.model.name == "pvae" else "DCGAN"
+
+
+def data_line(shards: str, manifest: dict | None) -> str:
+    if manifest is None:
+        return f"`{shards}` (a WebDataset URL pattern: no manifest, so no counts or digest)."
+    counts = " / ".join(f"{info['num_samples']:,} {split}" for split, info in manifest["splits"].items())
+    kind = ("**synthetic faces** (drawn by `dfcvae-synthetic`, not CelebA)" if manifest["synthetic"]
+            else f"images from `{manifest.get('source') or 'unrecorded source'}`")
+    return f"`{Path(shards).resolve()}`: {counts} images, {kind}; manifest digest `{manifest_digest(manifest)}`."
+
+
+def metric_lines(cfg: Config) -> list[str]:
+    loss = cfg.loss
+    if cfg.model.name == "dcgan":
+        return ["- `train/loss_d`, `train/loss_g`: the discriminator's and generator's binary cross-entropy (nats); "
+                "`train/total` is their sum."]
+    rec = ("`train/rec_pixel`: squared pixel error summed over the image ([0, 1] pixels), batch mean"
+           if cfg.model.name == "pvae" else
+           "`train/rec_perceptual`: squared VGG19 feature distance, summed over the layers "
+           "(`train/rec_perceptual/<layer>`), batch mean")
+    return [f"- `train/total`: the objective, {loss.alpha:g} × KL + {loss.beta:g} × reconstruction; "
+            "`val/total` the same on the val split.",
+            f"- {rec}.",
+            "- `train/kl`: KL(q(z|x) ‖ N(0, I)) per image, in nats.",
+            "- `eval/...`: the evaluations (SVM attribute accuracy, latent statistics, quality) once run."]
+
+
+def fixed_batch(cfg: Config, n: int = 8) -> torch.Tensor | None:
+    """The first `n` images by key of the val split, or of the train split where the data has no val split:
+    the same faces at every image step and after a resume. Shards are written in key order, so the first
+    shard holds the first keys."""
+    data = cfg.data
+    manifest = shard_manifest(data.shards)
+    has_val = bool(manifest["splits"].get("val", {}).get("num_samples")) if manifest else bool(data.val_shards)
+    source = resolve_split(data.shards, "val" if has_val else "train", pattern_samples=n,
+                           val_pattern=data.val_shards)
+    source.urls = source.urls[:1]
+    keys, images = [], []
+    for batch in make_loader(EvalStream(source, 256, 0, 1, data.skip_corrupt), 0):
+        keys += batch["key"]
+        images.append(batch["image"])
+    if not keys:
+        return None
+    order = sorted(range(len(keys)), key=keys.__getitem__)[:n]
+    return model_input(torch.cat(images)[order], "cpu")
+
+
+def labelled_rows(rows: list[tuple[str, torch.Tensor]]) -> Image.Image:
+    """Rows of images ((N, 3, H, W) in [0, 1], N equal) as one picture: upscaled by nearest neighbour to at
+    least MIN_DISPLAY_PX, so pixels stay honest, each row labelled on its left."""
+    images = torch.cat([row for _, row in rows]).detach().float().cpu().clamp(0, 1)
+    scale = -(-MIN_DISPLAY_PX // images.shape[-1])
+    images = F.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
+    grid = to_pil_image(make_grid(images, nrow=rows[0][1].shape[0], padding=2, pad_value=1.0))
+    canvas = Image.new("RGB", (grid.width + LABEL_WIDTH_PX, grid.height), "white")
+    canvas.paste(grid, (LABEL_WIDTH_PX, 0))
+    draw, font, cell = ImageDraw.Draw(canvas), ImageFont.load_default(size=16), images.shape[-2] + 2
+    for i, (label, _) in enumerate(rows):
+        draw.text((8, 2 + i * cell + cell // 2), label, fill="black", font=font, anchor="lm")
+    return canvas
