@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -114,3 +116,35 @@ def trained_run(shard_dir, tmp_path_factory) -> Path:
                            "train.batch_size=16", "train.val_every_steps=0", "log.enabled=false"], 600, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work / "run"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(groups, root, port):
+    """A real `mlflow server` on loopback, in a process group of its own: it serves from worker children."""
+    server = groups.popen([Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", port,
+                           "--backend-store-uri", f"sqlite:///{root}/store.db", "--default-artifact-root",
+                           root / "artifacts", "--workers", "1"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, cwd=root, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    wait_until(lambda: healthy(f"http://127.0.0.1:{port}"), 90, f"mlflow server on port {port} to answer /health")
+    return server
+
+
+def healthy(uri):
+    try:
+        return urllib.request.urlopen(uri + "/health", timeout=1).status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` on loopback for the session (tests that hang or stop a server start their own)."""
+    port = free_port()
+    with ProcessGroups() as groups:
+        start_server(groups, tmp_path_factory.mktemp("mlflow-server"), port)
+        yield f"http://127.0.0.1:{port}"

@@ -12,29 +12,23 @@ import torch
 from dfcvae_dist.inference import decode, encode, load_model_uri, load_trained
 from dfcvae_dist.model_logging import FINAL_MODEL, ModelUpload
 from dfcvae_dist.rundir import find_checkpoint
-from tests.conftest import ProcessGroups
-from tests.test_mlflow_server import free_port, start_server
 from tests.test_train import train
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server_run(shard_dir, tmp_path_factory):
+def server_run(shard_dir, tmp_path_factory, mlflow_server):
     """A 4-step run logged to a real `mlflow server`, with every checkpoint's model (log.model=checkpoints)."""
     import mlflow
 
     work = tmp_path_factory.mktemp("logged-server")
-    with ProcessGroups() as groups:
-        port = free_port()
-        start_server(groups, work, port)
-        uri = f"http://127.0.0.1:{port}"
-        train(work, shard_dir, work / "run", "train.max_steps=4", "checkpoint.every_steps=2", "log.model=checkpoints",
-              f"log.tracking_uri={uri}")
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        run_id = json.loads((work / "run" / "COMPLETED.json").read_text())["mlflow_run_id"]
-        yield SimpleNamespace(store="server", uri=uri, client=client, run_dir=work / "run", run_id=run_id,
-                              models=models_by_name(client, run_id))
+    train(work, shard_dir, work / "run", "train.max_steps=4", "checkpoint.every_steps=2", "log.model=checkpoints",
+          f"log.tracking_uri={mlflow_server}", "log.experiment=logged-model")
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run_id = json.loads((work / "run" / "COMPLETED.json").read_text())["mlflow_run_id"]
+    return SimpleNamespace(store="server", uri=mlflow_server, client=client, run_dir=work / "run", run_id=run_id,
+                           models=models_by_name(client, run_id))
 
 
 def sqlite_run(server_run, work):

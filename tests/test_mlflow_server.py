@@ -2,50 +2,17 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ProcessGroups, wait_until
+from tests.conftest import free_port, start_server, wait_until
 from dfcvae_dist.data.shards import manifest_digest, read_manifest
 from tests.test_train import base_args, env_for, image_steps, launch_cmd, train
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(groups, root, port):
-    """A real `mlflow server` on loopback, in a process group of its own: it serves from worker children."""
-    server = groups.popen([Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", port,
-                           "--backend-store-uri", f"sqlite:///{root}/store.db", "--default-artifact-root",
-                           root / "artifacts", "--workers", "1"], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, cwd=root, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    wait_until(lambda: healthy(f"http://127.0.0.1:{port}"), 90, f"mlflow server on port {port} to answer /health")
-    return server
-
-
-def healthy(uri):
-    try:
-        return urllib.request.urlopen(uri + "/health", timeout=1).status == 200
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    port = free_port()
-    with ProcessGroups() as groups:
-        start_server(groups, tmp_path_factory.mktemp("mlflow-server"), port)
-        yield f"http://127.0.0.1:{port}"
 
 
 def two_node_launch(machine_rank: int, port: int) -> list[str]:

@@ -17,7 +17,6 @@ from dfcvae_dist.evaluation.quality import (FID_WEIGHTS_FILE, LPIPS_BACKBONE_FIL
                                             reconstruction_metrics, ssim)
 from dfcvae_dist.losses import FeaturePerceptualLoss
 from tests.conftest import run_tool
-from tests.test_mlflow_server import mlflow_server  # noqa: F401  (a real `mlflow server` on loopback)
 
 
 class Autoencoder(nn.Module):
@@ -164,7 +163,7 @@ def dcgan_checkpoint(folder):
 
 
 def test_quality_json_in_the_shared_schema_logged_into_each_tracked_models_run(
-        tmp_path, trained_run, tiny_shards, fid_weights, mlflow_server):  # noqa: F811
+        tmp_path, trained_run, tiny_shards, fid_weights, mlflow_server):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)

@@ -12,7 +12,6 @@ import pytest
 from dfcvae_dist.evaluation.latent_stats import active_units, kl_per_image, latent_statistics
 from dfcvae_dist.evaluation.svm import evaluate, markdown_table
 from tests.conftest import run_tool
-from tests.test_mlflow_server import mlflow_server  # noqa: F401  (a real `mlflow server` on loopback)
 
 
 def synthetic_latents(n=3000, attributes=40, seed=0):
@@ -189,7 +188,7 @@ def test_latent_statistics_read_the_test_split_only():
     assert latent_statistics({**latents, "logvar": latents["logvar"][:, :0]}) is None  # VGG-FC: no posterior
 
 
-def test_report_and_its_latent_statistics_are_logged_as_eval_metrics(tmp_path, mlflow_server):  # noqa: F811
+def test_report_and_its_latent_statistics_are_logged_as_eval_metrics(tmp_path, mlflow_server):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
