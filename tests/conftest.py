@@ -114,3 +114,13 @@ def trained_run(shard_dir, tmp_path_factory) -> Path:
                            "train.batch_size=16", "train.val_every_steps=0", "log.enabled=false"], 600, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work / "run"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A private two-node Slurm cluster on this host (tests/slurm_cluster.py), one per test module using it."""
+    from tests.slurm_cluster import SlurmCluster
+
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
