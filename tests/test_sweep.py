@@ -135,7 +135,7 @@ def test_workstation_sweep_trains_and_evaluates_its_tasks_as_children_of_one_par
 @pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 def test_slurm_array_runs_the_sweep_with_a_preempted_task_requeued_on_its_own(
         cluster, tmp_path, shard_dir, mlflow_server):  # noqa: F811
-    path = write_sweep(tmp_path, shard_dir, mlflow_server, steps=16, **{"checkpoint.every_steps": 2,
+    path = write_sweep(tmp_path, shard_dir, mlflow_server, steps=8, **{"checkpoint.every_steps": 2,
                                                                        "train.sync_every_steps": 2})
     env = {"SWEEP": str(path), "GPUS_PER_NODE": "0", "PROJECT_DIR": str(ROOT)}
     out = tmp_path / "sweep-%a.out"
@@ -160,3 +160,10 @@ def test_slurm_array_runs_the_sweep_with_a_preempted_task_requeued_on_its_own(
     assert all(f"task {i} {n}: finished, skipped" in (tmp_path / f"again-{i}.out").read_text()
                for i, n in enumerate(TINY_TASKS[:3]))
     assert len(sweep_runs(mlflow_server, sweep_dir)[1]) == 3
+
+
+def test_the_papers_sweep_plans_its_twelve_tasks():
+    lines = sweep_cli("plan", ROOT / "sweeps" / "paper.yaml").stdout.splitlines()
+    assert [line.split()[1] for line in lines[:-1]] == [f"{run}-seed{seed}" for run in
+                                                         ("dfcvae-123", "dfcvae-345", "pvae", "dcgan") for seed in (0, 1, 2)]
+    assert lines[-1].endswith("sbatch --array=0-11 slurm/sweep.sbatch")

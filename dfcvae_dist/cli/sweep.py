@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 
@@ -93,14 +94,14 @@ def print_train_args(sweep, index: int) -> int:
     """The run directory, then the trainer's arguments when it still has to train (none when only the
     evaluations are missing), NUL-separated: arguments reach the trainer whole, whatever they hold."""
     task = sweep.task(index)
-    status = task_status(task)
-    if status in ("finished", "running"):
-        print(f"task {index} {task.name}: finished, skipped" if status == "finished" else owner_line(task),
-              file=sys.stderr)
-        return NOTHING_TO_DO
-    record = ensure_parent(sweep)
-    set_parent_status(record, finished=False)
-    args = [] if is_trained(task) else train_args(sweep, task, record)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the arguments alone
+        status = task_status(task)
+        if status in ("finished", "running"):
+            print(f"task {index} {task.name}: finished, skipped" if status == "finished" else owner_line(task))
+            return NOTHING_TO_DO
+        record = ensure_parent(sweep)
+        set_parent_status(record, finished=False)
+        args = [] if is_trained(task) else train_args(sweep, task, record)
     sys.stdout.write("".join(f"{a}\0" for a in [str(task.run_dir), *args]))
     return 0
 

@@ -37,6 +37,7 @@ SET_BY_THE_SWEEP = ("train.run_dir", "log.parent_run_id", "log.run_tags")
 class EvaluateConfig:
     """How every task is evaluated (the `evaluate:` section)."""
     shards: str = ""                 # manifest directory of extraction, SVMs and quality (train, val, test splits)
+    quality_shards: str | None = None  # manifest of the quality metrics (default: shards), e.g. the training crop
     split: str = "test"              # the split of the quality metrics
     max_images: int = 2000           # images of that split in the quality metrics
     vgg_weights: str = "imagenet"    # loss network of the quality table's perceptual distance

@@ -41,7 +41,8 @@ def evaluation_steps(sweep: Sweep, task: Task) -> list[tuple[str, list[str]]]:
     """(CLI module, argv): extract -> SVMs (logged into the task's MLflow run) -> quality; DCGAN (no encoder):
     quality only."""
     ev, run, out = sweep.evaluate, str(task.run_dir), task.run_dir / "eval"
-    quality = ("quality", ["--checkpoint", f"{task.name}={run}", "--shards", ev.shards, "--split", ev.split,
+    quality = ("quality", ["--checkpoint", f"{task.name}={run}", "--shards", ev.quality_shards or ev.shards,
+                           "--split", ev.split,
                            "--max-images", str(ev.max_images), "--vgg-weights", ev.vgg_weights, *fid_args(sweep),
                            "--out", str(out / "quality")])
     if task.family == "dcgan":
