@@ -14,10 +14,9 @@ import shlex
 import sys
 
 from dfcvae_dist.errors import UserError, cli_main
-from dfcvae_dist.sweeps.parent import ensure_parent, set_parent_status
 from dfcvae_dist.sweeps.plan import load_sweep
-from dfcvae_dist.sweeps.run import close_parent_if_done, evaluate, run_sweep, run_task, train_args
-from dfcvae_dist.sweeps.status import is_trained, owner_line, task_status
+from dfcvae_dist.sweeps.run import evaluate_trained, run_sweep, run_task, train_args_if_needed
+from dfcvae_dist.sweeps.status import task_status
 
 NOTHING_TO_DO = 3  # `task --train-args`: the task is finished or running (its line is printed); the job ends
 
@@ -32,6 +31,8 @@ def main(argv: list[str]) -> int:
         print(f"SWEEP={shlex.quote(str(sweep.path))} sbatch --array=0-{len(sweep.tasks) - 1} slurm/sweep.sbatch")
         return 0
     if args.command == "run":
+        if args.parallel < 1:
+            raise UserError(f"--parallel {args.parallel}: must be at least 1")
         indices = parse_indices(args.tasks, len(sweep.tasks)) if args.tasks else range(len(sweep.tasks))
         failed = run_sweep(sweep, list(indices), args.parallel, args.launcher)
         print(f"sweep {sweep.name}: " + ", ".join(f"{t.name} {task_status(t)}" for t in sweep.tasks))
@@ -39,7 +40,8 @@ def main(argv: list[str]) -> int:
     if args.train_args:
         return print_train_args(sweep, args.index)
     if args.evaluate:
-        return evaluate_trained(sweep, args.index)
+        evaluate_trained(sweep, args.index)
+        return 0
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
     return 0 if run_task(sweep, args.index, launcher) in ("finished", "running") else 1
 
@@ -80,29 +82,14 @@ def parse_indices(text: str, count: int) -> list[int]:
     return indices
 
 
-def evaluate_trained(sweep, index: int) -> int:
-    task, record = sweep.task(index), ensure_parent(sweep)
-    if not is_trained(task):
-        raise UserError(f"task {index} {task.name}: {task.run_dir} has not finished training for this task's config")
-    evaluate(sweep, task, record)
-    print(f"task {index} {task.name}: finished")
-    close_parent_if_done(sweep, record)
-    return 0
-
-
 def print_train_args(sweep, index: int) -> int:
-    """The run directory, then the trainer's arguments when it still has to train (none when only the
-    evaluations are missing), NUL-separated: arguments reach the trainer whole, whatever they hold."""
-    task = sweep.task(index)
+    """The run directory, then the trainer's arguments when it still has to train, NUL-separated: arguments
+    reach the trainer whole, whatever they hold."""
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the arguments alone
-        status = task_status(task)
-        if status in ("finished", "running"):
-            print(f"task {index} {task.name}: finished, skipped" if status == "finished" else owner_line(task))
-            return NOTHING_TO_DO
-        record = ensure_parent(sweep)
-        set_parent_status(record, finished=False)
-        args = [] if is_trained(task) else train_args(sweep, task, record)
-    sys.stdout.write("".join(f"{a}\0" for a in [str(task.run_dir), *args]))
+        args = train_args_if_needed(sweep, index)
+    if args is None:
+        return NOTHING_TO_DO
+    sys.stdout.write("".join(f"{a}\0" for a in [str(sweep.task(index).run_dir), *args]))
     return 0
 
 

@@ -23,7 +23,7 @@ from dfcvae_dist.errors import UserError
 from dfcvae_dist.rundir import DONE_MARKER, RunLock
 from dfcvae_dist.sweeps.parent import child_overrides, ensure_parent, set_parent_status
 from dfcvae_dist.sweeps.plan import Sweep, Task
-from dfcvae_dist.sweeps.status import is_trained, owner_line, task_status
+from dfcvae_dist.sweeps.status import is_trained, skipped_line, task_status
 
 
 def train_args(sweep: Sweep, task: Task, record: dict | None) -> list[str]:
@@ -83,7 +83,7 @@ def run_task(sweep: Sweep, index: int, launcher: Sequence[str] = (sys.executable
     task = sweep.task(index)
     status = task_status(task)
     if status in ("finished", "running"):
-        print(f"task {index} {task.name}: finished, skipped" if status == "finished" else owner_line(task), flush=True)
+        print(skipped_line(task, status), flush=True)
         return status
     record = ensure_parent(sweep)
     set_parent_status(record, finished=False)
@@ -97,6 +97,29 @@ def run_task(sweep: Sweep, index: int, launcher: Sequence[str] = (sys.executable
     print(f"task {index} {task.name}: finished", flush=True)
     close_parent_if_done(sweep, record)
     return "finished"
+
+
+def train_args_if_needed(sweep: Sweep, index: int) -> list[str] | None:
+    """(slurm/sweep.sbatch, which launches the trainer itself) None if the task is finished or running (its line
+    printed), else the trainer's arguments: none when only the evaluations are missing."""
+    task = sweep.task(index)
+    status = task_status(task)
+    if status in ("finished", "running"):
+        print(skipped_line(task, status), flush=True)
+        return None
+    record = ensure_parent(sweep)
+    set_parent_status(record, finished=False)
+    return [] if is_trained(task) else train_args(sweep, task, record)
+
+
+def evaluate_trained(sweep: Sweep, index: int) -> None:
+    """(slurm/sweep.sbatch) Evaluate a task whose training has finished."""
+    task, record = sweep.task(index), ensure_parent(sweep)
+    if not is_trained(task):
+        raise UserError(f"task {index} {task.name}: {task.run_dir} has not finished training for this task's config")
+    evaluate(sweep, task, record)
+    print(f"task {index} {task.name}: finished", flush=True)
+    close_parent_if_done(sweep, record)
 
 
 def close_parent_if_done(sweep: Sweep, record: dict | None) -> None:
@@ -115,7 +138,7 @@ def run_sweep(sweep: Sweep, indices: Sequence[int], parallel: int = 1, launcher:
     def one(index: int) -> int:
         task = sweep.tasks[index]
         if task_status(task) == "finished":  # without starting a process for it
-            print(f"task {index} {task.name}: finished, skipped", flush=True)
+            print(skipped_line(task, "finished"), flush=True)
             return 0
         cmd = [sys.executable, "-m", "dfcvae_dist.cli.sweep", "task", str(sweep.path), str(index),
                *(["--launcher", launcher] if launcher else [])]

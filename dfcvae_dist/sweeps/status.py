@@ -66,8 +66,10 @@ def task_status(task: Task) -> str:
     return "incomplete" if task.run_dir.exists() else "not started"
 
 
-def owner_line(task: Task) -> str:
-    """One line naming who holds a running task's run directory."""
+def skipped_line(task: Task, status: str) -> str:
+    """Why a finished or running task is not run: one line (a running one names who holds its run directory)."""
+    if status == "finished":
+        return f"task {task.index} {task.name}: finished, skipped"
     owner = live_owner(task.run_dir) or {}
     job = f", Slurm job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
     return (f"task {task.index} {task.name}: running ({task.run_dir} is in use by host {owner.get('host')}, pid "
