@@ -67,6 +67,6 @@ requeue_or_fail() {
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
   fi
-  echo "$2, but MAX_REQUEUES=$MAX_REQUEUES is reached: resubmit to continue from $1"
+  echo "stopped early, but MAX_REQUEUES=$MAX_REQUEUES is reached: resubmit to continue from $1"
   exit 1
 }
