@@ -16,12 +16,12 @@ from tests.test_slurm import log_tail, preempt_after_first_checkpoint, wait_ende
 TINY_TASKS = ["dfcvae-123-seed0", "dfcvae-123-seed1", "pvae-seed0", "pvae-seed1"]
 
 
-def write_sweep(tmp_path, shard_dir, tracking_uri=None, steps=3, **extra_overrides):
+def write_sweep(tmp_path, shard_dir, tracking_uri=None, steps=3, name="tiny", **extra_overrides):
     """The tiny sweep: DFC-VAE 123 and PVAE x seeds 0, 1 (tasks 0-3), 32x32, a few steps, a few test images."""
     overrides = {"data.shards": str(shard_dir), "train.max_steps": steps, "train.batch_size": 16,
                  "train.val_every_steps": 0, "log.every_steps": 1, "log.image_every_steps": 0,
                  **({"log.tracking_uri": tracking_uri} if tracking_uri else {"log.enabled": False}), **extra_overrides}
-    sweep = {"name": "tiny", "base": "quickstart", "overrides": overrides,
+    sweep = {"name": name, "base": "quickstart", "overrides": overrides,
              "runs": {"dfcvae-123": {}, "pvae": {"model.name": "pvae", "loss.beta": 1.0}},
              "grid": {"train.seed": [0, 1]}, "sweep_dir": str(tmp_path / "runs"),
              "evaluate": {"shards": str(shard_dir), "vgg_weights": "random", "max_images": 40, "batch_size": 100,
@@ -45,13 +45,13 @@ def assert_finished_with_evaluations(run_dir, family="vae"):
         assert json.loads((run_dir / "eval" / "svm" / "svm_report.json").read_text())["mean_accuracy"] > 0
 
 
-def sweep_runs(tracking_uri, sweep_dir):
+def sweep_runs(tracking_uri, sweep_dir, name):
     """(parent run, child runs) of the sweep in MLflow; the parent is the one parent.json names."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     parent = json.loads((sweep_dir / "parent.json").read_text())
-    runs = client.search_runs([parent["experiment_id"]], "tags.sweep = 'tiny'")
+    runs = client.search_runs([parent["experiment_id"]], f"tags.sweep = '{name}'")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent["run_id"]]
     assert [r.info.run_id for r in runs if r not in children] == [parent["run_id"]]  # one parent, no stray run
     return client.get_run(parent["run_id"]), children
@@ -111,14 +111,14 @@ def test_a_task_whose_run_directory_has_a_live_owner_stops_with_one_line(tmp_pat
 @pytest.mark.slow
 def test_workstation_sweep_trains_and_evaluates_its_tasks_as_children_of_one_parent_and_skips_them_after(
         tmp_path, shard_dir, mlflow_server):  # noqa: F811
-    path = write_sweep(tmp_path, shard_dir, mlflow_server)
+    path = write_sweep(tmp_path, shard_dir, mlflow_server, name="tiny-workstation")
     proc = sweep_cli("run", path, "--parallel", "2", "--tasks", "0-2", timeout=900)
     sweep_dir = tmp_path / "runs"
     for name in TINY_TASKS[:3]:
         assert f"{name}: finished" in proc.stdout
         assert_finished_with_evaluations(sweep_dir / name)
     assert not (sweep_dir / TINY_TASKS[3]).exists()
-    parent, children = sweep_runs(mlflow_server, sweep_dir)
+    parent, children = sweep_runs(mlflow_server, sweep_dir, "tiny-workstation")
     assert sorted((c.data.tags["sweep.task_index"], c.data.tags["sweep.task_name"], c.info.run_name)
                   for c in children) == [(str(i), n, n) for i, n in enumerate(TINY_TASKS[:3])]
     assert parent.info.status == "RUNNING"  # task 3 has not run: the sweep is not done
@@ -128,15 +128,15 @@ def test_workstation_sweep_trains_and_evaluates_its_tasks_as_children_of_one_par
     again = sweep_cli("run", path, "--tasks", "0,1,2")
     assert [f"task {i} {n}: finished, skipped" in again.stdout for i, n in enumerate(TINY_TASKS[:3])] == [True] * 3
     assert done_at == {n: (sweep_dir / n / "COMPLETED.json").stat().st_mtime_ns for n in TINY_TASKS[:3]}
-    assert len(sweep_runs(mlflow_server, sweep_dir)[1]) == 3
+    assert len(sweep_runs(mlflow_server, sweep_dir, "tiny-workstation")[1]) == 3
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 def test_slurm_array_runs_the_sweep_with_a_preempted_task_requeued_on_its_own(
         cluster, tmp_path, shard_dir, mlflow_server):  # noqa: F811
-    path = write_sweep(tmp_path, shard_dir, mlflow_server, steps=8, **{"checkpoint.every_steps": 2,
-                                                                       "train.sync_every_steps": 2})
+    path = write_sweep(tmp_path, shard_dir, mlflow_server, steps=8, name="tiny-slurm",
+                       **{"checkpoint.every_steps": 2, "train.sync_every_steps": 2})
     env = {"SWEEP": str(path), "GPUS_PER_NODE": "0", "PROJECT_DIR": str(ROOT)}
     out = tmp_path / "sweep-%a.out"
     array = cluster.run("sbatch", "--parsable", "--array=0-2", "-N", "1", "-o", str(out),
@@ -150,7 +150,7 @@ def test_slurm_array_runs_the_sweep_with_a_preempted_task_requeued_on_its_own(
     assert "requeueing" not in logs[1].read_text() + logs[2].read_text()  # requeued on its own
     for name in TINY_TASKS[:3]:
         assert_finished_with_evaluations(sweep_dir / name)
-    parent, children = sweep_runs(mlflow_server, sweep_dir)
+    _, children = sweep_runs(mlflow_server, sweep_dir, "tiny-slurm")  # one parent: checked there
     assert sorted(c.info.run_name for c in children) == TINY_TASKS[:3]
     assert next(c for c in children if c.info.run_name == TINY_TASKS[0]).data.tags["slurm.restart_count"] == "1"
 
@@ -159,7 +159,7 @@ def test_slurm_array_runs_the_sweep_with_a_preempted_task_requeued_on_its_own(
     assert [wait_ended(cluster, f"{again}_{i}", logs[i], 120) for i in range(3)] == ["COMPLETED"] * 3
     assert all(f"task {i} {n}: finished, skipped" in (tmp_path / f"again-{i}.out").read_text()
                for i, n in enumerate(TINY_TASKS[:3]))
-    assert len(sweep_runs(mlflow_server, sweep_dir)[1]) == 3
+    assert len(sweep_runs(mlflow_server, sweep_dir, "tiny-slurm")[1]) == 3
 
 
 def test_the_papers_sweep_plans_its_twelve_tasks():
