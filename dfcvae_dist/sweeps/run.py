@@ -80,13 +80,11 @@ def evaluate(sweep: Sweep, task: Task, record: dict | None) -> None:
 def run_task(sweep: Sweep, index: int, launcher: Sequence[str] = (sys.executable,)) -> str:
     """Train (a subprocess, resuming from any checkpoint) and evaluate one task unless it is finished or
     running; its status at the end."""
-    task = sweep.task(index)
-    status = task_status(task)
+    task, status = sweep.task(index), task_status(sweep.task(index))
     if status in ("finished", "running"):
         print(skipped_line(task, status), flush=True)
         return status
-    record = ensure_parent(sweep)
-    set_parent_status(record, finished=False)
+    record = start_task(sweep)
     if not is_trained(task):
         print(f"task {index} {task.name}: training in {task.run_dir}", flush=True)
         code = subprocess.run([*launcher, "-m", "dfcvae_dist.train", *train_args(sweep, task, record)]).returncode
@@ -102,14 +100,19 @@ def run_task(sweep: Sweep, index: int, launcher: Sequence[str] = (sys.executable
 def train_args_if_needed(sweep: Sweep, index: int) -> list[str] | None:
     """(slurm/sweep.sbatch, which launches the trainer itself) None if the task is finished or running (its line
     printed), else the trainer's arguments: none when only the evaluations are missing."""
-    task = sweep.task(index)
-    status = task_status(task)
+    task, status = sweep.task(index), task_status(sweep.task(index))
     if status in ("finished", "running"):
         print(skipped_line(task, status), flush=True)
         return None
+    record = start_task(sweep)
+    return [] if is_trained(task) else train_args(sweep, task, record)
+
+
+def start_task(sweep: Sweep) -> dict | None:
+    """The parent run's record, the parent RUNNING again (a task of the sweep is under way)."""
     record = ensure_parent(sweep)
     set_parent_status(record, finished=False)
-    return [] if is_trained(task) else train_args(sweep, task, record)
+    return record
 
 
 def evaluate_trained(sweep: Sweep, index: int) -> None:
