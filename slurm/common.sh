@@ -1,4 +1,4 @@
-# Shared by train.sbatch and extract.sbatch: site settings, environment, and the multi-node launch.
+# Shared by train.sbatch, extract.sbatch and sweep.sbatch: site settings, environment, and the multi-node launch.
 # Every setting is an environment variable with a default; see slurm/README.md.
 # GPUs per node: what Slurm allocated (--gpus-per-node, or --gres), else 8; 0 = CPU mode.
 ALLOCATED_GPUS=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-8}}
@@ -42,3 +42,31 @@ launch_on_every_node() {
     "${LAUNCH_OPTS[@]}" "$@"
 }
 echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES node(s) x $PROCS_PER_NODE process(es), head $HEAD_NODE ($HEAD_ADDR:$MASTER_PORT)${ACCELERATE_CONFIG:+, accelerate config $ACCELERATE_CONFIG}"
+
+# Preemption (train.sbatch, sweep.sbatch). SIGUSR1 ahead of the time limit (or `scancel --batch --signal=USR1`)
+# reaches the batch shell; the trainer wants SIGTERM: every rank then checkpoints at one agreed step and leaves
+# RESUME_ME.json. `run_preemptible CMD...` runs CMD (which starts job steps) with that translation in place.
+preempt() {
+  PREEMPTED=1
+  echo "preemption signal: asking the trainer to checkpoint and stop"
+  scancel --signal=TERM "$SLURM_JOB_ID"
+}
+run_preemptible() {
+  trap preempt USR1 TERM
+  "$@" &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trapped signal interrupts wait: wait again
+  wait "$pid"
+}
+# After an early stop: requeue this job (an array job's own task only) while restarts are left, else fail.
+# $1: the run directory a resubmission continues from; $2: what stopped.
+requeue_or_fail() {
+  : "${MAX_REQUEUES:=10}"
+  if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_REQUEUES" ]; then
+    echo "$2: requeueing (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )) of at most $MAX_REQUEUES)"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "stopped early, but MAX_REQUEUES=$MAX_REQUEUES is reached: resubmit to continue from $1"
+  exit 1
+}

@@ -148,3 +148,13 @@ def mlflow_server(tmp_path_factory):
     with ProcessGroups() as groups:
         start_server(groups, tmp_path_factory.mktemp("mlflow-server"), port)
         yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A private two-node Slurm cluster on this host (tests/slurm_cluster.py), one per test module using it."""
+    from tests.slurm_cluster import SlurmCluster
+
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()

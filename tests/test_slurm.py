@@ -7,17 +7,10 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, run_tool, wait_until
-from tests.slurm_cluster import SlurmCluster, unavailable_reason
+from tests.slurm_cluster import unavailable_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
 RUNNING = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield c
-    c.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,198 @@
+"""A sweep file -> its tasks, each with a stable index, a name, its overrides and its run directory.
+
+    name: paper
+    base: configs/dfcvae-123.yaml       # a config path or a shipped config's name
+    overrides: {data.shards: data/shards/paper-64}
+    runs: {dfcvae-123: {}, pvae: {model.name: pvae, loss.beta: 1.0}}
+    grid: {train.seed: [0, 1, 2]}
+    evaluate: {shards: data/shards/landmarks-64}
+    sweep_dir: runs/paper               # default runs/NAME
+
+Tasks are the runs in file order crossed with the grid keys in file order, the last key fastest. Every task's
+whole config is loaded (and so checked) when the sweep is loaded: a bad key or value stops everything,
+naming the sweep file and the task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfcvae_dist.config import Config, load_config
+from dfcvae_dist.errors import UserError
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Grid keys named by a short prefix (seed0); any other key by its last part and '_' (`loss.beta` -> beta_0.5).
+SHORT_NAMES = {"train.seed": "seed", "model.image_size": "px", "model.latent_dim": "z"}
+SET_BY_THE_SWEEP = ("train.run_dir", "log.parent_run_id", "log.run_tags")
+
+
+@dataclass
+class EvaluateConfig:
+    """How every task is evaluated (the `evaluate:` section)."""
+    shards: str = ""                 # manifest directory of extraction, SVMs and quality (train, val, test splits)
+    quality_shards: str | None = None  # manifest of the quality metrics (default: shards), e.g. the training crop
+    split: str = "test"              # the split of the quality metrics
+    max_images: int = 2000           # images of that split in the quality metrics
+    vgg_weights: str = "imagenet"    # loss network of the quality table's perceptual distance
+    fid_samples: int | None = None   # FID from this many samples; null: no FID
+    fid_weights: str | None = None   # Inception weights file for FID (offline)
+    batch_size: int = 256            # extraction batch size
+    svm_subsample: int = 20_000      # training images used to choose the SVMs' C
+    svm_class_weight: str = "none"   # none (the paper's plain SVM) or balanced
+    svm_focus: str | None = None     # attributes also averaged on their own (dfcvae-svm --focus)
+
+
+@dataclass
+class Task:
+    index: int
+    name: str          # run name + grid values, e.g. dfcvae-123-seed0: the run directory's and MLflow run's name
+    run_name: str      # e.g. dfcvae-123: the report's column
+    grid: dict[str, str]
+    overrides: list[str]   # base <- these = the task's config (train.run_dir last)
+    run_dir: Path
+    family: str        # model.name: dfcvae, pvae or dcgan
+    config: Config = field(repr=False)
+
+
+@dataclass
+class Sweep:
+    path: Path
+    name: str
+    base: str
+    sweep_dir: Path
+    evaluate: EvaluateConfig
+    tasks: list[Task]
+
+    def task(self, index: int) -> Task:
+        if not 0 <= index < len(self.tasks):
+            raise UserError(f"{self.path}: no task {index} (the sweep has tasks 0-{len(self.tasks) - 1})")
+        return self.tasks[index]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    doc = _read(path)
+    name = _name(doc.get("name"), path, "name")
+    if "base" not in doc:
+        raise UserError(f"{path}: 'base' (a config file or a shipped config's name) is missing")
+    sweep_dir = Path(doc.get("sweep_dir") or Path("runs") / name)
+    common = _overrides(doc.get("overrides") or {}, path, "overrides")
+    runs = doc.get("runs") or {}
+    if not isinstance(runs, dict) or not runs:
+        raise UserError(f"{path}: 'runs' must name at least one run: {{run-name: {{key: value}}}}")
+    grid = _grid(doc.get("grid") or {}, path)
+    tasks = []
+    for run_name, run_overrides in runs.items():
+        own = _overrides(run_overrides or {}, path, f"runs.{_name(run_name, path, 'runs')}")
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            tasks.append(_task(path, doc["base"], sweep_dir, len(tasks), run_name, point,
+                               common + own + [f"{k}={v}" for k, v in point.items()]))
+    _refuse_duplicate_names(tasks, path)
+    return Sweep(path, name, doc["base"], sweep_dir, _evaluate(doc.get("evaluate"), path), tasks)
+
+
+def _read(path: Path) -> dict:
+    """The sweep file, every scalar kept as the text written (BaseLoader): the config system reads values by
+    each key's type, as it does for overrides on the command line."""
+    try:
+        doc = yaml.load(path.read_text(), Loader=yaml.BaseLoader)
+    except OSError as err:
+        raise UserError(f"cannot read sweep file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: a sweep file is a mapping (name, base, overrides, runs, grid, evaluate, sweep_dir)")
+    unknown = set(doc) - {"name", "base", "overrides", "runs", "grid", "evaluate", "sweep_dir"}
+    if unknown:
+        raise UserError(f"{path}: unknown entry '{sorted(unknown)[0]}' (a sweep file has name, base, overrides, "
+                        "runs, grid, evaluate, sweep_dir)")
+    return doc
+
+
+def _name(value: Any, path: Path, where: str) -> str:
+    if not isinstance(value, str) or not SAFE_NAME.match(value):
+        raise UserError(f"{path}: {where}: {value!r} is not a name of letters, digits, '.', '_' and '-'")
+    return value
+
+
+def _overrides(mapping: Any, path: Path, where: str) -> list[str]:
+    """`{key: value}` -> ['key=value', ...], refusing the keys each task's run gets from the sweep itself."""
+    if not isinstance(mapping, dict):
+        raise UserError(f"{path}: '{where}' must be a mapping of section.key: value")
+    for key in mapping:
+        if key in SET_BY_THE_SWEEP:
+            raise UserError(f"{path}: {where}: '{key}' is set by the sweep for every task ({', '.join(SET_BY_THE_SWEEP)})")
+    return [f"{key}={_text(value, path, f'{where}.{key}')}" for key, value in mapping.items()]
+
+
+def _text(value: Any, path: Path, where: str) -> str:
+    """A value as an override writes it: scalars as written, lists as [a, b]."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "[" + ", ".join(value) + "]"
+    if not isinstance(value, str):
+        raise UserError(f"{path}: {where}: a value must be a scalar or a list of scalars")
+    return value
+
+
+def _grid(grid: Any, path: Path) -> dict[str, list[str]]:
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise UserError(f"{path}: 'grid' must map section.key to a non-empty list of values")
+    _overrides({key: values[0] for key, values in grid.items()}, path, "grid")
+    return {key: [_text(v, path, f"grid.{key}") for v in values] for key, values in grid.items()}
+
+
+def task_name(run_name: str, point: dict[str, str]) -> str:
+    """`dfcvae-123` + {train.seed: 0, loss.beta: 0.5} -> `dfcvae-123-seed0-beta_0.5`; characters other than
+    letters, digits, '.', '_' and '-' become '_' (`loss.layers=[relu1_2, relu2_1]` -> layers_relu1_2_relu2_1)."""
+    parts = [run_name]
+    for key, value in point.items():
+        label = SHORT_NAMES.get(key, key.rsplit(".", 1)[-1])
+        parts.append(f"{label}{'' if key in SHORT_NAMES else '_'}{re.sub(r'[^A-Za-z0-9._-]+', '_', value).strip('_')}")
+    return "-".join(parts)
+
+
+def _task(path: Path, base: str, sweep_dir: Path, index: int, run_name: str, point: dict, overrides: list[str]) -> Task:
+    name = task_name(run_name, point)
+    overrides = [*overrides, f"train.run_dir={sweep_dir / name}"]
+    try:
+        cfg = load_config(base, overrides)
+    except UserError as err:
+        raise UserError(f"{path}: task {index} {name}: {err}") from None
+    return Task(index, name, run_name, point, overrides, sweep_dir / name, cfg.model.name, cfg)
+
+
+def _refuse_duplicate_names(tasks: list[Task], path: Path) -> None:
+    seen: dict[str, int] = {}
+    for task in tasks:
+        if task.name in seen:
+            raise UserError(f"{path}: tasks {seen[task.name]} and {task.index} are both named {task.name} "
+                            "(grid values that differ only in characters a file name cannot hold)")
+        seen[task.name] = task.index
+
+
+def _evaluate(section: Any, path: Path) -> EvaluateConfig:
+    if not isinstance(section, dict) or not section.get("shards"):
+        raise UserError(f"{path}: 'evaluate' must name at least 'shards' (the manifest directory evaluations read)")
+    fields = {f.name: f for f in dataclasses.fields(EvaluateConfig)}
+    hints = {"int": int, "int | None": int, "str": str, "str | None": str}
+    values = {}
+    for key, text in section.items():
+        if key not in fields:
+            raise UserError(f"{path}: unknown key 'evaluate.{key}' (known: {', '.join(fields)})")
+        kind = fields[key].type
+        if text == "null" and "None" in kind:
+            values[key] = None
+            continue
+        try:
+            values[key] = hints[kind](text)
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: 'evaluate.{key}' must be {kind}, got {text!r}") from None
+    return EvaluateConfig(**values)

@@ -1,0 +1,160 @@
+"""Run sweep tasks: train (resuming from any checkpoint), then evaluate into RUN_DIR/eval/{latents,svm,quality}.
+
+The trainer runs as a subprocess (`python -m dfcvae_dist.train`, or under a launcher such as `accelerate
+launch`); the evaluations run in the task's process through the CLIs' own `main` (three interpreter starts
+fewer per task). A signal stops a task like any CLI; run again, it resumes training from its checkpoint and
+evaluates again.
+On Slurm, slurm/sweep.sbatch launches the training itself (on every node, with preemption and requeue) and
+calls `train_args` and `evaluate` through `dfcvae-sweep task`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from dfcvae_dist.errors import UserError
+from dfcvae_dist.rundir import DONE_MARKER, RunLock
+from dfcvae_dist.sweeps.parent import child_overrides, ensure_parent, set_parent_status
+from dfcvae_dist.sweeps.plan import Sweep, Task
+from dfcvae_dist.sweeps.status import is_trained, skipped_line, task_status
+
+
+def train_args(sweep: Sweep, task: Task, record: dict | None) -> list[str]:
+    """The trainer's arguments after `-m dfcvae_dist.train`: the task's config, as a child of the parent run."""
+    return ["--config", str(sweep.base), *task.overrides, *child_overrides(sweep, task.index, record)]
+
+
+def fid_args(sweep: Sweep) -> list[str]:
+    """dfcvae-quality's FID options. Hook: once it takes --fid-samples N and --fid-weights PATH, pass
+    evaluate.fid_samples and evaluate.fid_weights here; today `--fid` scores as many samples as test images."""
+    return ["--fid"] if sweep.evaluate.fid_samples else []
+
+
+def evaluation_steps(sweep: Sweep, task: Task) -> list[tuple[str, list[str]]]:
+    """(CLI module, argv): extract -> SVMs (logged into the task's MLflow run) -> quality; DCGAN (no encoder):
+    quality only."""
+    ev, run, out = sweep.evaluate, str(task.run_dir), task.run_dir / "eval"
+    quality = ("quality", ["--checkpoint", f"{task.name}={run}", "--shards", ev.quality_shards or ev.shards,
+                           "--split", ev.split,
+                           "--max-images", str(ev.max_images), "--vgg-weights", ev.vgg_weights, *fid_args(sweep),
+                           "--out", str(out / "quality")])
+    if task.family == "dcgan":
+        return [quality]
+    extract = ("extract", ["--checkpoint", run, "--shards", ev.shards, "--batch-size", str(ev.batch_size),
+                           "--out", str(out / "latents")])
+    svm = ("svm", ["--latents", str(out / "latents" / "latents.npz"), "--out", str(out / "svm"),
+                   "--subsample", str(ev.svm_subsample), "--class-weight", ev.svm_class_weight,
+                   *(["--focus", ev.svm_focus] if ev.svm_focus else []),
+                   *(["--mlflow-run", run] if mlflow_run_id(task) else [])])
+    return [extract, svm, quality]
+
+
+def mlflow_run_id(task: Task) -> str | None:
+    done = task.run_dir / DONE_MARKER
+    return json.loads(done.read_text()).get("mlflow_run_id") if done.is_file() else None
+
+
+def evaluate(sweep: Sweep, task: Task, record: dict | None) -> None:
+    """Evaluate a trained task in this process (the CLIs' own `main`), holding its run directory's lock: a
+    second evaluation of it stops at once. A signal ends it like any CLI; a re-run evaluates again."""
+    if record:  # dfcvae-svm logs into the task's run through MLflow's default store
+        os.environ["MLFLOW_TRACKING_URI"] = record["tracking_uri"]
+    lock = RunLock(task.run_dir)
+    lock.acquire()
+    try:
+        for name, argv in evaluation_steps(sweep, task):
+            print(f"task {task.index} {task.name}: dfcvae-{name}", flush=True)
+            if importlib.import_module(f"dfcvae_dist.cli.{name}").main(argv) != 0:
+                raise UserError(f"task {task.index} {task.name}: dfcvae-{name} {shlex.join(argv)} failed")
+    finally:
+        lock.release()
+
+
+def run_task(sweep: Sweep, index: int, launcher: Sequence[str] = (sys.executable,)) -> str:
+    """Train (a subprocess, resuming from any checkpoint) and evaluate one task unless it is finished or
+    running; its status at the end."""
+    task, status = sweep.task(index), task_status(sweep.task(index))
+    if status in ("finished", "running"):
+        print(skipped_line(task, status), flush=True)
+        return status
+    record = start_task(sweep)
+    if not is_trained(task):
+        print(f"task {index} {task.name}: training in {task.run_dir}", flush=True)
+        code = subprocess.run([*launcher, "-m", "dfcvae_dist.train", *train_args(sweep, task, record)]).returncode
+        if not is_trained(task):
+            raise UserError(f"task {index} {task.name}: training stopped (exit status {code}) before the end of "
+                            f"{task.run_dir}; run the task again to resume")
+    evaluate(sweep, task, record)
+    print(f"task {index} {task.name}: finished", flush=True)
+    close_parent_if_done(sweep, record)
+    return "finished"
+
+
+def train_args_if_needed(sweep: Sweep, index: int) -> list[str] | None:
+    """(slurm/sweep.sbatch, which launches the trainer itself) None if the task is finished or running (its line
+    printed), else the trainer's arguments: none when only the evaluations are missing."""
+    task, status = sweep.task(index), task_status(sweep.task(index))
+    if status in ("finished", "running"):
+        print(skipped_line(task, status), flush=True)
+        return None
+    record = start_task(sweep)
+    return [] if is_trained(task) else train_args(sweep, task, record)
+
+
+def start_task(sweep: Sweep) -> dict | None:
+    """The parent run's record, the parent RUNNING again (a task of the sweep is under way)."""
+    record = ensure_parent(sweep)
+    set_parent_status(record, finished=False)
+    return record
+
+
+def evaluate_trained(sweep: Sweep, index: int) -> None:
+    """(slurm/sweep.sbatch) Evaluate a task whose training has finished."""
+    task, record = sweep.task(index), ensure_parent(sweep)
+    if not is_trained(task):
+        raise UserError(f"task {index} {task.name}: {task.run_dir} has not finished training for this task's config")
+    evaluate(sweep, task, record)
+    print(f"task {index} {task.name}: finished", flush=True)
+    close_parent_if_done(sweep, record)
+
+
+def close_parent_if_done(sweep: Sweep, record: dict | None) -> None:
+    if all(task_status(t) == "finished" for t in sweep.tasks):
+        set_parent_status(record, finished=True)
+
+
+def run_sweep(sweep: Sweep, indices: Sequence[int], parallel: int = 1, launcher: str | None = None) -> int:
+    """The workstation path: each unfinished task of `indices` as its own `dfcvae-sweep task` process,
+    `parallel` at a time (each one's output in SWEEP_DIR/logs/TASK.log when more than one runs); the number
+    of tasks that failed."""
+    record = ensure_parent(sweep)  # once, before the tasks race for it
+    logs = sweep.sweep_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def one(index: int) -> int:
+        task = sweep.tasks[index]
+        if task_status(task) == "finished":  # without starting a process for it
+            print(skipped_line(task, "finished"), flush=True)
+            return 0
+        cmd = [sys.executable, "-m", "dfcvae_dist.cli.sweep", "task", str(sweep.path), str(index),
+               *(["--launcher", launcher] if launcher else [])]
+        if parallel == 1:
+            return subprocess.run(cmd).returncode
+        with open(logs / f"{task.name}.log", "a") as log:
+            print(f"task {index} {task.name}: started (log: {log.name})", flush=True)
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"task {index} {task.name}: {task_status(task)}" + (f" (exit status {code}; log: {log.name})"
+                                                                   if code else ""), flush=True)
+        return code
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        failed = sum(code != 0 for code in pool.map(one, indices))
+    close_parent_if_done(sweep, record)
+    return failed

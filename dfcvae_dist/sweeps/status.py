@@ -1,0 +1,76 @@
+"""Where a sweep task stands: finished, running, incomplete or not started; read from its run directory only."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from dfcvae_dist.config import load_config, resume_changes
+from dfcvae_dist.rundir import CONFIG_FILE, DONE_MARKER, RunLock
+from dfcvae_dist.sweeps.plan import Task
+
+# Resume-safe keys that still decide how far a run trains: a change means the resumed run trains on.
+TRAINING_LENGTH = {"train.epochs", "train.max_steps"}
+
+
+def evaluation_files(task: Task) -> list[Path]:
+    """What a finished task's evaluations leave (RUN_DIR/eval/...); DCGAN has no encoder, so quality only."""
+    quality = task.run_dir / "eval" / "quality" / "quality.json"
+    if task.family == "dcgan":
+        return [quality]
+    return [task.run_dir / "eval" / "latents" / "latents.npz", task.run_dir / "eval" / "svm" / "svm_report.json",
+            quality]
+
+
+def is_trained(task: Task) -> bool:
+    """The run wrote COMPLETED.json at its last step for this task's config.
+
+    COMPLETED.json's config_digest cannot be compared with the task's: the trainer digests the RESOLVED config
+    (train.mixed_precision=auto becomes the launcher's 'no', 'fp16' or 'bf16'). So the run's config.yaml is
+    compared the way a resume would compare it: no change a resume refuses, and no change of the training length."""
+    done, saved = task.run_dir / DONE_MARKER, task.run_dir / CONFIG_FILE
+    if not done.is_file() or not saved.is_file():
+        return False
+    summary = json.loads(done.read_text())
+    saved_cfg, wanted = load_config(saved), copy.deepcopy(task.config)
+    if wanted.train.mixed_precision == "auto":  # auto accepts whatever the launcher gave
+        wanted.train.mixed_precision = saved_cfg.train.mixed_precision
+    safe, refused = resume_changes(saved_cfg, wanted)
+    return (not refused and not TRAINING_LENGTH & {key for key, _, _ in safe}
+            and summary.get("step") == summary.get("total_steps"))
+
+
+def is_evaluated(task: Task) -> bool:
+    """Every evaluation output exists and is newer than the training that it evaluates."""
+    trained_at = (task.run_dir / DONE_MARKER).stat().st_mtime
+    return all(f.is_file() and f.stat().st_mtime >= trained_at for f in evaluation_files(task))
+
+
+def live_owner(run_dir: Path) -> dict | None:
+    """The record of a live process holding the run directory's lock (RunLock's own rules), else None.
+    Read-only: taking the lock to test it could make a trainer starting that instant refuse the directory."""
+    lock = RunLock(run_dir)
+    if not lock.path.exists():
+        return None
+    owner = lock._read()
+    return owner if owner and lock._takeover_reason(owner) is None else None
+
+
+def task_status(task: Task) -> str:
+    """`finished`, `running` (a live owner holds its run directory), `incomplete` or `not started`."""
+    if is_trained(task) and is_evaluated(task):
+        return "finished"
+    if live_owner(task.run_dir):
+        return "running"
+    return "incomplete" if task.run_dir.exists() else "not started"
+
+
+def skipped_line(task: Task, status: str) -> str:
+    """Why a finished or running task is not run: one line (a running one names who holds its run directory)."""
+    if status == "finished":
+        return f"task {task.index} {task.name}: finished, skipped"
+    owner = live_owner(task.run_dir) or {}
+    job = f", Slurm job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
+    return (f"task {task.index} {task.name}: running ({task.run_dir} is in use by host {owner.get('host')}, pid "
+            f"{owner.get('pid')}{job}): not started again")

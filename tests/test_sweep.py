@@ -1,0 +1,169 @@
+"""Sweeps (dfcvae-sweep, slurm/sweep.sbatch): tasks checked and named before anything runs, trained and evaluated
+on a workstation and as a Slurm job array with a preempted task, under one MLflow parent run."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from dfcvae_dist.rundir import RunLock
+from tests.conftest import ROOT, run_tool
+from tests.slurm_cluster import unavailable_reason
+from tests.test_mlflow_server import mlflow_server  # noqa: F401 - the fixture
+from tests.test_slurm import log_tail, preempt_after_first_checkpoint, wait_ended
+
+TINY_TASKS = ["dfcvae-123-seed0", "dfcvae-123-seed1", "pvae-seed0", "pvae-seed1"]
+
+
+def write_sweep(tmp_path, shard_dir, tracking_uri=None, steps=3, name="tiny", **extra_overrides):
+    """The tiny sweep: DFC-VAE 123 and PVAE x seeds 0, 1 (tasks 0-3), 32x32, a few steps, a few test images."""
+    overrides = {"data.shards": str(shard_dir), "train.max_steps": steps, "train.batch_size": 16,
+                 "train.val_every_steps": 0, "log.every_steps": 1, "log.image_every_steps": 0,
+                 **({"log.tracking_uri": tracking_uri} if tracking_uri else {"log.enabled": False}), **extra_overrides}
+    sweep = {"name": name, "base": "quickstart", "overrides": overrides,
+             "runs": {"dfcvae-123": {}, "pvae": {"model.name": "pvae", "loss.beta": 1.0}},
+             "grid": {"train.seed": [0, 1]}, "sweep_dir": str(tmp_path / "runs"),
+             "evaluate": {"shards": str(shard_dir), "vgg_weights": "random", "max_images": 40, "batch_size": 100,
+                          "svm_subsample": 200}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def sweep_cli(*args, check=True, **kw):
+    return run_tool("sweep.py", *map(str, args), check=check, **kw)
+
+
+def assert_finished_with_evaluations(run_dir, family="vae"):
+    summary = json.loads((run_dir / "COMPLETED.json").read_text())
+    assert summary["step"] == summary["total_steps"]
+    quality = json.loads((run_dir / "eval" / "quality" / "quality.json").read_text())
+    assert list(quality["models"]) == [run_dir.name]
+    if family != "dcgan":
+        assert (run_dir / "eval" / "latents" / "latents.npz").is_file()
+        assert json.loads((run_dir / "eval" / "svm" / "svm_report.json").read_text())["mean_accuracy"] > 0
+
+
+def sweep_runs(tracking_uri, sweep_dir, name):
+    """(parent run, child runs) of the sweep in MLflow; the parent is the one parent.json names."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    parent = json.loads((sweep_dir / "parent.json").read_text())
+    runs = client.search_runs([parent["experiment_id"]], f"tags.sweep = '{name}'")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent["run_id"]]
+    assert [r.info.run_id for r in runs if r not in children] == [parent["run_id"]]  # one parent, no stray run
+    return client.get_run(parent["run_id"]), children
+
+
+def test_plan_prints_every_task_in_order_with_its_name_overrides_and_the_sbatch_line(tmp_path, shard_dir):
+    path = write_sweep(tmp_path, shard_dir)
+    text = yaml.safe_load(path.read_text())
+    text["grid"]["loss.layers"] = ["[relu1_2, relu2_1]", "[relu3_1]"]  # a second key: it varies fastest
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    lines = sweep_cli("plan", path).stdout.splitlines()
+    names = [line.split()[1] for line in lines[:-1]]
+    assert names == [f"{run}-seed{seed}-layers_{layers}" for run in ("dfcvae-123", "pvae") for seed in (0, 1)
+                     for layers in ("relu1_2_relu2_1", "relu3_1")]
+    assert [int(line.split()[0]) for line in lines[:-1]] == list(range(8))
+    assert "model.name=pvae" in lines[4] and "train.seed=1" in lines[6] and "'loss.layers=[relu3_1]'" in lines[7]
+    assert f"train.run_dir={tmp_path / 'runs' / names[5]}" in lines[5]
+    assert lines[-1] == f"SWEEP={path} sbatch --array=0-7 slurm/sweep.sbatch"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.seeed", 1, "unknown key 'train.seeed' (did you mean 'train.seed'?)"),
+    ("loss.beta", -1, "'loss.beta' must be >= 0.0, got -1.0"),
+])
+def test_plan_refuses_a_bad_task_in_one_line_naming_the_file_and_the_task(tmp_path, shard_dir, key, value, message):
+    path = write_sweep(tmp_path, shard_dir)
+    text = yaml.safe_load(path.read_text())
+    text["runs"]["pvae"][key] = value
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    proc = sweep_cli("plan", path, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(f"error: {path}: task 2 pvae-seed0: ") and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_sweep_refuses_a_task_override_of_the_run_directory(tmp_path, shard_dir):
+    path = write_sweep(tmp_path, shard_dir, **{"train.run_dir": str(tmp_path / "elsewhere")})
+    proc = sweep_cli("plan", path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {path}: overrides: 'train.run_dir' is set by the sweep for every task "
+                                   "(train.run_dir, log.parent_run_id, log.run_tags)")
+
+
+def test_a_task_whose_run_directory_has_a_live_owner_stops_with_one_line(tmp_path, shard_dir):
+    path = write_sweep(tmp_path, shard_dir)
+    lock = RunLock(tmp_path / "runs" / "pvae-seed1")
+    lock.acquire()  # this test process: alive
+    try:
+        proc = sweep_cli("task", path, 3)
+    finally:
+        lock.release()
+    assert proc.stdout.strip().startswith(f"task 3 pvae-seed1: running ({tmp_path / 'runs' / 'pvae-seed1'} is in use "
+                                          f"by host ") and f"pid {os.getpid()}" in proc.stdout
+    assert not (tmp_path / "runs" / "pvae-seed1" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_workstation_sweep_trains_and_evaluates_its_tasks_as_children_of_one_parent_and_skips_them_after(
+        tmp_path, shard_dir, mlflow_server):  # noqa: F811
+    path = write_sweep(tmp_path, shard_dir, mlflow_server, name="tiny-workstation")
+    proc = sweep_cli("run", path, "--parallel", "2", "--tasks", "0-2", timeout=900)
+    sweep_dir = tmp_path / "runs"
+    for name in TINY_TASKS[:3]:
+        assert f"{name}: finished" in proc.stdout
+        assert_finished_with_evaluations(sweep_dir / name)
+    assert not (sweep_dir / TINY_TASKS[3]).exists()
+    parent, children = sweep_runs(mlflow_server, sweep_dir, "tiny-workstation")
+    assert sorted((c.data.tags["sweep.task_index"], c.data.tags["sweep.task_name"], c.info.run_name)
+                  for c in children) == [(str(i), n, n) for i, n in enumerate(TINY_TASKS[:3])]
+    assert parent.info.status == "RUNNING"  # task 3 has not run: the sweep is not done
+    assert all(any(k.startswith("svm/") or k.startswith("eval/svm/") for k in c.data.metrics) for c in children)
+
+    done_at = {n: (sweep_dir / n / "COMPLETED.json").stat().st_mtime_ns for n in TINY_TASKS[:3]}
+    again = sweep_cli("run", path, "--tasks", "0,1,2")
+    assert [f"task {i} {n}: finished, skipped" in again.stdout for i, n in enumerate(TINY_TASKS[:3])] == [True] * 3
+    assert done_at == {n: (sweep_dir / n / "COMPLETED.json").stat().st_mtime_ns for n in TINY_TASKS[:3]}
+    assert len(sweep_runs(mlflow_server, sweep_dir, "tiny-workstation")[1]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+def test_slurm_array_runs_the_sweep_with_a_preempted_task_requeued_on_its_own(
+        cluster, tmp_path, shard_dir, mlflow_server):  # noqa: F811
+    path = write_sweep(tmp_path, shard_dir, mlflow_server, steps=8, name="tiny-slurm",
+                       **{"checkpoint.every_steps": 2, "train.sync_every_steps": 2})
+    env = {"SWEEP": str(path), "GPUS_PER_NODE": "0", "PROJECT_DIR": str(ROOT)}
+    out = tmp_path / "sweep-%a.out"
+    array = cluster.run("sbatch", "--parsable", "--array=0-2", "-N", "1", "-o", str(out),
+                        str(ROOT / "slurm" / "sweep.sbatch"), env=env).stdout.strip()
+    sweep_dir, logs = tmp_path / "runs", [tmp_path / f"sweep-{i}.out" for i in range(3)]
+    sent = preempt_after_first_checkpoint(cluster, f"{array}_0", sweep_dir / TINY_TASKS[0], logs[0])
+    states = [wait_ended(cluster, f"{array}_{i}", logs[i], timeout=600) for i in range(3)]
+    assert states == ["COMPLETED"] * 3, [log_tail(log) for log in logs]
+    preempted = logs[0].read_text()
+    assert "preemption signal" in preempted and "requeueing (restart 1" in preempted, sent.stderr
+    assert "requeueing" not in logs[1].read_text() + logs[2].read_text()  # requeued on its own
+    for name in TINY_TASKS[:3]:
+        assert_finished_with_evaluations(sweep_dir / name)
+    _, children = sweep_runs(mlflow_server, sweep_dir, "tiny-slurm")  # one parent: checked there
+    assert sorted(c.info.run_name for c in children) == TINY_TASKS[:3]
+    assert next(c for c in children if c.info.run_name == TINY_TASKS[0]).data.tags["slurm.restart_count"] == "1"
+
+    again = cluster.run("sbatch", "--parsable", "--array=0-2", "-N", "1", "-o", str(tmp_path / "again-%a.out"),
+                        str(ROOT / "slurm" / "sweep.sbatch"), env=env).stdout.strip()
+    assert [wait_ended(cluster, f"{again}_{i}", logs[i], 120) for i in range(3)] == ["COMPLETED"] * 3
+    assert all(f"task {i} {n}: finished, skipped" in (tmp_path / f"again-{i}.out").read_text()
+               for i, n in enumerate(TINY_TASKS[:3]))
+    assert len(sweep_runs(mlflow_server, sweep_dir, "tiny-slurm")[1]) == 3
+
+
+def test_the_papers_sweep_plans_its_twelve_tasks():
+    lines = sweep_cli("plan", ROOT / "sweeps" / "paper.yaml").stdout.splitlines()
+    assert [line.split()[1] for line in lines[:-1]] == [f"{run}-seed{seed}" for run in
+                                                         ("dfcvae-123", "dfcvae-345", "pvae", "dcgan") for seed in (0, 1, 2)]
+    assert lines[-1].endswith("sbatch --array=0-11 slurm/sweep.sbatch")
