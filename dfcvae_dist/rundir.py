@@ -176,6 +176,12 @@ class RunLock:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def live_owner(self) -> dict | None:
+        """The record of a live process holding this lock, else None. Read-only: taking the lock to test it
+        could make a trainer starting that instant refuse the directory."""
+        owner = self._read() if self.path.exists() else None
+        return owner if owner and self._takeover_reason(owner) is None else None
+
     def _read(self) -> dict:
         try:
             return json.loads(self.path.read_text())

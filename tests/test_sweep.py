@@ -10,7 +10,6 @@ import yaml
 from dfcvae_dist.rundir import RunLock
 from tests.conftest import ROOT, run_tool
 from tests.slurm_cluster import unavailable_reason
-from tests.test_mlflow_server import mlflow_server  # noqa: F401 - the fixture
 from tests.test_slurm import log_tail, preempt_after_first_checkpoint, wait_ended
 
 TINY_TASKS = ["dfcvae-123-seed0", "dfcvae-123-seed1", "pvae-seed0", "pvae-seed1"]
@@ -55,6 +54,21 @@ def sweep_runs(tracking_uri, sweep_dir, name):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent["run_id"]]
     assert [r.info.run_id for r in runs if r not in children] == [parent["run_id"]]  # one parent, no stray run
     return client.get_run(parent["run_id"]), children
+
+
+def assert_report(path, sweep_dir, out, parent_client=None):
+    """dfcvae-report --sweep: a column per run name (seeds pooled), the unfinished task listed, both figures,
+    and the report in the sweep's parent run."""
+    proc = run_tool("report.py", "--sweep", str(path), "--out", str(out))
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["runs"]) == ["dfcvae-123", "pvae"], proc.stdout
+    assert report["runs"]["dfcvae-123"]["svm"]["mean_accuracy"]["n"] == 2
+    assert report["runs"]["pvae"]["svm"]["mean_accuracy"]["n"] == 1
+    assert [t["status"] for t in report["tasks"] if t["name"] == TINY_TASKS[3]] == ["not started"]
+    assert (out / "samples.png").is_file() and (out / "reconstructions.png").is_file()
+    if parent_client is not None:
+        parent = json.loads((sweep_dir / "parent.json").read_text())["run_id"]
+        assert "report/report.md" in {a.path for a in parent_client.list_artifacts(parent, "report")}
 
 
 def test_plan_prints_every_task_in_order_with_its_name_overrides_and_the_sbatch_line(tmp_path, shard_dir):
@@ -110,7 +124,7 @@ def test_a_task_whose_run_directory_has_a_live_owner_stops_with_one_line(tmp_pat
 
 @pytest.mark.slow
 def test_workstation_sweep_trains_and_evaluates_its_tasks_as_children_of_one_parent_and_skips_them_after(
-        tmp_path, shard_dir, mlflow_server):  # noqa: F811
+        tmp_path, shard_dir, mlflow_server):
     path = write_sweep(tmp_path, shard_dir, mlflow_server, name="tiny-workstation")
     proc = sweep_cli("run", path, "--parallel", "2", "--tasks", "0-2", timeout=900)
     sweep_dir = tmp_path / "runs"
@@ -122,19 +136,22 @@ def test_workstation_sweep_trains_and_evaluates_its_tasks_as_children_of_one_par
     assert sorted((c.data.tags["sweep.task_index"], c.data.tags["sweep.task_name"], c.info.run_name)
                   for c in children) == [(str(i), n, n) for i, n in enumerate(TINY_TASKS[:3])]
     assert parent.info.status == "RUNNING"  # task 3 has not run: the sweep is not done
-    assert all(any(k.startswith("svm/") or k.startswith("eval/svm/") for k in c.data.metrics) for c in children)
+    assert all(any(k.startswith("eval/svm/") for k in c.data.metrics) for c in children)
 
     done_at = {n: (sweep_dir / n / "COMPLETED.json").stat().st_mtime_ns for n in TINY_TASKS[:3]}
     again = sweep_cli("run", path, "--tasks", "0,1,2")
     assert [f"task {i} {n}: finished, skipped" in again.stdout for i, n in enumerate(TINY_TASKS[:3])] == [True] * 3
     assert done_at == {n: (sweep_dir / n / "COMPLETED.json").stat().st_mtime_ns for n in TINY_TASKS[:3]}
     assert len(sweep_runs(mlflow_server, sweep_dir, "tiny-workstation")[1]) == 3
+    import mlflow
+
+    assert_report(path, sweep_dir, tmp_path / "report", mlflow.MlflowClient(tracking_uri=mlflow_server))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 def test_slurm_array_runs_the_sweep_with_a_preempted_task_requeued_on_its_own(
-        cluster, tmp_path, shard_dir, mlflow_server):  # noqa: F811
+        cluster, tmp_path, shard_dir, mlflow_server):
     path = write_sweep(tmp_path, shard_dir, mlflow_server, steps=8, name="tiny-slurm",
                        **{"checkpoint.every_steps": 2, "train.sync_every_steps": 2})
     env = {"SWEEP": str(path), "GPUS_PER_NODE": "0", "PROJECT_DIR": str(ROOT)}
@@ -160,6 +177,7 @@ def test_slurm_array_runs_the_sweep_with_a_preempted_task_requeued_on_its_own(
     assert all(f"task {i} {n}: finished, skipped" in (tmp_path / f"again-{i}.out").read_text()
                for i, n in enumerate(TINY_TASKS[:3]))
     assert len(sweep_runs(mlflow_server, sweep_dir, "tiny-slurm")[1]) == 3
+    assert_report(path, sweep_dir, tmp_path / "report")
 
 
 def test_the_papers_sweep_plans_its_twelve_tasks():

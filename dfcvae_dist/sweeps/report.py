@@ -214,9 +214,9 @@ def log_to_parent(parent: dict | None, out: Path, metrics: dict[str, float]) -> 
     print. Never fails the report: an unreachable server or a missing parent is said and skipped."""
     if not parent:
         return "no parent run (parent.json): the report is not logged to MLflow"
-    from dfcvae_dist.training.tracking import _default_timeouts, server_reachable
+    from dfcvae_dist.training.tracking import default_timeouts, server_reachable
 
-    _default_timeouts()  # a few seconds per request, not MLflow's minutes of retries
+    default_timeouts()  # a few seconds per request, not MLflow's minutes of retries
     uri, run_id = parent.get("tracking_uri"), parent.get("run_id")
     problem = "no run_id in parent.json" if not run_id else server_reachable(uri) if uri else None
     if problem:

@@ -32,9 +32,9 @@ def train_args(sweep: Sweep, task: Task, record: dict | None) -> list[str]:
 
 
 def fid_args(sweep: Sweep) -> list[str]:
-    """dfcvae-quality's FID options. Hook: once it takes --fid-samples N and --fid-weights PATH, pass
-    evaluate.fid_samples and evaluate.fid_weights here; today `--fid` scores as many samples as test images."""
-    return ["--fid"] if sweep.evaluate.fid_samples else []
+    """dfcvae-quality's FID options: evaluate.fid_samples (null: no FID) and evaluate.fid_weights."""
+    ev = sweep.evaluate
+    return ["--fid-samples", str(ev.fid_samples or 0), *(["--fid-weights", ev.fid_weights] if ev.fid_weights else [])]
 
 
 def evaluation_steps(sweep: Sweep, task: Task) -> list[tuple[str, list[str]]]:

@@ -48,13 +48,7 @@ def is_evaluated(task: Task) -> bool:
 
 
 def live_owner(run_dir: Path) -> dict | None:
-    """The record of a live process holding the run directory's lock (RunLock's own rules), else None.
-    Read-only: taking the lock to test it could make a trainer starting that instant refuse the directory."""
-    lock = RunLock(run_dir)
-    if not lock.path.exists():
-        return None
-    owner = lock._read()
-    return owner if owner and lock._takeover_reason(owner) is None else None
+    return RunLock(run_dir).live_owner()
 
 
 def task_status(task: Task) -> str:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 PROGRESS_METRIC = "train/total"
 
 
-def _default_timeouts() -> None:
+def default_timeouts() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -179,7 +179,7 @@ class Tracker:
             self.system_metrics = SystemMetrics.start_where_due(cfg, accelerator, decision[1], resumed=bool(run_id))
 
     def _start(self, cfg: Config, run_id: str | None) -> str:
-        _default_timeouts()
+        default_timeouts()
         from mlflow import MlflowClient
 
         uri = tracking_uri(cfg)
