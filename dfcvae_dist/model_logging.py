@@ -115,6 +115,8 @@ class ModelUpload:
 
         client, points = self.client, []
         for key in client.get_run(self.run_id).data.metrics:
+            if key.startswith("system/"):  # their step counts samples, not training steps
+                continue
             points += [Metric(m.key, m.value, m.timestamp, m.step, model_id=self.model.model_id, run_id=self.run_id)
                        for m in client.get_metric_history(self.run_id, key) if m.step == self.step]
         for start in range(0, len(points), 1000):  # MLflow's limit per batch

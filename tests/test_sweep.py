@@ -122,6 +122,73 @@ def test_a_task_whose_run_directory_has_a_live_owner_stops_with_one_line(tmp_pat
     assert not (tmp_path / "runs" / "pvae-seed1" / "config.yaml").exists()
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("svm_class_weight", "balancd", "'evaluate.svm_class_weight' must be one of none, balanced, got 'balancd'"),
+    ("vgg_weights", "randm", "'evaluate.vgg_weights' must be imagenet, random or a weights file; 'randm' is none"),
+    ("max_images", 0, "'evaluate.max_images' must be >= 1, got 0"),
+])
+def test_plan_refuses_a_bad_evaluation_setting_before_anything_trains(tmp_path, shard_dir, key, value, message):
+    path = write_sweep(tmp_path, shard_dir)
+    text = yaml.safe_load(path.read_text())
+    text["evaluate"][key] = value
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    proc = sweep_cli("plan", path, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {path}: {message}")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_task_stops_before_training_when_its_evaluation_shards_are_missing(tmp_path, shard_dir):
+    path = write_sweep(tmp_path, shard_dir)
+    text = yaml.safe_load(path.read_text())
+    text["evaluate"]["shards"] = str(tmp_path / "no-shards")
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    proc = sweep_cli("task", path, 0, check=False)
+    assert proc.returncode == 2 and f"'evaluate.shards' {tmp_path / 'no-shards'}: no manifest.json" in proc.stderr
+    assert not (tmp_path / "runs" / TINY_TASKS[0]).exists()  # nothing trained
+
+
+def test_a_task_is_finished_only_with_a_fresh_completion_and_its_evaluations_marked_done(tmp_path, shard_dir):
+    from dfcvae_dist.sweeps.plan import load_sweep
+    from dfcvae_dist.sweeps.status import EVALUATED, evaluation_files, task_status
+
+    task = load_sweep(write_sweep(tmp_path, shard_dir)).tasks[0]
+    task.run_dir.mkdir(parents=True)
+    config, done = task.run_dir / "config.yaml", task.run_dir / "COMPLETED.json"
+    config.write_text(task.config.to_yaml())
+    done.write_text(json.dumps({"step": 3, "total_steps": 3}))
+    for f in evaluation_files(task):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("{}")
+    assert task_status(task) == "incomplete"  # no EVALUATED.json: an evaluation (or its MLflow logging) failed
+    (task.run_dir / "eval" / EVALUATED).write_text("{}")
+    assert task_status(task) == "finished"
+    os.utime(done, (config.stat().st_mtime - 10,) * 2)  # a later launch rewrote config.yaml, then died
+    assert task_status(task) == "incomplete"
+    os.utime(done, (config.stat().st_mtime,) * 2)
+    done.write_text("{}")  # no step counts: not a completion
+    assert task_status(task) == "incomplete"
+    done.write_text('{"step": 3, "total')
+    assert task_status(task).startswith(f"incomplete ({done}: unreadable (")
+
+
+def test_the_parent_run_keeps_its_artifacts_beside_a_sqlite_store(tmp_path, shard_dir, monkeypatch):
+    import mlflow
+
+    from dfcvae_dist.sweeps.parent import ensure_parent
+    from dfcvae_dist.sweeps.plan import load_sweep
+
+    store = tmp_path / "store"
+    store.mkdir()
+    sweep = load_sweep(write_sweep(tmp_path, shard_dir, f"sqlite:///{store}/mlflow.db"))
+    cwd = tmp_path / "launched-from"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    record = ensure_parent(sweep)
+    experiment = mlflow.MlflowClient(tracking_uri=record["tracking_uri"]).get_experiment(record["experiment_id"])
+    assert experiment.artifact_location == (store / "mlartifacts").as_uri()
+    assert not (cwd / "mlruns").exists()
+
+
 @pytest.mark.slow
 def test_workstation_sweep_trains_and_evaluates_its_tasks_as_children_of_one_parent_and_skips_them_after(
         tmp_path, shard_dir, mlflow_server):

@@ -97,6 +97,16 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_d
     assert run.info.artifact_uri == (tmp_path / "mlartifacts").as_uri() + f"/{run.info.run_id}/artifacts"
 
 
+def test_a_run_with_tracking_off_trains_where_mlflow_is_not_installed(tmp_path, shard_dir):
+    # as on a GPU node's image without MLflow: an `mlflow` first on the path that fails to import, as it would there
+    (tmp_path / "no-mlflow" / "mlflow").mkdir(parents=True)
+    (tmp_path / "no-mlflow" / "mlflow" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'mlflow'\")")
+    path = os.pathsep.join(filter(None, [str(tmp_path / "no-mlflow"), os.environ.get("PYTHONPATH")]))
+    train(tmp_path, shard_dir, tmp_path / "run", "train.max_steps=2", "log.enabled=false", env={"PYTHONPATH": path})
+    assert json.loads((tmp_path / "run" / "COMPLETED.json").read_text())["step"] == 2
+
+
 def test_two_process_ddp_ranks_agree_and_read_disjoint_shards(tmp_path, shard_dir):
     run_dir = tmp_path / "run"
     proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=8", nproc=2)

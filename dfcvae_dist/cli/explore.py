@@ -14,7 +14,7 @@ from dfcvae_dist.errors import cli_main
 from dfcvae_dist.evaluation import studies
 from dfcvae_dist.extraction.latents import load_latents
 from dfcvae_dist.inference import load_trained
-from dfcvae_dist.training.tracking import resolve_run_id
+from dfcvae_dist.training.tracking import default_timeouts, resolve_run_id
 
 
 @cli_main
@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
         import mlflow
 
         for path in paths:
+            default_timeouts()
             mlflow.MlflowClient().log_artifact(run_id, str(path), "studies")
     return 0
 

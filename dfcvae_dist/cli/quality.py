@@ -79,7 +79,7 @@ def log_to_mlflow(name: str, path: str, result: dict, quality_json: Path) -> Non
     """Into the model's own run, named by its COMPLETED.json; a run that was not tracked is skipped in one line."""
     import mlflow
 
-    from dfcvae_dist.training.tracking import resolve_run_id
+    from dfcvae_dist.training.tracking import default_timeouts, resolve_run_id
 
     try:
         run_id = resolve_run_id(str(run_directory(path)))
@@ -87,6 +87,7 @@ def log_to_mlflow(name: str, path: str, result: dict, quality_json: Path) -> Non
         print(f"MLflow: {name} skipped: {err}")
         return
     try:
+        default_timeouts()  # seconds per request, not MLflow's minutes of retries
         client = mlflow.MlflowClient()
         client.log_artifact(run_id, str(quality_json), "evaluation")
         for key in COLUMNS:

@@ -16,7 +16,7 @@ from dfcvae_dist.errors import UserError, cli_main
 from dfcvae_dist.evaluation.latent_stats import latent_statistics
 from dfcvae_dist.evaluation.svm import add_focus_means, evaluate, focus_attributes, markdown_table, table_rows
 from dfcvae_dist.extraction.latents import load_latents
-from dfcvae_dist.training.tracking import resolve_run_id
+from dfcvae_dist.training.tracking import default_timeouts, resolve_run_id
 
 
 @cli_main
@@ -71,6 +71,7 @@ def log_to_mlflow(run_id: str, out: Path, report: dict) -> None:
     import mlflow
 
     try:
+        default_timeouts()  # seconds per request, not MLflow's minutes of retries
         client = mlflow.MlflowClient()
         client.log_artifact(run_id, str(out / "svm_report.json"), "evaluation")
         client.log_artifact(run_id, str(out / "svm_table.md"), "evaluation")

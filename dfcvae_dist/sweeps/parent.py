@@ -23,8 +23,13 @@ PARENT_FILE = "parent.json"
 @contextlib.contextmanager
 def parent_lock(sweep: Sweep) -> Iterator[None]:
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
-    with open(sweep.sweep_dir / f"{PARENT_FILE}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+    path = sweep.sweep_dir / f"{PARENT_FILE}.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+        except OSError as err:
+            raise UserError(f"{path}: cannot lock ({err}); this filesystem has no flock (e.g. Lustre without "
+                            "-o flock): put sweep_dir on one that has") from None
         yield
 
 
@@ -39,6 +44,10 @@ def ensure_parent(sweep: Sweep) -> dict | None:
     if not sweep.tasks[0].config.log.enabled:
         return None
     from mlflow import MlflowClient
+
+    from dfcvae_dist.training.tracking import default_timeouts
+
+    default_timeouts()  # seconds per request, not MLflow's minutes of retries, in every array task
 
     client = MlflowClient(tracking_uri=tracking_uri_of(sweep))
     path = sweep.sweep_dir / PARENT_FILE
@@ -58,9 +67,12 @@ def ensure_parent(sweep: Sweep) -> dict | None:
 
 
 def _create_parent(client, sweep: Sweep) -> dict:
+    from dfcvae_dist.training.tracking import artifact_root
+
     experiment_name = sweep.tasks[0].config.log.experiment
     experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        experiment_name, artifact_location=artifact_root(client.tracking_uri))  # never ./mlruns of the cwd
     run = client.create_run(experiment_id, run_name=sweep.name,
                             tags={"sweep": sweep.name, "sweep.file": str(sweep.path.resolve()), "sweep.tasks": str(len(sweep.tasks))})
     return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": client.tracking_uri}

@@ -41,7 +41,7 @@ class EvaluateConfig:
     split: str = "test"              # the split of the quality metrics
     max_images: int = 2000           # images of that split in the quality metrics
     vgg_weights: str = "imagenet"    # loss network of the quality table's perceptual distance
-    fid_samples: int | None = None   # FID from this many samples; null: no FID
+    fid_samples: int | None = 10_000  # FID from this many samples (at most the split's images); null or 0: no FID
     fid_weights: str | None = None   # Inception weights file for FID (offline)
     batch_size: int = 256            # extraction batch size
     svm_subsample: int = 20_000      # training images used to choose the SVMs' C
@@ -195,4 +195,31 @@ def _evaluate(section: Any, path: Path) -> EvaluateConfig:
             values[key] = hints[kind](text)
         except (TypeError, ValueError):
             raise UserError(f"{path}: 'evaluate.{key}' must be {kind}, got {text!r}") from None
-    return EvaluateConfig(**values)
+    evaluate = EvaluateConfig(**values)
+    _check_evaluate(evaluate, path)
+    return evaluate
+
+
+def _check_evaluate(ev: EvaluateConfig, path: Path) -> None:
+    """The values the evaluation CLIs would refuse only after a task has trained."""
+    choices = {"split": ("train", "val", "test"), "svm_class_weight": ("none", "balanced")}
+    for key, allowed in choices.items():
+        if getattr(ev, key) not in allowed:
+            raise UserError(f"{path}: 'evaluate.{key}' must be one of {', '.join(allowed)}, got {getattr(ev, key)!r}")
+    for key in ("max_images", "batch_size", "svm_subsample"):
+        if getattr(ev, key) < 1:
+            raise UserError(f"{path}: 'evaluate.{key}' must be >= 1, got {getattr(ev, key)}")
+    if ev.fid_samples is not None and ev.fid_samples < 0:
+        raise UserError(f"{path}: 'evaluate.fid_samples' must be >= 0, got {ev.fid_samples}")
+    if ev.vgg_weights not in ("imagenet", "random") and not Path(ev.vgg_weights).is_file():
+        raise UserError(f"{path}: 'evaluate.vgg_weights' must be imagenet, random or a weights file; "
+                        f"{ev.vgg_weights!r} is none of these")
+
+
+def check_evaluation_data(sweep: "Sweep") -> None:
+    """Before a task trains: the manifests its evaluations will read exist (planning needs no data)."""
+    for key in ("shards", "quality_shards"):
+        shards = getattr(sweep.evaluate, key)
+        if shards and not (Path(shards) / "manifest.json").is_file():
+            raise UserError(f"{sweep.path}: 'evaluate.{key}' {shards}: no manifest.json there (relative paths are "
+                            "read from the working directory)")

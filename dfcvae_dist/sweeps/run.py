@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from dfcvae_dist.errors import UserError
-from dfcvae_dist.rundir import DONE_MARKER, RunLock
+from dfcvae_dist.rundir import DONE_MARKER, RunLock, atomic_write
 from dfcvae_dist.sweeps.parent import child_overrides, ensure_parent, set_parent_status
-from dfcvae_dist.sweeps.plan import Sweep, Task
-from dfcvae_dist.sweeps.status import is_trained, skipped_line, task_status
+from dfcvae_dist.sweeps.plan import Sweep, Task, check_evaluation_data
+from dfcvae_dist.sweeps.status import EVALUATED, is_trained, skipped_line, task_status
 
 
 def train_args(sweep: Sweep, task: Task, record: dict | None) -> list[str]:
@@ -69,10 +69,13 @@ def evaluate(sweep: Sweep, task: Task, record: dict | None) -> None:
     lock = RunLock(task.run_dir)
     lock.acquire()
     try:
-        for name, argv in evaluation_steps(sweep, task):
+        steps = evaluation_steps(sweep, task)
+        for name, argv in steps:
             print(f"task {task.index} {task.name}: dfcvae-{name}", flush=True)
             if importlib.import_module(f"dfcvae_dist.cli.{name}").main(argv) != 0:
                 raise UserError(f"task {task.index} {task.name}: dfcvae-{name} {shlex.join(argv)} failed")
+        # only now: an output written before its MLflow logging failed must not count as evaluated
+        atomic_write(task.run_dir / "eval" / EVALUATED, json.dumps({"steps": [name for name, _ in steps]}))
     finally:
         lock.release()
 
@@ -110,6 +113,7 @@ def train_args_if_needed(sweep: Sweep, index: int) -> list[str] | None:
 
 def start_task(sweep: Sweep) -> dict | None:
     """The parent run's record, the parent RUNNING again (a task of the sweep is under way)."""
+    check_evaluation_data(sweep)
     record = ensure_parent(sweep)
     set_parent_status(record, finished=False)
     return record

@@ -7,11 +7,15 @@ import json
 from pathlib import Path
 
 from dfcvae_dist.config import load_config, resume_changes
+from dfcvae_dist.errors import UserError
 from dfcvae_dist.rundir import CONFIG_FILE, DONE_MARKER, RunLock
 from dfcvae_dist.sweeps.plan import Task
 
 # Resume-safe keys that still decide how far a run trains: a change means the resumed run trains on.
 TRAINING_LENGTH = {"train.epochs", "train.max_steps"}
+
+
+EVALUATED = "EVALUATED.json"  # RUN_DIR/eval/: written by the sweep once every evaluation step, logging included, ran
 
 
 def evaluation_files(task: Task) -> list[Path]:
@@ -28,23 +32,34 @@ def is_trained(task: Task) -> bool:
 
     COMPLETED.json's config_digest cannot be compared with the task's: the trainer digests the RESOLVED config
     (train.mixed_precision=auto becomes the launcher's 'no', 'fp16' or 'bf16'). So the run's config.yaml is
-    compared the way a resume would compare it: no change a resume refuses, and no change of the training length."""
+    compared the way a resume would compare it: no change a resume refuses, and no change of the training length.
+    A launch rewrites config.yaml at its start, so a COMPLETED.json older than it is that of an earlier launch."""
     done, saved = task.run_dir / DONE_MARKER, task.run_dir / CONFIG_FILE
-    if not done.is_file() or not saved.is_file():
+    if not done.is_file() or not saved.is_file() or done.stat().st_mtime < saved.stat().st_mtime:
         return False
-    summary = json.loads(done.read_text())
+    summary = read_json(done)
     saved_cfg, wanted = load_config(saved), copy.deepcopy(task.config)
     if wanted.train.mixed_precision == "auto":  # auto accepts whatever the launcher gave
         wanted.train.mixed_precision = saved_cfg.train.mixed_precision
     safe, refused = resume_changes(saved_cfg, wanted)
     return (not refused and not TRAINING_LENGTH & {key for key, _, _ in safe}
-            and summary.get("step") == summary.get("total_steps"))
+            and summary.get("total_steps") is not None and summary.get("step") == summary["total_steps"])
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable ({err})") from None
 
 
 def is_evaluated(task: Task) -> bool:
-    """Every evaluation output exists and is newer than the training that it evaluates."""
+    """The sweep's evaluation marker, newer than the training it evaluates (written only after every step,
+    MLflow logging included, succeeded), and every output it names."""
     trained_at = (task.run_dir / DONE_MARKER).stat().st_mtime
-    return all(f.is_file() and f.stat().st_mtime >= trained_at for f in evaluation_files(task))
+    marker = task.run_dir / "eval" / EVALUATED
+    return (marker.is_file() and marker.stat().st_mtime >= trained_at
+            and all(f.is_file() and f.stat().st_mtime >= trained_at for f in evaluation_files(task)))
 
 
 def live_owner(run_dir: Path) -> dict | None:
@@ -52,9 +67,13 @@ def live_owner(run_dir: Path) -> dict | None:
 
 
 def task_status(task: Task) -> str:
-    """`finished`, `running` (a live owner holds its run directory), `incomplete` or `not started`."""
-    if is_trained(task) and is_evaluated(task):
-        return "finished"
+    """`finished`, `running` (a live owner holds its run directory), `incomplete` or `not started`; a damaged
+    COMPLETED.json or config.yaml is `incomplete (...)` naming the file."""
+    try:
+        if is_trained(task) and is_evaluated(task):
+            return "finished"
+    except UserError as err:
+        return f"incomplete ({err})"
     if live_owner(task.run_dir):
         return "running"
     return "incomplete" if task.run_dir.exists() else "not started"

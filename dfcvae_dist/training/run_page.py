@@ -45,11 +45,11 @@ def shard_manifest(shards: str) -> dict | None:
 def dataset_inputs(shards: str, manifest: dict | None) -> list:
     """MLflow dataset inputs, one per non-empty split of the manifest (train: training, val: validation,
     test: evaluation), each with the manifest's digest, the sample counts and whether the data is synthetic."""
+    if manifest is None:
+        return []
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    if manifest is None:
-        return []
     directory = Path(shards).resolve()
     counts = {split: info["num_samples"] for split, info in manifest["splits"].items()}
     inputs = []

@@ -111,6 +111,7 @@ class SystemMetrics:
         from mlflow import get_tracking_uri
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        default_timeouts()  # ranks other than the main one reach the server here first
         uri = tracking_uri(cfg) or get_tracking_uri()
         per_node = uri.startswith(("http://", "https://"))
         if not (accelerator.local_process_index == 0 if per_node else accelerator.is_main_process):

@@ -25,7 +25,7 @@ from dfcvae_dist.data.loader import (SplitSource, TrainStream, batches_per_epoch
                                      resolve_split)
 from dfcvae_dist.distributed import make_accelerator, set_determinism
 from dfcvae_dist.errors import UserError, one_line
-from dfcvae_dist.rundir import CONFIG_FILE, RunLock, atomic_write, find_checkpoint, write_end_marker
+from dfcvae_dist.rundir import CONFIG_FILE, DONE_MARKER, RunLock, atomic_write, find_checkpoint, write_end_marker
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
 from dfcvae_dist.training.recipes import LossHealth, StepResult, build_recipe, recipe_class, set_lr
@@ -114,6 +114,7 @@ class Trainer:
         self.state = self.resume()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / DONE_MARKER).unlink(missing_ok=True)  # an earlier launch's: this one is not done yet
             atomic_write(self.run_dir / CONFIG_FILE, cfg.to_yaml())
         self.tracker = self.start_tracking()
         self.fixed_z = torch.randn(16, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
