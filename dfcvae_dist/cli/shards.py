@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
                                       progress=lambda n: progress.advance(task, n), synthetic=synthetic)
     elapsed = time.perf_counter() - start
     counts = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
-    print(f"wrote {args.out} ({counts}; skipped {len(manifest['skipped'])}{'; synthetic' if synthetic else ''}) in {elapsed:.1f}s "
+    kind = "; synthetic" if synthetic else ""
+    print(f"wrote {args.out} ({counts}; skipped {len(manifest['skipped'])}{kind}) in {elapsed:.1f}s "
           f"({len(samples) / elapsed:.0f} img/s)")
     return 0
 

@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     task.add_argument("index", type=int)
     stage = task.add_mutually_exclusive_group()
     stage.add_argument("--train-args", action="store_true", help="(slurm/sweep.sbatch) print the run directory and "
-                       f"the trainer's arguments, NUL-separated; exit {NOTHING_TO_DO} if the task is finished or running")
+                       f"the trainer's arguments, NUL-separated; exit {NOTHING_TO_DO} if the task is finished or "
+                       "running")
     stage.add_argument("--evaluate", action="store_true", help="(slurm/sweep.sbatch) evaluate the trained task")
     for p_ in (run, task):
         p_.add_argument("--launcher", help="training launcher instead of this python, e.g. "

@@ -74,7 +74,8 @@ def _create_parent(client, sweep: Sweep) -> dict:
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
         experiment_name, artifact_location=artifact_root(client.tracking_uri))  # never ./mlruns of the cwd
     run = client.create_run(experiment_id, run_name=sweep.name,
-                            tags={"sweep": sweep.name, "sweep.file": str(sweep.path.resolve()), "sweep.tasks": str(len(sweep.tasks))})
+                            tags={"sweep": sweep.name, "sweep.file": str(sweep.path.resolve()),
+                                  "sweep.tasks": str(len(sweep.tasks))})
     return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": client.tracking_uri}
 
 

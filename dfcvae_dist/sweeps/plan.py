@@ -129,7 +129,8 @@ def _overrides(mapping: Any, path: Path, where: str) -> list[str]:
         raise UserError(f"{path}: '{where}' must be a mapping of section.key: value")
     for key in mapping:
         if key in SET_BY_THE_SWEEP:
-            raise UserError(f"{path}: {where}: '{key}' is set by the sweep for every task ({', '.join(SET_BY_THE_SWEEP)})")
+            raise UserError(f"{path}: {where}: '{key}' is set by the sweep for every task "
+                            f"({', '.join(SET_BY_THE_SWEEP)})")
     return [f"{key}={_text(value, path, f'{where}.{key}')}" for key, value in mapping.items()]
 
 

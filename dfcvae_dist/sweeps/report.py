@@ -162,7 +162,8 @@ def svm_summary(reports: list[dict]) -> dict | None:
     rows = [{r["attribute"]: r for r in report["per_attribute"]} for report in reports]
     per_attribute = {name: {**(mean_std([row[name]["accuracy"] for row in rows if name in row]) or {}),
                             "left_out": any(row.get(name, {}).get("left_out") for row in rows)} for name in names}
-    return {"n": len(reports), "per_attribute": per_attribute, **{key: mean_std([r.get(key) for r in reports]) for key in SVM_MEANS}}
+    means = {key: mean_std([r.get(key) for r in reports]) for key in SVM_MEANS}
+    return {"n": len(reports), "per_attribute": per_attribute, **means}
 
 
 def summarise_run(files: list[TaskFiles]) -> dict:
@@ -300,7 +301,8 @@ def svm_section(runs: dict) -> list[str]:
         if any(svm[key] for svm in columns.values()):
             averages = [f"{v:.2f}" for v in PAPER_AVERAGES.values()] if paper and key == "mean_accuracy" else \
                 ["-"] * len(paper)
-            rows.append([f"**{label}**", *(cell(svm[key], 100, ".2f", svm["n"]) for svm in columns.values()), *averages])
+            cells = (cell(svm[key], 100, ".2f", svm["n"]) for svm in columns.values())
+            rows.append([f"**{label}**", *cells, *averages])
     note = ("Beside the paper's Table 1 (FaceTracer, PANDA-w, PANDA-l, LNets+ANet, VAE-Z, VGG-FC); the comparison "
             "means something only on real CelebA with ImageNet VGG19 weights. `†`: left out of the means in at least "
             "one seed (one class in its train or test split). Averages are over the attributes each seed counted.")
