@@ -69,7 +69,7 @@ RP := reproduce
 RP_MLFLOW := MLFLOW_TRACKING_URI=sqlite:///$(RP)/mlflow.db
 # The paper's comparison (DFC-VAE 123 and 345, PVAE, DCGAN) as one sweep, then its report (docs/sweeps.md#report).
 # With CELEBA_ROOT set and a GPU: sweeps/paper.yaml on real CelebA, 3 seeds. Otherwise sweeps/paper-cpu.yaml:
-# synthetic 32x32 faces, 1 seed, about 30 minutes on 2 cores. Not part of `make test`; re-run, it skips what is done.
+# synthetic 32x32 faces, 1 seed, 40-50 minutes on 2 cores. Not part of `make test`; re-run, it skips what is done.
 reproduce: $(STAMP)
 	@mkdir -p $(RP) && date +%s > $(RP)/.started
 	@if [ -n "$$CELEBA_ROOT" ] && $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; \
