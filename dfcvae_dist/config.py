@@ -26,20 +26,18 @@ import yaml
 
 from dfcvae_dist.errors import UserError
 
-VGG_LAYER_NAMES = [
-    f"relu{block}_{i}"
-    for block, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
-    for i in range(1, n + 1)
-]
 # The shipped configs: a link to the top-level configs/ in a checkout, package data in an installed wheel.
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 NULL_TAG = "tag:yaml.org,2002:null"
+# Keys that were renamed: config files, overrides and run directories written with the old name keep loading.
+RENAMED_KEYS = {"loss.vgg_weights": "loss.network_weights", "loss.vgg_dtype": "loss.network_dtype",
+                "loss.vgg_seed": "loss.network_seed"}
 
 
 def opt(default: Any, help: str, *, resume_safe: bool = False, **checks: Any) -> Any:
     """A config field: default, help text, whether a resumed run may change it (it changes neither the model,
     the optimisation nor the data order and position) and optional checks (choices=, min=, max=, items=,
-    nonempty=, key_value=)."""
+    nonempty=, key_value=; choices and items may be functions, for lists known only at run time)."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
     return field(metadata={"help": help, "resume_safe": resume_safe, **checks}, **kw)
 
@@ -62,8 +60,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("dfcvae", "Model: dfcvae (feature perceptual loss), pvae (pixel loss) or dcgan.",
-                    choices=["dfcvae", "pvae", "dcgan"])
+    name: str = opt("dfcvae", "Model family: dfcvae (feature perceptual loss), pvae (pixel loss), dcgan, dfcvae-gan "
+                    "(feature perceptual loss plus a discriminator), or one a package registers (entry point group "
+                    "dfcvae_dist.families; docs/extending.md).", choices=lambda: family_names())
     image_size: int = opt(64, "Square input/output size: 64 is the paper's, 128 the released code's variant, "
                           "32 a small size for tests and demos.", choices=[32, 64, 128])
     latent_dim: int = opt(100, "Size of z.", min=1)
@@ -75,9 +74,12 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    layers: list[str] = opt(["relu1_2", "relu2_1", "relu3_1"], "VGG19 layers of the feature perceptual "
-                            "loss ('123' of the paper; '345' is relu3_1, relu4_1, relu5_1).",
-                            items=VGG_LAYER_NAMES, nonempty=True)
+    network: str = opt("vgg19", "Feature network of the perceptual loss: vgg19 (the paper's), vgg16, resnet18, "
+                       "resnet50, or package.module:function returning a torch.nn.Module (docs/extending.md).")
+    layers: list[str] | None = opt(None, "Layers of the feature network the loss compares, as torchvision's "
+                                   "feature_extraction names them; VGG also by the paper's names: relu1_2, relu2_1, "
+                                   "relu3_1 is the paper's '123', relu3_1, relu4_1, relu5_1 its '345'. null: the "
+                                   "network's default (VGG: '123'; ResNet: relu, layer1, layer2).", nonempty=True)
     layer_weights: list[float] | None = opt(None, "Optional weight per layer (default 1 each).")
     alpha: float = opt(1.0, "Weight of the KL divergence (paper: 1).", min=0.0)
     beta: float = opt(0.8, "Weight of the reconstruction loss (paper: 0.8).", min=0.0)
@@ -85,14 +87,19 @@ class LossConfig:
                                "ImageNet std maps torchvision's normalised input to the Caffe BGR 0-255 "
                                "scale the paper's alpha/beta were tuned on (docs/paper-fidelity.md).",
                                min=0.0)
-    vgg_weights: str = opt("imagenet", "imagenet (torchvision weights API), random (seeded; tests and "
-                           "offline demos) or a path to a local VGG19 state-dict file.")
-    vgg_dtype: str = opt("auto", "Loss-network dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.",
-                         choices=["auto", "fp32", "fp16", "bf16"])
-    vgg_seed: int = opt(0, "Seed of the random VGG19 weights (vgg_weights=random).")
+    network_weights: str = opt("imagenet", "imagenet (torchvision weights API), random (seeded; tests and offline "
+                               "demos) or a path to a local state-dict file of the network (formerly "
+                               "loss.vgg_weights).")
+    network_dtype: str = opt("auto", "Feature-network dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16 "
+                             "(formerly loss.vgg_dtype).", choices=["auto", "fp32", "fp16", "bf16"])
+    network_seed: int = opt(0, "Seed of the random network weights (network_weights=random; formerly "
+                            "loss.vgg_seed).")
     compile: bool = opt(False, "torch.compile the loss network and its distances (fuses the elementwise work "
                         "around the convolutions; same values and gradients as eager; docs/performance.md). "
                         "Compiling takes ~20 s at start.", resume_safe=True)
+    adversarial_weight: float = opt(1.0, "dfcvae-gan: weight of the adversarial term (the decoder's non-saturating "
+                                    "GAN loss on reconstructions and samples) beside alpha x KL + beta x perceptual.",
+                                    min=0.0)
 
 
 @dataclass
@@ -246,6 +253,19 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not sep:
             raise UserError(f"command-line override '{item}' is not of the form section.key=value")
         _set(cfg, key.strip(), text, f"command-line override '{item}'")
+    source = f"{path}" if path is not None else "the configuration"
+    return finalize(cfg, f"{source} with its command-line overrides" if overrides else source)
+
+
+def finalize(cfg: Config, source: str) -> Config:
+    """The checks that need more than one key, asked of the model family (which also fills in what it defaults,
+    such as the feature network's layers); a refusal names `source` and the keys."""
+    from dfcvae_dist.families import get_family
+
+    try:
+        get_family(cfg.model.name).check_config(cfg)
+    except UserError as err:
+        raise UserError(f"{source}: {err}") from None
     return cfg
 
 
@@ -303,6 +323,7 @@ def _check_section(section: str, source: str) -> dataclasses.Field:
 
 def _set(cfg: Config, dotted: str, value: yaml.Node | str, source: str) -> None:
     """Set one key from a file's YAML node or an override's text."""
+    dotted = RENAMED_KEYS.get(dotted, dotted)
     section, _, key = dotted.partition(".")
     _check_section(section, source)
     sub = getattr(cfg, section)
@@ -376,8 +397,9 @@ def _check_value(key: str, value: Any, meta: typing.Mapping, source: str) -> Any
             continue
         if isinstance(v, float) and not math.isfinite(v):
             raise UserError(f"{source}: '{key}' must be a finite number, got {v!r}")
-        if "choices" in meta and v not in meta["choices"]:
-            raise UserError(f"{source}: '{key}' must be one of {meta['choices']}, got {v!r}")
+        if "choices" in meta and v not in _choices(meta):
+            raise UserError(f"{source}: '{key}' must be one of {_choices(meta)}, got {v!r}"
+                            f"{_suggest(str(v), map(str, _choices(meta)))}")
         if "items" in meta and v not in _items(meta):
             raise UserError(f"{source}: '{key}' has unknown entry {v!r}{_suggest(v, _items(meta))}; "
                             f"allowed: {', '.join(_items(meta))}")
@@ -393,6 +415,17 @@ def _check_value(key: str, value: Any, meta: typing.Mapping, source: str) -> Any
 def _items(meta: typing.Mapping) -> list[str]:
     items = meta["items"]
     return items() if callable(items) else items
+
+
+def _choices(meta: typing.Mapping) -> list:
+    choices = meta["choices"]
+    return choices() if callable(choices) else choices
+
+
+def family_names() -> list[str]:
+    from dfcvae_dist.families import family_names as registered
+
+    return registered()
 
 
 def config_keys() -> list[str]:
@@ -415,8 +448,15 @@ def resume_changes(saved: Config, now: Config) -> tuple[list[tuple[str, Any, Any
     allowed = set(now.train.resume_allow_changes)
     allowed |= {key for key, _, f in _key_fields() if f.metadata["resume_safe"]}
     old, new = saved.flat(), now.flat()
-    changed = [(key, old[key], new[key]) for key in new if old[key] != new[key]]
+    changed = [(key, old[key], new[key]) for key in new if old[key] != new[key] and not _resolves_to(new[key], key)]
     return [c for c in changed if c[0] in allowed], [c for c in changed if c[0] not in allowed]
+
+
+def _resolves_to(value: Any, key: str) -> bool:
+    """`train.mixed_precision=auto` takes the launcher's precision, so it accepts any saved value: the trainer
+    compares the precision it resolved with the one the checkpoint was trained in (run directories written before
+    this rule kept the resolved value in their config)."""
+    return key == "train.mixed_precision" and value == "auto"
 
 
 def _show(value: Any) -> str:
@@ -440,7 +480,7 @@ def _allowed(meta: typing.Mapping) -> str:
     """The field's checks in words: `one of a, b`, `>= 1`, `0.0 to 1.0`, ..."""
     parts = []
     if "choices" in meta:
-        parts.append("one of " + ", ".join(map(_show, meta["choices"])))
+        parts.append("one of " + ", ".join(map(_show, _choices(meta))))
     if "min" in meta and "max" in meta:
         parts.append(f"{meta['min']} to {meta['max']}")
     elif "min" in meta or "max" in meta:

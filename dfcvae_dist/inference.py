@@ -12,8 +12,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dfcvae_dist.config import Config, load_config
-from dfcvae_dist.errors import UserError
-from dfcvae_dist.models import VAE, build_model
+from dfcvae_dist.errors import UserError, one_line
+from dfcvae_dist.families import get_family
+from dfcvae_dist.models import VAE
 from dfcvae_dist.rundir import CONFIG_FILE, WEIGHTS_FILE, find_checkpoint
 
 
@@ -33,21 +34,28 @@ MODEL_URI_SCHEMES = ("models:/", "runs:/")
 
 def load_trained(path: str | Path, expect: type | None = VAE) -> tuple[torch.nn.Module, Config, Path]:
     """(model in eval mode, its config, the checkpoint folder). `path`: a run directory, a checkpoint folder,
-    or an MLflow model URI (`load_model_uri`). `expect`: the model class required."""
+    or an MLflow model URI (`load_model_uri`). The model is what its family encodes, decodes and samples with
+    (dfcvae-gan: the VAE without its discriminator). `expect`: the model class required (None: any)."""
     if str(path).startswith(MODEL_URI_SCHEMES):
         return load_model_uri(str(path), expect=expect)
     checkpoint = resolve_checkpoint(path)
     cfg = load_config(checkpoint / CONFIG_FILE)
-    model = build_model(cfg.model)
+    model = load_weights(cfg.model.name, cfg.model, checkpoint / WEIGHTS_FILE)
     if expect is not None and not isinstance(model, expect):
         raise UserError(f"{checkpoint}: a {cfg.model.name} checkpoint, but this needs a {expect.__name__} "
-                        "(dfcvae or pvae)")
+                        "(a family that encodes)")
+    return model, cfg, checkpoint
+
+
+def load_weights(family: str, model_cfg, path: Path) -> torch.nn.Module:
+    """The family's model with the weights file's tensors, in eval mode: the part that encodes and decodes."""
+    family = get_family(family)
+    model = family.build_model(model_cfg)
     try:
-        model.load_state_dict(load_file(checkpoint / WEIGHTS_FILE))
+        model.load_state_dict(load_file(str(path)))
     except (SafetensorError, RuntimeError, OSError) as err:
-        raise UserError(f"{checkpoint / WEIGHTS_FILE}: does not load into {cfg.model.name} "
-                        f"({str(err).splitlines()[0]})") from None
-    return model.eval(), cfg, checkpoint
+        raise UserError(f"{path}: does not load into {family.name} ({one_line(err)})") from None
+    return family.inference_model(model).eval()
 
 
 def load_model_uri(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None,
@@ -99,9 +107,8 @@ def load_weights_file(path: str | Path) -> torch.nn.Module:
     if model_config is None:
         raise UserError(f"{path}: no model config in its metadata (written before it was kept there); load the "
                         "checkpoint folder instead")
-    model = build_model(ModelConfig(**json.loads(model_config)))
-    model.load_state_dict(load_file(str(path)))
-    return model.eval()
+    model_cfg = ModelConfig(**json.loads(model_config))
+    return load_weights(model_cfg.name, model_cfg, Path(path))
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ tensors; our inference API takes them):
 - `reconstruct` (default): images (N, 3, S, S) in [0, 1] -> the decoded posterior means, (N, 3, S, S)
 - `encode`: images -> (N, 2, latent_dim), mu and logvar
 - `decode`: latents (N, latent_dim, 1, 1) (the signature has one 4-D input) or (N, latent_dim) -> images
-A DCGAN generator decodes only.
+A family without an encoder (DCGAN) decodes only.
 """
 
 from pathlib import Path
@@ -28,20 +28,16 @@ class TrainedVAE(PythonModel):
         self.model, self.config, _ = load_trained(Path(context.artifacts["weights"]).parent, expect=None)
 
     def predict(self, context, model_input: np.ndarray, params=None):  # MLflow's tensor signature checks it
+        from dfcvae_dist.families import get_family
         from dfcvae_dist.inference import decode, encode
-        from dfcvae_dist.models import DCGAN
 
         mode = (params or {}).get("mode", "reconstruct")
-        gan = isinstance(self.model, DCGAN)
-        if mode not in MODES or (gan and mode != "decode"):
-            raise ValueError(f"mode {mode!r}: choose one of {'decode' if gan else ', '.join(MODES)}")
+        decodes_only = not get_family(self.config.model.name).encodes
+        if mode not in MODES or (decodes_only and mode != "decode"):
+            raise ValueError(f"mode {mode!r}: choose one of {'decode' if decodes_only else ', '.join(MODES)}")
         x = torch.as_tensor(model_input).float()
         if mode == "decode":
-            z = x.reshape(len(x), -1)
-            if gan:
-                with torch.no_grad():
-                    return self.model.generator(z).cpu().numpy()
-            return decode(self.model, z).cpu().numpy()
+            return decode(self.model, x.reshape(len(x), -1)).cpu().numpy()
         mu, logvar = encode(self.model, x)
         if mode == "encode":
             return torch.stack([mu, logvar], dim=1).cpu().numpy()

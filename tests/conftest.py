@@ -118,6 +118,23 @@ def trained_run(shard_dir, tmp_path_factory) -> Path:
     return work / "run"
 
 
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """An empty torch hub cache (yielded) and downloads that fail whatever the machine's network: every proxy
+    variable points at a loopback port that is bound but never listens, so the connection is refused."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # urlopen builds its opener, proxies included, on first use and keeps it: give this test its own, so the
+    # refused proxy neither depends on earlier tests nor outlives this one
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{closed.getsockname()[1]}")
+        yield tmp_path / "torch" / "hub" / "checkpoints"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -52,16 +52,16 @@ def test_checkpoint_of_another_model_type_is_refused(tmp_path, shard_dir):
     from safetensors.torch import save_file
 
     from dfcvae_dist.config import load_config
-    from dfcvae_dist.models import build_model
+    from dfcvae_dist.families import get_family
 
     cfg = load_config(None, ["model.name=dcgan", "model.image_size=32", "model.base_channels=8"])
     ckpt = tmp_path / "gan"
     ckpt.mkdir()
     cfg.save(ckpt / "config.yaml")
-    save_file(build_model(cfg.model).state_dict(), str(ckpt / "weights.safetensors"))
+    save_file(get_family("dcgan").build_model(cfg.model).state_dict(), str(ckpt / "weights.safetensors"))
     proc = run_tool("extract_latents.py", "--checkpoint", ckpt, "--shards", shard_dir, "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
-        f"error: {ckpt}: a dcgan checkpoint, but this needs a VAE (dfcvae or pvae)"
+        f"error: {ckpt}: a dcgan checkpoint, but this needs a VAE (a family that encodes)"
 
 
 def test_latents_file_with_missing_arrays_is_named(tmp_path):

@@ -10,10 +10,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from dfcvae_dist.config import LossConfig, ModelConfig, OptimConfig, TrainConfig
+from dfcvae_dist.config import LossConfig, load_config
+from dfcvae_dist.families import get_family
 from dfcvae_dist.losses import FeaturePerceptualLoss
 from dfcvae_dist.models.vae import EdgePad
-from dfcvae_dist.training.recipes import LossHealth, VAERecipe
+from dfcvae_dist.training.recipes import LossHealth
 from tests.test_train import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
@@ -33,7 +34,8 @@ def accelerator():
 
 
 def test_the_loss_network_runs_in_fp16_on_cuda_by_default():
-    loss = FeaturePerceptualLoss.from_config(LossConfig(vgg_weights="random"), torch.device("cuda"))
+    loss = FeaturePerceptualLoss.from_config(LossConfig(network_weights="random", layers=["relu1_2", "relu2_1"]),
+                                             torch.device("cuda"))
     assert loss.dtype == torch.float16
     x = torch.rand(4, 3, 64, 64, device="cuda")
     terms = loss(x, x.flip(0).requires_grad_())
@@ -43,8 +45,8 @@ def test_the_loss_network_runs_in_fp16_on_cuda_by_default():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_an_autocast_training_step_updates_the_model(accelerator, precision):
     acc = accelerator(mixed_precision=precision)
-    recipe = VAERecipe(acc, ModelConfig(), LossConfig(vgg_weights="random"), OptimConfig(), LossHealth(acc, "stop"),
-                       TrainConfig(batch_size=8), torch.channels_last)
+    cfg = load_config(None, ["loss.network_weights=random", "train.batch_size=8"])
+    recipe = get_family("dfcvae").build_recipe(cfg, acc, LossHealth(acc, "stop"), torch.channels_last)
     before = {k: v.detach().clone() for k, v in recipe.model.named_parameters()}
     for step in range(1, 40):  # fp16: the GradScaler skips the first steps until its scale fits the gradients
         result = recipe.train_step([torch.rand(8, 3, 64, 64, device="cuda")], step=step)

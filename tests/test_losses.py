@@ -2,8 +2,6 @@
 
 import logging
 import pickle
-import socket
-import urllib.request
 
 import numpy as np
 import pytest
@@ -12,10 +10,21 @@ from torch import nn
 from torchvision.models import vgg19
 
 from dfcvae_dist.errors import UserError
-from dfcvae_dist.losses import VGG19_LAYERS, FeaturePerceptualLoss, kl_divergence, load_vgg19, pixel_loss, vae_loss
+from dfcvae_dist.losses import FeaturePerceptualLoss, kl_divergence, load_network, pixel_loss, vae_loss
+from dfcvae_dist.losses.feature_networks import vgg_relu_nodes
 from dfcvae_dist.models import VAE
 
 PAPER_123 = ["relu1_2", "relu2_1", "relu3_1"]
+VGG19_LAYERS = {name: int(node.removeprefix("features.")) for name, node in vgg_relu_nodes("vgg19").items()}
+
+
+def load_vgg19(weights, seed=0):
+    return load_network("vgg19", weights, seed)
+
+
+def kept_features(loss) -> list[int]:
+    """The indices of VGG's `features` the truncated network kept."""
+    return sorted(int(name) for name, _ in loss.features.net.features.named_children())
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +41,10 @@ def test_layer_names_map_to_torchvision_indices():
 
 
 def test_loss_network_is_truncated_after_deepest_layer(loss123):
-    assert len(loss123.vgg.features) == VGG19_LAYERS["relu3_1"] + 1
+    assert kept_features(loss123) == list(range(VGG19_LAYERS["relu3_1"] + 1))
     deep = FeaturePerceptualLoss(["relu3_1", "relu4_1", "relu5_1"], weights="random")
-    assert len(deep.vgg.features) == 30
+    assert kept_features(deep) == list(range(30))
+    assert not hasattr(deep.features.net, "classifier")
 
 
 def test_matches_straightforward_formula(loss123):
@@ -91,7 +101,7 @@ def test_total_is_alpha_times_kl_plus_beta_times_reconstruction(loss123):
     x, x_hat = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     mu, logvar = torch.randn(2, 100), torch.randn(2, 100)
     kl, perceptual = kl_divergence(mu, logvar).item(), sum(loss123(x, x_hat).values()).item()
-    terms = vae_loss(x, x_hat, mu, logvar, alpha=0.3, beta=0.8, perceptual=loss123)
+    terms = vae_loss(x, x_hat, mu, logvar, alpha=0.3, beta=0.8, reconstruction=loss123)
     assert terms["kl"].item() == pytest.approx(kl, rel=1e-6) and terms["rec"].item() == pytest.approx(perceptual)
     assert terms["rec"].item() == pytest.approx(sum(terms[f"rec_{n}"].item() for n in PAPER_123), rel=1e-6)
     assert terms["total"].item() == pytest.approx(0.3 * kl + 0.8 * perceptual, rel=1e-6)
@@ -117,7 +127,7 @@ def test_vgg_frozen_absent_from_optimizer_and_unchanged_by_a_step(loss123):
     assert not vgg_ids & {id(p) for group in optimizer.param_groups for p in group["params"]}
     x = torch.rand(4, 3, 32, 32)
     loss123.train()  # asking for train mode must not leave eval mode
-    assert not loss123.vgg.training
+    assert not loss123.features.training
     x_hat, mu, logvar = model(x)
     vae_loss(x, x_hat, mu, logvar, 1.0, 0.8, loss123)["total"].backward()
     optimizer.step()
@@ -164,7 +174,8 @@ def test_compiled_loss_matches_eager_values_and_gradient():
     x, x_hat = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
     results = []
     for compiled in (False, True):
-        cfg = LossConfig(vgg_weights="random", vgg_seed=2, feature_scale=3.0, compile=compiled)
+        cfg = LossConfig(network_weights="random", network_seed=2, feature_scale=3.0, compile=compiled,
+                         layers=PAPER_123)
         loss = FeaturePerceptualLoss.from_config(cfg, torch.device("cpu"))
         assert (loss._compiled_call_impl is not None) == compiled
         leaf = x_hat.clone().requires_grad_(True)
@@ -175,10 +186,10 @@ def test_compiled_loss_matches_eager_values_and_gradient():
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
 
 
-def test_vgg_dtype_auto_is_fp32_on_cpu():
+def test_network_dtype_auto_is_fp32_on_cpu():
     from dfcvae_dist.config import LossConfig
 
-    loss = FeaturePerceptualLoss.from_config(LossConfig(vgg_weights="random"), torch.device("cpu"))
+    loss = FeaturePerceptualLoss.from_config(LossConfig(network_weights="random", layers=PAPER_123), torch.device("cpu"))
     assert loss.dtype == torch.float32
 
 
@@ -201,7 +212,7 @@ def test_local_weight_file_full_or_features_only(tmp_path):
         assert source == f"file:{tmp_path / name}"
         assert torch.equal(loaded.features[28].weight, model.features[28].weight)
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(UserError, match="bad.pth: does not match torchvision's VGG19"):
+    with pytest.raises(UserError, match="bad.pth: does not match torchvision's vgg19"):
         load_vgg19(str(tmp_path / "bad.pth"))
     with pytest.raises(UserError, match="neither imagenet, random nor an existing file"):
         load_vgg19(str(tmp_path / "nope.pth"))
@@ -216,26 +227,14 @@ def test_malicious_weight_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"features.0.weight": Boom()}, f)
-    with pytest.raises(UserError, match="evil.pth: not a loadable VGG19 state dict"):
+    with pytest.raises(UserError, match="evil.pth: not a loadable vgg19 state dict"):
         load_vgg19(str(tmp_path / "evil.pth"))
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_imagenet_weights_not_cached_and_not_downloadable_is_one_line_saying_which_file_where(tmp_path, monkeypatch):
-    """An empty hub and a download that fails whatever the machine's network: every proxy variable points at a
-    loopback port that is bound but never listens, so the connection is refused."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    # urlopen builds its opener, proxies included, on first use and keeps it: give this test its own, so the
-    # refused proxy neither depends on earlier tests nor outlives this one
-    monkeypatch.setattr(urllib.request, "_opener", None)
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-            monkeypatch.setenv(name, f"http://127.0.0.1:{closed.getsockname()[1]}")
-        with pytest.raises(UserError) as err:
-            load_vgg19("imagenet")
+def test_imagenet_weights_not_cached_and_not_downloadable_is_one_line_saying_which_file_where(unreachable_hub):
+    with pytest.raises(UserError) as err:
+        load_vgg19("imagenet")
     message = str(err.value)
-    assert "vgg19-dcbb9e9d.pth" in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "vgg19-dcbb9e9d.pth" in message and str(unreachable_hub) in message
     assert "tools/fetch_vgg19.py" in message and "Connection refused" in message and "\n" not in message

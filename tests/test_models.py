@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from dfcvae_dist.config import ModelConfig
-from dfcvae_dist.models import DCGAN, VAE, build_model
+from dfcvae_dist.families import get_family
+from dfcvae_dist.models import DCGAN, VAE
 from dfcvae_dist.models.vae import EdgePad
 
 
@@ -59,12 +60,12 @@ def test_dcgan_64():
 
 def test_normal_init_and_default_init():
     torch.manual_seed(0)
-    normal = build_model(ModelConfig(name="dfcvae", init="normal"))
-    default = build_model(ModelConfig(name="dfcvae", init="default"))
+    normal = get_family("dfcvae").build_model(ModelConfig(name="dfcvae", init="normal"))
+    default = get_family("dfcvae").build_model(ModelConfig(name="dfcvae", init="default"))
     w = normal.encoder.features[3].weight
     assert abs(w.std().item() - 0.02) < 0.002 and normal.encoder.features[0].bias.abs().max() == 0
     assert abs(default.encoder.features[3].weight.std().item() - 0.02) > 0.005
-    assert isinstance(build_model(ModelConfig(name="dcgan", base_channels=64)), DCGAN)
+    assert isinstance(get_family("dcgan").build_model(ModelConfig(name="dcgan", base_channels=64)), DCGAN)
 
 
 def test_edge_pad_matches_replication_pad_in_values_and_gradients():

@@ -67,7 +67,7 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_d
     train(tmp_path, shard_dir, run_dir, "train.max_steps=40", "checkpoint.every_steps=20", "log.image_every_steps=20",
           "train.val_every_steps=20")
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
-    assert summary["step"] == 40 and summary["vgg_weights"] == "random(seed=0)"
+    assert summary["step"] == 40 and summary["feature_weights"] == "random(seed=0)"
     ckpt = run_dir / "checkpoints" / "step-00000040"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert summary["config_digest"] == state["config_digest"] and 0 < state["wall_time_s"] <= summary["wall_time_s"]
@@ -85,7 +85,7 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_d
     client = mlflow_client(tmp_path)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["loss.layers"] == "['relu1_2', 'relu2_1', 'relu3_1']"
-    assert run.data.tags["vgg_weights_random"] == "True" and run.data.tags["world_size"] == "1"
+    assert run.data.tags["feature_network_random"] == "True" and run.data.tags["world_size"] == "1"
     history = [m.value for m in client.get_metric_history(run.info.run_id, "train/total")]
     assert len(history) == 40 and sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5  # the loss falls
     for name in ("train/kl", "train/rec_perceptual", "train/rec_perceptual/relu1_2", "train/lr", "train/img_per_s",
@@ -220,11 +220,11 @@ def test_baselines_train_in_the_same_loop(tmp_path, shard_dir, model):
     train(tmp_path, shard_dir, run_dir, f"model.name={model}", "train.max_steps=6", "log.image_every_steps=3",
           "train.deterministic=true", *extra)  # deterministic kernels exist for every op of both families
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
-    assert summary["step"] == 6 and summary["vgg_weights"] == "none"
+    assert summary["step"] == 6 and summary["feature_weights"] == "none"
     client = mlflow_client(tmp_path)
     assert len(client.get_metric_history(summary["mlflow_run_id"], "train/total")) == 6
     run = client.get_run(summary["mlflow_run_id"])
-    assert not {"loss.layers", "loss.vgg_weights", "loss.feature_scale"} & set(run.data.params)  # no VGG in either
+    assert not {"loss.layers", "loss.network_weights", "loss.feature_scale"} & set(run.data.params)  # no VGG in either
     if model == "pvae":
         assert len(client.get_metric_history(run.info.run_id, "train/rec_pixel")) == 6
         assert image_steps(client, run.info.run_id) == {"reconstructions": [3, 6], "samples": [3, 6]}
@@ -251,7 +251,7 @@ def test_resume_from_a_path_or_none_and_pruning_to_keep(tmp_path, shard_dir):
     # A checkpoint written before TrainerState existed still resumes (its position read from micro_batches).
     state = json.loads((checkpoints / "step-00000003" / "trainer_state.json").read_text())
     old = {k: state[k] for k in ("step", "world_size", "batches_per_epoch", "mlflow_run_id", "config_digest", "model",
-                                 "skipped_steps", "vgg_weights")}
+                                 "skipped_steps", "feature_weights")}
     old.update(epoch=0, samples_seen=48, micro_batches=3)
     (checkpoints / "step-00000003" / "trainer_state.json").write_text(json.dumps(old))
     other = tmp_path / "other"
@@ -266,15 +266,22 @@ def test_resume_from_a_path_or_none_and_pruning_to_keep(tmp_path, shard_dir):
         f"error: [rank 0] train.resume: {tmp_path / 'nothing'} is not a complete checkpoint (no trainer_state.json)"
 
 
-def test_precision_comes_from_the_launcher_and_is_recorded(tmp_path, shard_dir):
+def test_precision_comes_from_the_launcher_is_recorded_and_a_resume_in_another_is_refused(tmp_path, shard_dir):
     """`accelerate launch --mixed_precision bf16` exports ACCELERATE_MIXED_PRECISION=bf16; the default
-    train.mixed_precision=auto takes it (a small pixel VAE: bf16 is slow on this CPU)."""
+    train.mixed_precision=auto takes it (a small pixel VAE: bf16 is slow on this CPU). The trainer leaves the
+    config as given (auto) and records the precision it resolved in the checkpoint."""
     run_dir = tmp_path / "run"
     proc = train(tmp_path, shard_dir, run_dir, "model.name=pvae", "train.max_steps=1",
                  env={"ACCELERATE_MIXED_PRECISION": "bf16"})
-    assert "precision bf16" in proc.stderr and "mixed_precision: bf16" in (run_dir / "config.yaml").read_text()
-    run = mlflow_client(tmp_path).get_run(json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"])
+    assert "precision bf16" in proc.stderr and "mixed_precision: auto" in (run_dir / "config.yaml").read_text()
+    summary = json.loads((run_dir / "COMPLETED.json").read_text())
+    assert json.loads((Path(summary["checkpoint"]) / "trainer_state.json").read_text())["precision"] == "bf16"
+    run = mlflow_client(tmp_path).get_run(summary["mlflow_run_id"])
     assert run.data.tags["precision"] == "bf16"
+    proc = train(tmp_path, shard_dir, run_dir, "model.name=pvae", "train.max_steps=2", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: [rank 0] {summary['checkpoint']}: trained in precision bf16, this launch resolves no: resume with "
+        "--mixed_precision bf16 (or train.mixed_precision=bf16), or start a new run")
 
 
 def test_shards_of_another_image_size_are_named_before_any_step(tmp_path, shard_dir):

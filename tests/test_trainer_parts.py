@@ -12,13 +12,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from dfcvae_dist.config import LossConfig, ModelConfig, OptimConfig
+from dfcvae_dist.config import load_config
+from dfcvae_dist.distributed import resolve_precision
 from dfcvae_dist.errors import UserError
+from dfcvae_dist.families import get_family
 from dfcvae_dist.rundir import STATE_FILE, find_checkpoint
 from dfcvae_dist.training.checkpoint import Checkpointer
-from dfcvae_dist.config import TrainConfig
-from dfcvae_dist.distributed import resolve_precision
-from dfcvae_dist.training.recipes import GANRecipe, LossHealth, NonFiniteLoss, VAERecipe
+from dfcvae_dist.training.recipes import LossHealth, NonFiniteLoss
 from dfcvae_dist.training.state import TrainerState
 
 
@@ -30,6 +30,13 @@ def accelerator():
     yield make
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def recipe(acc, family: str, policy: str = "stop", *overrides: str):
+    """`family`'s recipe for 32x32 images (random loss-network weights), as the trainer builds it."""
+    cfg = load_config(None, [f"model.name={family}", "model.image_size=32", "train.batch_size=4",
+                             "loss.network_weights=random", *overrides])
+    return get_family(family).build_recipe(cfg, acc, LossHealth(acc, policy), torch.contiguous_format)
 
 
 def test_trainer_state_rolls_over_to_the_next_epoch_and_round_trips_through_json():
@@ -44,10 +51,12 @@ def test_trainer_state_rolls_over_to_the_next_epoch_and_round_trips_through_json
 
 def test_trainer_state_reads_the_files_written_before_it_existed():
     old = {"step": 7, "epoch": 1, "world_size": 2, "samples_seen": 448, "micro_batches": 14, "batches_per_epoch": 10,
-           "mlflow_run_id": "abc", "config_digest": "d", "model": "pvae", "skipped_steps": 1, "vgg_weights": "none"}
+           "mlflow_run_id": "abc", "config_digest": "d", "model": "pvae", "skipped_steps": 1,
+           "vgg_weights": "random(seed=1)"}
     state = TrainerState.from_dict(old)
     assert (state.step, state.grad_accum, state.epoch, state.batch_in_epoch) == (7, 2, 1, 4)
     assert (state.world_size, state.mlflow_run_id, state.model, state.skipped_steps) == (2, "abc", "pvae", 1)
+    assert (state.feature_weights, state.precision) == ("random(seed=1)", "")  # the precision was in the config
 
 
 def test_checkpointer_is_due_at_its_interval_and_at_the_last_step():
@@ -79,49 +88,61 @@ def test_resume_auto_falls_back_to_the_newest_complete_checkpoint_when_latest_is
 def test_a_nonfinite_micro_batch_skips_the_whole_accumulated_step(accelerator):
     torch.manual_seed(0)
     acc = accelerator(grad_accum=2)
-    recipe = VAERecipe(acc, ModelConfig(name="pvae", image_size=32), LossConfig(), OptimConfig(), LossHealth(acc, "skip"),
-                       TrainConfig(batch_size=4, grad_accum=2), torch.contiguous_format)
-    params = {k: v.detach().clone() for k, v in recipe.model.named_parameters()}
+    pvae = recipe(acc, "pvae", "skip", "train.grad_accum=2")
+    params = {k: v.detach().clone() for k, v in pvae.model.named_parameters()}
     nan, good = torch.full((4, 3, 32, 32), float("nan")), torch.rand(4, 3, 32, 32)
-    result = recipe.train_step([nan, good], step=1)
+    result = pvae.train_step([nan, good], step=1)
     assert result.skipped and not result.metrics
-    assert all(torch.equal(params[k], v) for k, v in recipe.model.named_parameters())  # no update from half a step
-    result = recipe.train_step([good, good], step=2)
+    assert all(torch.equal(params[k], v) for k, v in pvae.model.named_parameters())  # no update from half a step
+    result = pvae.train_step([good, good], step=2)
     assert not result.skipped and set(result.metrics) >= {"kl", "rec_pixel", "total", "grad_norm"}
-    assert not all(torch.equal(params[k], v) for k, v in recipe.model.named_parameters())
+    assert not all(torch.equal(params[k], v) for k, v in pvae.model.named_parameters())
 
 
-@pytest.mark.parametrize("family", ["pvae", "dcgan"])
+@pytest.mark.parametrize("family", ["pvae", "dcgan", "dfcvae-gan"])
 def test_an_fp16_scaler_overflow_skips_the_step_without_tripping_the_loss_health_check(accelerator, family):
     # accelerate gives CPU no GradScaler; CUDA fp16 does (tests/test_gpu.py): the same scaler, made to overflow here
     acc = accelerator()
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # before prepare: the optimizers take it
-    model_cfg = ModelConfig(name=family, image_size=32)
-    health = LossHealth(acc, "stop")
-    recipe = (GANRecipe(acc, model_cfg, OptimConfig(), health, TrainConfig(batch_size=4), torch.contiguous_format) if family == "dcgan" else
-              VAERecipe(acc, model_cfg, LossConfig(), OptimConfig(), health, TrainConfig(batch_size=4),
-                        torch.contiguous_format))
-    params = {k: v.detach().clone() for k, v in recipe.module.named_parameters()}
-    result = recipe.train_step([torch.rand(4, 3, 32, 32)], step=1)
+    trained = recipe(acc, family)
+    params = {k: v.detach().clone() for k, v in trained.module.named_parameters()}
+    result = trained.train_step([torch.rand(4, 3, 32, 32)], step=1)
     assert result.skipped and not result.metrics
-    assert all(torch.equal(params[k], v) for k, v in recipe.module.named_parameters())
-    assert acc.scaler.get_scale() < 2.0 ** 127 and not health.agree(stop_requested=False)  # no NonFiniteLoss
+    assert all(torch.equal(params[k], v) for k, v in trained.module.named_parameters())
+    assert acc.scaler.get_scale() < 2.0 ** 127 and not trained.health.agree(stop_requested=False)  # no NonFiniteLoss
     acc.scaler.update(1.0)
-    assert not recipe.train_step([torch.rand(4, 3, 32, 32)], step=2).skipped
+    assert not trained.train_step([torch.rand(4, 3, 32, 32)], step=2).skipped
 
 
-def test_dcgan_refuses_gradient_accumulation(accelerator):
-    acc = accelerator(grad_accum=2)
-    with pytest.raises(UserError, match="model.name=dcgan does not support train.grad_accum=2"):
-        GANRecipe(acc, ModelConfig(name="dcgan", image_size=32), OptimConfig(), LossHealth(acc, "stop"),
-                  TrainConfig(grad_accum=2), torch.contiguous_format)
+@pytest.mark.parametrize("family", ["dcgan", "dfcvae-gan"])
+def test_two_network_families_refuse_gradient_accumulation_when_the_config_loads(family):
+    with pytest.raises(UserError, match=f"model.name={family} does not support train.grad_accum=2"):
+        load_config(None, [f"model.name={family}", "train.grad_accum=2"])
+
+
+def test_a_dfcvae_gan_step_updates_the_vae_and_its_discriminator_each_with_its_own_optimizer(accelerator):
+    torch.manual_seed(0)
+    trained = recipe(accelerator(), "dfcvae-gan")
+    vae, discriminator = trained.module.vae, trained.module.discriminator
+    before = {name: {k: v.detach().clone() for k, v in net.named_parameters()}
+              for name, net in (("vae", vae), ("discriminator", discriminator))}
+    result = trained.train_step([torch.rand(4, 3, 32, 32)], step=1)
+    assert not result.skipped
+    assert set(result.metrics) == {"total", "kl", "rec_perceptual", "rec_perceptual/relu1_2", "rec_perceptual/relu2_1",
+                                   "rec_perceptual/relu3_1", "adversarial", "loss_d", "grad_norm"}
+    m = result.metrics
+    torch.testing.assert_close(m["total"], 1.0 * m["kl"] + 0.8 * m["rec_perceptual"] + 1.0 * m["adversarial"])
+    for name, net in (("vae", vae), ("discriminator", discriminator)):
+        assert any(not torch.equal(before[name][k], v) for k, v in net.named_parameters()), name
+    assert [len(o.param_groups[0]["params"]) for o in trained.optimizers] == \
+        [len(list(vae.parameters())), len(list(discriminator.parameters()))]
+    assert set(trained.weights()) == set(trained.module.state_dict())  # the checkpoint holds both networks
 
 
 def test_sync_bn_is_refused_on_cpu_with_its_reason(accelerator):
     acc = accelerator()
     with pytest.raises(UserError, match="train.sync_bn=true needs CUDA: torch's SyncBatchNorm works only with GPU"):
-        VAERecipe(acc, ModelConfig(name="pvae", image_size=32), LossConfig(), OptimConfig(), LossHealth(acc, "stop"),
-                  TrainConfig(sync_bn=True), torch.contiguous_format)
+        recipe(acc, "pvae", "stop", "train.sync_bn=true")
 
 
 def test_nonfinite_losses_are_noted_without_a_sync_and_named_when_ranks_agree(accelerator):

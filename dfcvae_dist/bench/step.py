@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dfcvae_dist.bench.timing import sustained_seconds
 from dfcvae_dist.imagenet import PAPER_LAYERS, imagenet_normalize
-from dfcvae_dist.losses import VGG19_LAYERS, FeaturePerceptualLoss, load_vgg19, vae_loss
+from dfcvae_dist.losses import FeaturePerceptualLoss, load_network, vae_loss
+from dfcvae_dist.losses.feature_networks import vgg_relu_nodes
 from dfcvae_dist.models import VAE, init_weights
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -25,9 +26,9 @@ class PlainReference(nn.Module):
 
     def __init__(self):
         super().__init__()
-        vgg, _ = load_vgg19("random", seed=0)
+        vgg, _ = load_network("vgg19", "random", seed=0)
         self.features = vgg.features.requires_grad_(False).eval()
-        self.taps = {VGG19_LAYERS[n] for n in PAPER_LAYERS["123"]}
+        self.taps = {int(vgg_relu_nodes("vgg19")[n].removeprefix("features.")) for n in PAPER_LAYERS["123"]}
 
     def taps_of(self, x):
         out, h = [], imagenet_normalize(x)
@@ -44,7 +45,7 @@ class PlainReference(nn.Module):
 def train_step(device: torch.device, batch: int, size: int, precision: str = "fp32", compiled: bool = False,
                plain: bool = False) -> Callable[[], None]:
     """One optimizer step of a 64-channel-base VAE on a fixed random batch. Ours: loss network in
-    `precision` (the trainer's loss.vgg_dtype), the model under autocast (its train.mixed_precision; fp16
+    `precision` (the trainer's loss.network_dtype), the model under autocast (its train.mixed_precision; fp16
     with a gradient scaler), everything channels-last. Plain: the reference loss in fp32, contiguous."""
     torch.manual_seed(0)
     dtype = PRECISIONS[precision]

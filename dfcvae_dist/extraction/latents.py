@@ -16,7 +16,7 @@ from torch import nn
 from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader, model_input
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.imagenet import imagenet_normalize
-from dfcvae_dist.losses.perceptual import load_vgg19
+from dfcvae_dist.losses.feature_networks import load_network
 from dfcvae_dist.rundir import atomic_path
 
 ARRAYS = ("keys", "mu", "logvar", "attrs", "partition")
@@ -27,7 +27,7 @@ class VGGFc7(nn.Module):
 
     def __init__(self, weights: str = "imagenet", seed: int = 0):
         super().__init__()
-        vgg, self.weights_source = load_vgg19(weights, seed)
+        vgg, self.weights_source = load_network("vgg19", weights, seed)
         self.features, self.avgpool, self.fc7 = vgg.features, vgg.avgpool, vgg.classifier[:5]
         self.eval().requires_grad_(False)
 

@@ -1,4 +1,4 @@
-"""The VAE objective: alpha * KL + beta * reconstruction (feature perceptual or pixel)."""
+"""The VAE objective: alpha * KL + beta * reconstruction (feature perceptual, pixel, or a family's own)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,14 @@ def pixel_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(x_hat.float(), x.float(), reduction="sum") / x.shape[0]
 
 
-def vae_loss(x, x_hat, mu, logvar, alpha: float, beta: float, perceptual=None) -> dict[str, torch.Tensor]:
-    """Loss terms for logging plus `total`: perceptual losses per layer when a loss network is given
-    (DFC-VAE), otherwise the pixel loss (PVAE)."""
+def vae_loss(x, x_hat, mu, logvar, alpha: float, beta: float, reconstruction=pixel_loss) -> dict[str, torch.Tensor]:
+    """Loss terms for logging plus `total`. `reconstruction(x, x_hat)` gives the reconstruction term, or its
+    named parts (the feature perceptual loss's layers: `rec_<layer>`, summed into `rec`)."""
     terms = {"kl": kl_divergence(mu, logvar)}
-    if perceptual is not None:
-        layers = perceptual(x, x_hat)
-        terms.update({f"rec_{name}": value for name, value in layers.items()})
-        terms["rec"] = sum(layers.values())
-    else:
-        terms["rec"] = pixel_loss(x, x_hat)
+    rec = reconstruction(x, x_hat)
+    if isinstance(rec, dict):
+        terms.update({f"rec_{name}": value for name, value in rec.items()})
+        rec = sum(rec.values())
+    terms["rec"] = rec
     terms["total"] = alpha * terms["kl"] + beta * terms["rec"]
     return terms

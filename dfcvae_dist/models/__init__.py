@@ -1,14 +1,14 @@
-"""Models built from `ModelConfig`: DFC-VAE and PVAE share `VAE`; DCGAN is a generator/discriminator pair."""
+"""The networks: DFC-VAE, PVAE and dfcvae-gan share `VAE`; DCGAN is a generator/discriminator pair. Each model family
+(`dfcvae_dist/families/`) builds its own from them."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from dfcvae_dist.config import ModelConfig
 from dfcvae_dist.models.dcgan import DCGAN, Discriminator, Generator
 from dfcvae_dist.models.vae import VAE, Decoder, Encoder
 
-__all__ = ["VAE", "Encoder", "Decoder", "DCGAN", "Generator", "Discriminator", "build_model", "init_weights"]
+__all__ = ["VAE", "Encoder", "Decoder", "DCGAN", "Generator", "Discriminator", "init_weights"]
 
 
 def init_weights(model: nn.Module, scheme: str) -> nn.Module:
@@ -25,11 +25,3 @@ def init_weights(model: nn.Module, scheme: str) -> nn.Module:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
     return model
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    if cfg.name == "dcgan":
-        model = DCGAN(cfg.latent_dim, cfg.base_channels, cfg.image_size)
-    else:
-        model = VAE(cfg.image_size, cfg.latent_dim, cfg.base_channels)
-    return init_weights(model, cfg.init)

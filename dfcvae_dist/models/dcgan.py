@@ -57,5 +57,9 @@ class DCGAN(nn.Module):
         self.generator = Generator(latent_dim, base_channels, image_size)
         self.discriminator = Discriminator(base_channels, image_size)
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The generator's images of latents z, (N, latent_dim) or (N, latent_dim, 1, 1)."""
+        return self.generator(z)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.generator.sample(n, generator)

@@ -1,9 +1,9 @@
 """The paper's Figures 3 and 4 for a comparison: one labelled row per model, small images upscaled with
 nearest neighbours so their pixels stay visible.
 
-samples.png          random samples; every VAE decodes the SAME z (one seed, one latent size), the DCGAN
+samples.png          random samples; every VAE decodes the SAME z (one seed, one latent size), a GAN's
                      generator draws its own z from the same seed (a different latent space)
-reconstructions.png  the same test faces (top row) through each VAE, from the mean latent
+reconstructions.png  the same test faces (top row) through each model that encodes, from the mean latent
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
 from dfcvae_dist.errors import UserError
+from dfcvae_dist.families import get_family
 from dfcvae_dist.inference import decode, encode, load_trained, sample
 
 MIN_CELL_PX = 64
@@ -62,7 +63,7 @@ def first_models(tasks, problems: list[str]) -> list[tuple[str, torch.nn.Module,
 
 
 def samples_rows(models, seed: int) -> list[tuple[str, torch.Tensor]]:
-    return [(name if cfg.model.name != "dcgan" else f"{name} (own z)", sample(model, COLUMNS, seed))
+    return [(get_family(cfg.model.name).samples_label(name), sample(model, COLUMNS, seed))
             for name, model, cfg in models]
 
 
@@ -86,7 +87,7 @@ def comparison_figures(tasks, out: Path, shards: str | None, seed: int = 0) -> t
     figures = {}
     if models:
         figures["samples"] = labelled_grid(samples_rows(models, seed), out / "samples.png")
-    vaes = [m for m in models if m[2].model.name != "dcgan"]
+    vaes = [m for m in models if get_family(m[2].model.name).encodes]
     if vaes:
         shards = shards or vaes[0][2].data.shards
         try:

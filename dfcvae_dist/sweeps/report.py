@@ -22,6 +22,7 @@ import yaml
 
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.evaluation.paper_table import PAPER_AVERAGES, PAPER_TABLE1
+from dfcvae_dist.families import family_names, get_family
 from dfcvae_dist.rundir import DONE_MARKER, RESUME_MARKER, atomic_write
 
 SVM_FILE = Path("eval/svm/svm_report.json")
@@ -31,7 +32,6 @@ SVM_MEANS = ("mean_accuracy", "mean_balanced_accuracy", "mean_majority", "focus_
 LATENT_KEYS = ("kl_per_image", "active_units")
 QUALITY_METRICS = ("mse", "ssim", "ms_ssim", "lpips", "blur_ratio", "perceptual_distance", "fid", "fid_samples")
 COST_KEYS = ("wall_time_s", "img_per_s")
-VAE_FAMILIES = ("dfcvae", "pvae")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class ReportTask:
 
     name: str
     run_name: str
-    family: str  # model.name: dfcvae, pvae or dcgan
+    family: str  # model.name ("unknown" where the run directory has no config.yaml)
     run_dir: Path
     status: str  # finished, running, incomplete, not started
 
@@ -98,8 +98,17 @@ def sweep_tasks(path: Path) -> tuple[list[ReportTask], dict]:
     return tasks, {"title": f"Sweep {sweep.name}", "shards": shards, "parent": parent}
 
 
+def encodes(family: str) -> bool:
+    """The family has an encoder, so its tasks have an SVM report (False for an unknown family)."""
+    return family in family_names() and get_family(family).encodes
+
+
+def in_paper(family: str) -> bool:
+    return family in family_names() and get_family(family).in_paper
+
+
 def expected_files(task: ReportTask) -> list[Path]:
-    return [Path(DONE_MARKER), QUALITY_FILE, *([SVM_FILE] if task.family in VAE_FAMILIES else [])]
+    return [Path(DONE_MARKER), QUALITY_FILE, *([SVM_FILE] if encodes(task.family) else [])]
 
 
 def missing_files(task: ReportTask) -> list[str]:
@@ -287,7 +296,9 @@ def svm_section(runs: dict) -> list[str]:
         return lines + ["No finished VAE task has an SVM report.", ""]
     names = list(next(iter(columns.values()))["per_attribute"])
     paper = PAPER_TABLE1 if len(names) == 40 else {}  # the paper's columns are in CelebA's 40-attribute order
-    header = ["attribute", *(f"{name} (n={svm['n']})" for name, svm in columns.items()), *paper]
+    extras = {name for name in columns if not in_paper(runs[name]["family"])}
+    header = ["attribute", *(f"{name}{' ‡' if name in extras else ''} (n={svm['n']})" for name, svm in columns.items()),
+              *paper]
     rows = []
     for i, attribute in enumerate(names):
         stats = [svm["per_attribute"].get(attribute) for svm in columns.values()]
@@ -306,6 +317,8 @@ def svm_section(runs: dict) -> list[str]:
     note = ("Beside the paper's Table 1 (FaceTracer, PANDA-w, PANDA-l, LNets+ANet, VAE-Z, VGG-FC); the comparison "
             "means something only on real CelebA with ImageNet VGG19 weights. `†`: left out of the means in at least "
             "one seed (one class in its train or test split). Averages are over the attributes each seed counted.")
+    if extras:
+        note += " `‡`: a model family the paper did not train (an extra run beside its comparison)."
     return lines + table(header, rows) + ["", note, ""]
 
 

@@ -1,25 +1,26 @@
-"""One recipe per model family. A recipe prepares its modules and optimizers with accelerate, takes one
-optimizer step over `grad_accum` micro-batches, gives its weights and decodes samples, so the trainer's
-loop never asks which model it trains.
+"""Training steps. A model family (`dfcvae_dist/families/`) builds its model and one of these recipes: a `Recipe`
+prepares its modules and optimizers with accelerate, takes one optimizer step over `grad_accum` micro-batches,
+gives its weights and decodes samples, so the trainer's loop never asks which model it trains.
 
-- `VAERecipe`: DFC-VAE (feature perceptual loss on a frozen VGG19 that is never prepared, wrapped or
-  saved) and PVAE (pixel loss).
+- `VAERecipe`: a VAE with a reconstruction loss, either the feature perceptual loss on a frozen feature network
+  that is never prepared, wrapped or saved (DFC-VAE), or the pixel loss (PVAE).
+- `VAEGANRecipe`: a VAE recipe plus a discriminator on images against reconstructions and samples (dfcvae-gan).
 - `GANRecipe`: DCGAN, one discriminator and one generator step per batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import DistributedType
 
-from dfcvae_dist.config import Config, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from dfcvae_dist.config import Config, OptimConfig
 from dfcvae_dist.data.loader import EvalStream, make_loader, model_input
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.losses import FeaturePerceptualLoss, discriminator_loss, generator_loss, vae_loss
-from dfcvae_dist.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepResult:
     """What one optimizer step gives the loop: detached scalar metrics (device tensors: reading them is the
-    loop's choice, at log steps only), the last micro-batch's images, and whether the step was skipped."""
+    loop's choice, at log steps only), and whether the step was skipped."""
 
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-    images: tuple[torch.Tensor, torch.Tensor] | None = None  # (inputs, reconstructions or fakes)
     skipped: bool = False
 
 
@@ -132,34 +132,96 @@ def set_lr(optimizers, lr: float) -> None:
             group["lr"] = lr
 
 
-def metric_name(term: str, pixel: bool) -> str:
-    """The logged name of a loss term, saying what the reconstruction term measures: `rec_pixel` (PVAE),
-    `rec_perceptual` (DFC-VAE, the sum over layers) and `rec_perceptual/<layer>`."""
+def metric_name(term: str, rec_metric: str) -> str:
+    """The logged name of a loss term, saying what the reconstruction term measures: `rec` is `rec_metric`
+    (`rec_pixel`, `rec_perceptual`), a per-layer term `rec_<layer>` is `<rec_metric>/<layer>`."""
     if term == "rec":
-        return "rec_pixel" if pixel else "rec_perceptual"
+        return rec_metric
     if term.startswith("rec_"):
-        return "rec_perceptual/" + term.removeprefix("rec_")
+        return f"{rec_metric}/{term.removeprefix('rec_')}"
     return term
 
 
-class VAERecipe:
-    validates = True
+def check_deepspeed_single_model(accelerator, family: str) -> None:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UserError(f"model.name={family} is not supported under DeepSpeed (two models, two optimizers); use DDP "
+                        "(an accelerate config without deepspeed)")
 
-    def __init__(self, accelerator, model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig,
-                 health: LossHealth, train_cfg: TrainConfig, memory_format: torch.memory_format):
-        self.accelerator, self.loss_cfg, self.optim_cfg = accelerator, loss_cfg, optim_cfg
-        self.health, self.memory_format = health, memory_format
-        self.model_config = vars(model_cfg).copy()
-        self.perceptual = None
-        if model_cfg.name == "dfcvae":
-            with accelerator.main_process_first():  # the main process fetches ImageNet weights, the others read the cache
-                self.perceptual = FeaturePerceptualLoss.from_config(loss_cfg, accelerator.device).to(
-                    memory_format=memory_format)
+
+def adam(module: torch.nn.Module, optim_cfg: OptimConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(module.parameters(), optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                            weight_decay=optim_cfg.weight_decay)
+
+
+@contextlib.contextmanager
+def eval_mode(net: torch.nn.Module):
+    """`net` in eval mode (batch norm from its running statistics), back in its former mode after."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+class Recipe:
+    """What the trainer's loop asks of a family's training step.
+
+    - `optimizers`: every optimizer (the loop sets their learning rate per epoch);
+    - `module`: the whole trained model, unwrapped (its parameters are what a rank records);
+    - `model_config`: the model section of the config, stored beside the weights;
+    - `feature_network`: the frozen loss network, or None;
+    - `train_step(micro_batches, step)`, `weights()`, `decode(z)`; encoders also `reconstruct(images)`,
+      validating families `validation_loss(...)`."""
+
+    optimizers: list[torch.optim.Optimizer]
+    model_config: dict
+    feature_network = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def train_step(self, micro_batches: list[torch.Tensor], step: int) -> StepResult:
+        raise NotImplementedError
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.accelerator.get_state_dict(self.module)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images of latents `z`, the model in eval mode (and back in its mode after)."""
+        with eval_mode(self.generator_for_images()) as net:
+            return net.decode(z.to(self.accelerator.device))
+
+    def generator_for_images(self) -> torch.nn.Module:
+        """The module whose `decode` (and `encode`, for encoders) draw the run's images."""
+        return self.accelerator.unwrap_model(self.module)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Images through the encoder's mean and the decoder, in eval mode."""
+        with eval_mode(self.generator_for_images()) as net:
+            mu, _ = net.encode(images.to(self.accelerator.device).contiguous(memory_format=self.memory_format))
+            return net.decode(mu)
+
+
+class VAERecipe(Recipe):
+    """`model` (a VAE) trained on alpha x KL + beta x `reconstruction(x, x_hat)` (`losses.vae_loss`): e.g. a
+    `FeaturePerceptualLoss` or `losses.pixel_loss`. `rec_metric` names the reconstruction term in the metrics."""
+
+    def __init__(self, cfg: Config, accelerator, health: LossHealth, memory_format: torch.memory_format,
+                 model: torch.nn.Module, reconstruction, rec_metric: str):
+        train_cfg, optim_cfg = cfg.train, cfg.optim
+        self.accelerator, self.loss_cfg, self.optim_cfg = accelerator, cfg.loss, optim_cfg
+        self.health, self.memory_format, self.rec_metric = health, memory_format, rec_metric
+        self.model_config = vars(cfg.model).copy()
+        self.reconstruction = reconstruction
+        self.feature_network = reconstruction.features if isinstance(reconstruction, FeaturePerceptualLoss) else None
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        model = build_model(model_cfg).to(memory_format=torch.contiguous_format if deepspeed else memory_format)
+        model = model.to(memory_format=torch.contiguous_format if deepspeed else memory_format)
         model = prepare_batch_norm(model, accelerator, train_cfg.sync_bn, train_cfg.batch_size)
-        optimizer = torch.optim.Adam(model.parameters(), optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                                     weight_decay=optim_cfg.weight_decay)
+        optimizer = adam(model, optim_cfg)
         if deepspeed:  # ZeRO cannot flatten channels-last parameters
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
             check_deepspeed(accelerator, train_cfg.grad_accum, optim_cfg.grad_clip, train_cfg.on_nonfinite)
@@ -167,16 +229,13 @@ class VAERecipe:
         self.optimizers = [self.optimizer]
 
     @property
-    def weights_source(self) -> str:
-        return self.perceptual.weights_source if self.perceptual is not None else "none"
-
-    @property
     def module(self) -> torch.nn.Module:
         return self.model
 
     def losses(self, x: torch.Tensor, model=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         x_hat, mu, logvar = (model or self.model)(x)
-        return vae_loss(x, x_hat, mu, logvar, self.loss_cfg.alpha, self.loss_cfg.beta, self.perceptual), x_hat
+        terms = vae_loss(x, x_hat, mu, logvar, self.loss_cfg.alpha, self.loss_cfg.beta, self.reconstruction)
+        return {metric_name(term, self.rec_metric): value for term, value in terms.items()}, x_hat
 
     def train_step(self, micro_batches: list[torch.Tensor], step: int) -> StepResult:
         """One optimizer step; skipped as a whole (no update) when any micro-batch's loss is non-finite
@@ -184,13 +243,12 @@ class VAERecipe:
         acc, sums, skipped = self.accelerator, {}, False
         for x in micro_batches:
             with acc.accumulate(self.model):
-                terms, x_hat = self.losses(x)
+                terms, _ = self.losses(x)
                 if not self.health.finite(terms["total"], step):
                     skipped = True
                     continue
                 acc.backward(terms["total"])
-            for term, value in terms.items():
-                name = metric_name(term, pixel=self.perceptual is None)
+            for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach() / len(micro_batches)
         if not skipped:
             norm = clip_or_norm(acc, self.model, self.optim_cfg.grad_clip)  # None under DeepSpeed before its first step
@@ -200,61 +258,97 @@ class VAERecipe:
         if not skipped:
             skipped = not optimizer_stepped(acc, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult({} if skipped else sums, (x, x_hat.detach()), skipped)
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.accelerator.get_state_dict(self.model)
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        net = self.accelerator.unwrap_model(self.model)
-        was_training = net.training
-        net.eval()
-        images = net.decode(z.to(self.accelerator.device))
-        net.train(was_training)
-        return images
+        return StepResult({} if skipped else sums, skipped)
 
     @torch.no_grad()
     def validation_loss(self, source, batch_size: int, max_batches: int, skip_corrupt: bool = False) -> float:
         """Mean total loss over the first `max_batches` batches of the val split on every rank."""
         acc = self.accelerator
-        net = acc.unwrap_model(self.model)
-        net.eval()
         total = torch.zeros(2, device=acc.device)
         stream = EvalStream(source, batch_size, acc.process_index, acc.num_processes, skip_corrupt)
-        for i, batch in enumerate(make_loader(stream, 0)):
-            if i >= max_batches:
-                break
-            x = model_input(batch["image"], acc.device, self.memory_format)
-            terms, _ = self.losses(x, net)
-            total += torch.stack([terms["total"] * x.shape[0], torch.tensor(float(x.shape[0]), device=x.device)])
-        net.train()
+        with eval_mode(acc.unwrap_model(self.model)) as net:
+            for i, batch in enumerate(make_loader(stream, 0)):
+                if i >= max_batches:
+                    break
+                x = model_input(batch["image"], acc.device, self.memory_format)
+                terms, _ = self.losses(x, net)
+                total += torch.stack([terms["total"] * x.shape[0], torch.tensor(float(x.shape[0]), device=x.device)])
         total = acc.reduce(total, reduction="sum")
         return (total[0] / total[1].clamp(min=1)).item()
 
 
-class GANRecipe:
-    validates = False
-    weights_source = "none"
-    perceptual = None
+def adversarial_update(recipe, loss: torch.Tensor, net, optimizer, step: int) -> torch.Tensor | None:
+    """One update of `net` on `loss` (zero, backward, clip, step); its gradient norm, or None when the step is
+    skipped (a non-finite loss under policy `skip`, non-finite gradients, or an fp16 overflow)."""
+    if not recipe.health.finite(loss, step):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    recipe.accelerator.backward(loss)
+    norm = clip_or_norm(recipe.accelerator, net, recipe.optim_cfg.grad_clip)
+    if not gradients_finite(recipe.accelerator, recipe.health, norm, step):
+        return None
+    return norm if optimizer_stepped(recipe.accelerator, optimizer) else None
 
-    def __init__(self, accelerator, model_cfg: ModelConfig, optim_cfg: OptimConfig, health: LossHealth,
-                 train_cfg: TrainConfig, memory_format: torch.memory_format):
-        grad_accum = train_cfg.grad_accum
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise UserError("model.name=dcgan is not supported under DeepSpeed (two models, two optimizers); "
-                            "use DDP (an accelerate config without deepspeed)")
-        if grad_accum > 1:
-            raise UserError(f"model.name=dcgan does not support train.grad_accum={grad_accum}: its discriminator "
-                            "and generator step on every batch; raise train.batch_size instead")
-        self.accelerator, self.optim_cfg, self.health = accelerator, optim_cfg, health
-        self.model_config = vars(model_cfg).copy()
-        self.latent_dim = model_cfg.latent_dim
-        gan = build_model(model_cfg).to(memory_format=memory_format)
-        self.gan = prepare_batch_norm(gan, accelerator, train_cfg.sync_bn, train_cfg.batch_size)  # both networks, unwrapped
-        betas = (optim_cfg.beta1, optim_cfg.beta2)
+
+class VAEGANRecipe(VAERecipe):
+    """dfcvae-gan (Larsen et al.'s VAE/GAN, on the DFC-VAE objective): per batch, a discriminator step on images
+    against reconstructions and samples of N(0, I), then a VAE step on alpha x KL + beta x perceptual +
+    `loss.adversarial_weight` x the decoder's non-saturating GAN loss on the same reconstructions and samples.
+    `model` holds `vae` and `discriminator`; they are prepared apart, each with its own Adam."""
+
+    def __init__(self, cfg: Config, accelerator, health: LossHealth, memory_format: torch.memory_format,
+                 model: torch.nn.Module, reconstruction, rec_metric: str):
+        check_deepspeed_single_model(accelerator, cfg.model.name)
+        self.container = model
+        super().__init__(cfg, accelerator, health, memory_format, model.vae, reconstruction, rec_metric)
+        discriminator = prepare_batch_norm(model.discriminator.to(memory_format=memory_format), accelerator,
+                                           cfg.train.sync_bn, cfg.train.batch_size)
+        self.discriminator, self.opt_d = accelerator.prepare(discriminator, adam(discriminator, cfg.optim))
+        self.optimizers = [self.optimizer, self.opt_d]
+        self.adversarial_weight = cfg.loss.adversarial_weight
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.container
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.container.state_dict()
+
+    def generator_for_images(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def train_step(self, micro_batches: list[torch.Tensor], step: int) -> StepResult:
+        (x,) = micro_batches
+        terms, x_hat = self.losses(x)
+        z = torch.randn(x.shape[0], self.accelerator.unwrap_model(self.model).latent_dim, device=x.device)
+        fakes = torch.cat([x_hat, self.accelerator.unwrap_model(self.model).decode(z)])
+        logits = self.discriminator(torch.cat([x, fakes.detach()]))
+        loss_d = discriminator_loss(logits[: x.shape[0]], logits[x.shape[0]:])
+        if adversarial_update(self, loss_d, self.discriminator, self.opt_d, step) is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(skipped=True)
+        terms["adversarial"] = generator_loss(self.discriminator(fakes))
+        terms["total"] = terms["total"] + self.adversarial_weight * terms["adversarial"]
+        grad_norm = adversarial_update(self, terms["total"], self.model, self.optimizer, step)
+        if grad_norm is None:
+            return StepResult(skipped=True)
+        metrics = {**terms, "loss_d": loss_d, "grad_norm": grad_norm}
+        return StepResult({k: v.detach() for k, v in metrics.items()})
+
+
+class GANRecipe(Recipe):
+    """DCGAN: `model` holds `generator` and `discriminator`, prepared apart, each with its own Adam."""
+
+    def __init__(self, cfg: Config, accelerator, health: LossHealth, memory_format: torch.memory_format,
+                 model: torch.nn.Module):
+        check_deepspeed_single_model(accelerator, cfg.model.name)
+        self.accelerator, self.optim_cfg, self.health = accelerator, cfg.optim, health
+        self.model_config = vars(cfg.model).copy()
+        self.latent_dim = cfg.model.latent_dim
+        self.gan = prepare_batch_norm(model.to(memory_format=memory_format), accelerator, cfg.train.sync_bn,
+                                      cfg.train.batch_size)  # both networks, unwrapped
         nets = [self.gan.generator, self.gan.discriminator]
-        optimizers = [torch.optim.Adam(n.parameters(), optim_cfg.lr, betas=betas) for n in nets]
+        optimizers = [adam(n, cfg.optim) for n in nets]
         self.generator, self.discriminator, self.opt_g, self.opt_d = accelerator.prepare(*nets, *optimizers)
         self.optimizers = [self.opt_g, self.opt_d]
 
@@ -262,15 +356,11 @@ class GANRecipe:
     def module(self) -> torch.nn.Module:
         return self.gan
 
-    def _update(self, loss: torch.Tensor, net, optimizer, step: int) -> torch.Tensor | None:
-        if not self.health.finite(loss, step):
-            return None
-        optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        norm = clip_or_norm(self.accelerator, net, self.optim_cfg.grad_clip)
-        if not gradients_finite(self.accelerator, self.health, norm, step):
-            return None
-        return norm if optimizer_stepped(self.accelerator, optimizer) else None
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.gan.state_dict()
+
+    def generator_for_images(self) -> torch.nn.Module:
+        return self.gan
 
     def train_step(self, micro_batches: list[torch.Tensor], step: int) -> StepResult:
         """A discriminator step on real vs fake, then a generator step (non-saturating loss)."""
@@ -278,32 +368,11 @@ class GANRecipe:
         fake = self.generator(torch.randn(x.shape[0], self.latent_dim, device=x.device))
         logits = self.discriminator(torch.cat([x, fake.detach()]))
         loss_d = discriminator_loss(logits[: x.shape[0]], logits[x.shape[0]:])
-        if self._update(loss_d, self.discriminator, self.opt_d, step) is None:
+        if adversarial_update(self, loss_d, self.discriminator, self.opt_d, step) is None:
             return StepResult(skipped=True)
         loss_g = generator_loss(self.discriminator(fake))
-        grad_norm = self._update(loss_g, self.generator, self.opt_g, step)
+        grad_norm = adversarial_update(self, loss_g, self.generator, self.opt_g, step)
         if grad_norm is None:
             return StepResult(skipped=True)
         metrics = {"total": loss_g + loss_d, "loss_d": loss_d, "loss_g": loss_g, "grad_norm": grad_norm}
-        return StepResult({k: v.detach() for k, v in metrics.items()}, (x, fake.detach()))
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.gan.state_dict()
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        self.gan.eval()
-        images = self.gan.generator(z.to(self.accelerator.device))
-        self.gan.train()
-        return images
-
-
-def recipe_class(cfg: Config) -> type[VAERecipe] | type[GANRecipe]:
-    return GANRecipe if cfg.model.name == "dcgan" else VAERecipe
-
-
-def build_recipe(cfg: Config, accelerator, health: LossHealth,
-                 memory_format: torch.memory_format) -> VAERecipe | GANRecipe:
-    if recipe_class(cfg) is GANRecipe:
-        return GANRecipe(accelerator, cfg.model, cfg.optim, health, cfg.train, memory_format)
-    return VAERecipe(accelerator, cfg.model, cfg.loss, cfg.optim, health, cfg.train, memory_format)
+        return StepResult({k: v.detach() for k, v in metrics.items()})

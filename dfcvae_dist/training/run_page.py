@@ -16,9 +16,8 @@ from torchvision.utils import make_grid
 from dfcvae_dist.config import Config
 from dfcvae_dist.data.loader import EvalStream, make_loader, model_input, resolve_split
 from dfcvae_dist.data.shards import MANIFEST, manifest_digest, read_manifest
-
-VGG_KEYS = {"loss.layers", "loss.layer_weights", "loss.feature_scale", "loss.vgg_weights", "loss.vgg_dtype",
-            "loss.vgg_seed", "loss.compile"}
+from dfcvae_dist.families import get_family
+from dfcvae_dist.metrics import TRAINING
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "evaluation"}
 MIN_DISPLAY_PX = 128  # small images are upscaled (nearest neighbour) to at least this for the UI
 LABEL_WIDTH_PX = 150
@@ -26,15 +25,8 @@ LABEL_WIDTH_PX = 150
 
 def family_params(cfg: Config) -> dict:
     """The config as MLflow params, without the keys this model family never reads."""
-    params = cfg.flat()
-    if cfg.model.name == "dcgan":  # no VAE loss and no validation pass
-        unused = {k for k in params if k.startswith("loss.")} | {"train.val_every_steps", "train.val_batches",
-                                                                 "data.val_shards"}
-    elif cfg.model.name == "pvae":
-        unused = VGG_KEYS
-    else:
-        unused = set()
-    return {k: v for k, v in params.items() if k not in unused}
+    unused = get_family(cfg.model.name).unused_keys(cfg)
+    return {k: v for k, v in cfg.flat().items() if k not in unused}
 
 
 def shard_manifest(shards: str) -> dict | None:
@@ -65,31 +57,20 @@ def dataset_inputs(shards: str, manifest: dict | None) -> list:
     return inputs
 
 
-def run_description(cfg: Config, vgg_weights: str, manifest: dict | None) -> str:
+def run_description(cfg: Config, feature_weights: str, manifest: dict | None) -> str:
     """The run page's description (markdown): model, data, loss network, what the numbers mean."""
-    model, loss = cfg.model, cfg.loss
-    lines = [f"**{model_title(cfg)}**, {model.image_size}×{model.image_size} images, latent size "
+    model, family = cfg.model, get_family(cfg.model.name)
+    lines = [f"**{family.title}**, {model.image_size}×{model.image_size} images, latent size "
              f"{model.latent_dim}, trained by `dfcvae_dist` into `{cfg.train.run_dir}`.", ""]
-    if vgg_weights.startswith("random"):
-        lines += [f"> **Warning: the VGG19 loss network has RANDOM weights ({vgg_weights}).** The loss is not the "
-                  "paper's feature perceptual loss; the numbers demonstrate the pipeline, not the method.", ""]
+    if feature_weights.startswith("random"):
+        lines += [f"> **Warning: the {cfg.loss.network} loss network has RANDOM weights ({feature_weights}).** The "
+                  "loss is not the paper's feature perceptual loss; the numbers demonstrate the pipeline, not the "
+                  "method.", ""]
     lines += ["**Data**: " + data_line(cfg.data.shards, manifest), ""]
-    if model.name == "dfcvae":
-        lines += [f"**Loss network**: VGG19 `{vgg_weights}`, layers {', '.join(loss.layers)}, features ×"
-                  f"{loss.feature_scale:g}.", ""]
+    lines += [line for loss_line in family.loss_lines(cfg, feature_weights) for line in (loss_line, "")]
     lines += ["**What the numbers mean** (every name: docs/metrics.md)", *metric_lines(cfg), "",
-              "**Images** (step slider): " + ("`samples`, the generator's images of one fixed z."
-                                              if model.name == "dcgan" else
-                                              "`reconstructions`, the same faces every time (input above "
-                                              "reconstruction, decoded from the mean of z); `samples`, decoded "
-                                              "from one fixed z.")]
+              "**Images** (step slider): " + family.images_caption()]
     return "\n".join(lines)
-
-
-def model_title(cfg: Config) -> str:
-    if cfg.model.name == "dfcvae":
-        return "DFC-VAE (feature perceptual loss)"
-    return "PVAE (pixel loss)" if cfg.model.name == "pvae" else "DCGAN"
 
 
 def data_line(shards: str, manifest: dict | None) -> str:
@@ -102,19 +83,12 @@ def data_line(shards: str, manifest: dict | None) -> str:
 
 
 def metric_lines(cfg: Config) -> list[str]:
-    loss = cfg.loss
-    if cfg.model.name == "dcgan":
-        return ["- `train/loss_d`, `train/loss_g`: the discriminator's and generator's binary cross-entropy (nats); "
-                "`train/total` is their sum."]
-    rec = ("`train/rec_pixel`: squared pixel error summed over the image ([0, 1] pixels), batch mean"
-           if cfg.model.name == "pvae" else
-           "`train/rec_perceptual`: squared VGG19 feature distance, summed over the layers "
-           "(`train/rec_perceptual/<layer>`), batch mean")
-    return [f"- `train/total`: the objective, {loss.alpha:g} × KL + {loss.beta:g} × reconstruction; "
-            "`val/total` the same on the val split.",
-            f"- {rec}.",
-            "- `train/kl`: KL(q(z|x) ‖ N(0, I)) per image, in nats.",
-            "- `eval/...`: the evaluations (SVM attribute accuracy, latent statistics, quality) once run."]
+    """The family's own training metrics and its objective, then the evaluations'."""
+    own = get_family(cfg.model.name).metrics(cfg)
+    lines = [f"- `{m.name}`: {m.meaning} ({m.unit})." for m in own]
+    if not any(m.name == "train/total" for m in own):
+        lines.insert(0, f"- `train/total`: {TRAINING[0].meaning}.")
+    return lines + ["- `eval/...`: the evaluations (SVM attribute accuracy, latent statistics, quality) once run."]
 
 
 def fixed_batch(cfg: Config, n: int = 8) -> torch.Tensor | None:

@@ -12,6 +12,9 @@ from dfcvae_dist.errors import UserError
 from dfcvae_dist.rundir import STATE_FILE
 
 
+RENAMED = {"vgg_weights": "feature_weights"}
+
+
 @dataclass
 class TrainerState:
     step: int = 0
@@ -25,7 +28,8 @@ class TrainerState:
     mlflow_run_id: str | None = None
     world_size: int = 1
     config_digest: str = ""
-    vgg_weights: str = "none"
+    feature_weights: str = "none"  # the loss network's weights: imagenet, random(seed=N), file:PATH; none without one
+    precision: str = ""  # the resolved mixed precision (no, fp16, bf16); "" in checkpoints that kept it in their config
     wall_time_s: float = 0.0  # seconds of training, over every launch, up to `step` (work lost to a kill not counted)
 
     def advance(self, skipped: bool, skipped_samples: int = 0) -> None:
@@ -40,7 +44,9 @@ class TrainerState:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "TrainerState":
-        """Also reads the state files of earlier versions, which kept `micro_batches` instead of the position."""
+        """Also reads the state files of earlier versions, which kept `micro_batches` instead of the position, and
+        `vgg_weights` for `feature_weights`."""
+        raw = {RENAMED.get(k, k): v for k, v in raw.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         state = cls(**{k: v for k, v in raw.items() if k in known})
         if "batch_in_epoch" not in raw and "micro_batches" in raw:

@@ -25,10 +25,11 @@ from dfcvae_dist.data.loader import (SplitSource, TrainStream, batches_per_epoch
                                      resolve_split)
 from dfcvae_dist.distributed import make_accelerator, set_determinism
 from dfcvae_dist.errors import UserError, one_line
+from dfcvae_dist.families import get_family
 from dfcvae_dist.rundir import CONFIG_FILE, DONE_MARKER, RunLock, atomic_write, find_checkpoint, write_end_marker
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
-from dfcvae_dist.training.recipes import LossHealth, StepResult, build_recipe, recipe_class, set_lr
+from dfcvae_dist.training.recipes import LossHealth, StepResult, set_lr
 from dfcvae_dist.training.run_page import (dataset_inputs, family_params, fixed_batch, labelled_rows,
                                            run_description, shard_manifest)
 from dfcvae_dist.training.state import TrainerState
@@ -93,21 +94,20 @@ class TrainData:
 
 class Trainer:
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        self.cfg, self.family = cfg, get_family(cfg.model.name)
         train = cfg.train
         set_determinism(train.deterministic)
         self.accelerator = acc = make_accelerator(train.mixed_precision, train.grad_accum, train.collective_timeout_s,
                                                   train.threads)
-        train.mixed_precision = acc.mixed_precision  # the resolved value is what a resume compares
         self.console = Console(stderr=True, quiet=not acc.is_main_process, soft_wrap=True)  # no breaks in paths
         self.run_dir = Path(train.run_dir)
         self.lock = RunLock(self.run_dir)
         self.hold_run_dir()
         set_seed(train.seed)
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
-        self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, recipe_class(cfg).validates)
+        self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, self.family.validates)
         self.health = LossHealth(acc, train.on_nonfinite)
-        self.recipe = build_recipe(cfg, acc, self.health, self.memory_format)
+        self.recipe = self.family.build_recipe(cfg, acc, self.health, self.memory_format)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
                                          self.data.total_steps, acc)
         self.changed: list[tuple[str, object, object]] = []  # resume-safe keys changed since the checkpoint
@@ -119,7 +119,7 @@ class Trainer:
         self.tracker = self.start_tracking()
         self.fixed_z = torch.randn(16, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
         self.fixed_images = None  # the same faces at every image step, read once (DCGAN reconstructs nothing)
-        if self.tracker.active and cfg.model.name != "dcgan":
+        if self.tracker.active and self.family.encodes:
             with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global generator
                 self.fixed_images = fixed_batch(cfg)
         self.images_logged_at = -1
@@ -186,7 +186,7 @@ class Trainer:
         damaged = self.skipped_samples_all_ranks()
         summary = {"step": s.step, "total_steps": self.data.total_steps, "stopped_early": stopped_early,
                    "mlflow_run_id": s.mlflow_run_id, "checkpoint": str(find_checkpoint(self.run_dir, "auto")),
-                   "vgg_weights": s.vgg_weights, "skipped_steps": s.skipped_steps,
+                   "feature_weights": s.feature_weights, "skipped_steps": s.skipped_steps,
                    "skipped_samples": damaged,
                    "img_per_s": self.progress.img_per_s(s.step), "wall_time_s": round(self.wall_time_s(), 3),
                    "config_digest": s.config_digest}
@@ -220,30 +220,33 @@ class Trainer:
     def resume(self) -> TrainerState:
         """The state to start from: fresh, or that of the checkpoint the main process picked, loaded on every rank."""
         acc, cfg = self.accelerator, self.cfg
+        network = self.recipe.feature_network
         state = TrainerState(batches_per_epoch=self.data.batches_per_epoch, grad_accum=cfg.train.grad_accum,
                              model=cfg.model.name, world_size=acc.num_processes, config_digest=cfg.digest(),
-                             vgg_weights=self.recipe.weights_source)
+                             feature_weights=network.weights_source if network is not None else "none",
+                             precision=acc.mixed_precision)
         choice = on_main_then_all(acc, lambda: str(find_checkpoint(self.run_dir, cfg.train.resume) or ""))
         if not choice:
             return state
         checkpoint = Path(choice)
         saved = TrainerState.read(checkpoint)
+        saved_cfg = load_config(checkpoint / CONFIG_FILE)
+        saved.precision = saved.precision or saved_cfg.train.mixed_precision  # older checkpoints: in their config
         refuse_incompatible(checkpoint, saved, state)
-        self.changed = self.compare_config(checkpoint)
+        self.changed = self.compare_config(checkpoint, saved_cfg)
         try:  # accelerate loads with weights_only=True: a file that would run code is refused, not executed
             acc.load_state(str(checkpoint))
         except (pickle.UnpicklingError, RuntimeError, OSError) as err:
             raise UserError(f"{checkpoint}: checkpoint refused or unreadable ({str(err).splitlines()[0][:300]})") from None
-        saved.config_digest, saved.vgg_weights = state.config_digest, state.vgg_weights
+        saved.config_digest, saved.feature_weights = state.config_digest, state.feature_weights
         saved.skipped_samples = saved.skipped_samples if acc.is_main_process else 0  # a sum over ranks
         self.checkpointer.last_saved = saved.step
         self.console.print(f"resumed from {checkpoint} at step {saved.step}")
         return saved
 
-    def compare_config(self, checkpoint: Path) -> list[tuple[str, object, object]]:
+    def compare_config(self, checkpoint: Path, saved: Config) -> list[tuple[str, object, object]]:
         """Refuse a resume whose config changes the model, the optimisation or the data position; return the
         resume-safe changes (and those the user took responsibility for with train.resume_allow_changes)."""
-        saved = load_config(checkpoint / CONFIG_FILE)
         safe, refused = resume_changes(saved, self.cfg)
         if refused:
             listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
@@ -266,20 +269,19 @@ class Trainer:
         if tracker.active:
             self.console.print(f"MLflow: run {tracker.run_id} in {tracker.client.tracking_uri}; artifacts in "
                                f"{tracker.artifact_uri}")
-        perceptual = self.recipe.perceptual
-        tracker.set_tags({"mlflow.note.content": run_description(cfg, s.vgg_weights, manifest),
+        tracker.set_tags({"mlflow.note.content": run_description(cfg, s.feature_weights, manifest),
                           "world_size": acc.num_processes, "precision": acc.mixed_precision,
-                          "vgg_dtype": str(perceptual.dtype) if perceptual else "none", "vgg_weights": s.vgg_weights,
-                          "vgg_weights_random": s.vgg_weights.startswith("random"), "code_version": code_version(),
+                          **feature_network_tags(self.recipe.feature_network), "code_version": code_version(),
                           "distributed_type": str(acc.distributed_type), **slurm_tags(),
                           **{f"resume.step{s.step}.{key}": f"{old!r} -> {new!r}" for key, old, new in self.changed}})
-        if s.vgg_weights.startswith("random"):
-            self.console.print("[bold yellow]WARNING: the VGG19 loss network has RANDOM weights: not the paper's loss[/]")
+        if s.feature_weights.startswith("random"):
+            self.console.print(f"[bold yellow]WARNING: the {cfg.loss.network} loss network has RANDOM weights: not the "
+                               "paper's loss[/]")
         return tracker
 
     def describe(self) -> None:
         cfg, data, world = self.cfg, self.data, self.accelerator.num_processes
-        self.console.print(f"[bold]{cfg.model.name}[/] world size {world}, global batch {data.global_batch} = "
+        self.console.print(f"[bold]{self.family.title}[/] world size {world}, global batch {data.global_batch} = "
                            f"{cfg.train.batch_size} per rank x {world} ranks x {cfg.train.grad_accum} accumulation; "
                            f"{data.steps_per_epoch} steps per epoch, {data.total_steps} steps; precision "
                            f"{self.accelerator.mixed_precision}")
@@ -292,20 +294,10 @@ class Trainer:
             return
         step = self.images_logged_at = self.state.step
         if self.fixed_images is not None:
-            rows = [("input", self.fixed_images), ("reconstruction", self.reconstruct(self.fixed_images))]
+            rows = [("input", self.fixed_images), ("reconstruction", self.recipe.reconstruct(self.fixed_images))]
             self.tracker.log_image(labelled_rows(rows), "reconstructions", step)
         samples = self.recipe.decode(self.fixed_z)  # a fixed z: no random stream is drawn from
         self.tracker.log_image(labelled_rows([("samples", samples[:8]), ("(fixed z)", samples[8:])]), "samples", step)
-
-    @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        net = self.accelerator.unwrap_model(self.recipe.module)
-        was_training = net.training
-        net.eval()
-        mu, _ = net.encode(images.to(self.accelerator.device).contiguous(memory_format=self.memory_format))
-        reconstructions = net.decode(mu)
-        net.train(was_training)
-        return reconstructions
 
 
 def on_main_then_all(accelerator, fn):
@@ -331,6 +323,10 @@ def refuse_incompatible(checkpoint: Path, saved: TrainerState, now: TrainerState
                         "new run (train.resume=none, another train.run_dir)")
     if saved.model != now.model:
         raise UserError(f"{checkpoint}: a {saved.model} checkpoint, but model.name={now.model}")
+    if saved.precision != now.precision:
+        raise UserError(f"{checkpoint}: trained in precision {saved.precision}, this launch resolves {now.precision}: "
+                        f"resume with --mixed_precision {saved.precision} (or train.mixed_precision={saved.precision}), "
+                        "or start a new run")
     if (saved.batches_per_epoch, saved.grad_accum) != (now.batches_per_epoch, now.grad_accum):
         raise UserError(f"{checkpoint}: saved with {saved.batches_per_epoch} micro-batches per rank and epoch in "
                         f"steps of {saved.grad_accum}, now {now.batches_per_epoch} in steps of {now.grad_accum}; the "
@@ -347,6 +343,15 @@ def check_image_size(shards: str, image_size: int) -> None:
     if size is not None and size != image_size:
         raise UserError(f"{manifest}: the shards hold {size}x{size} images, but model.image_size={image_size}: set "
                         f"model.image_size={size}, or write shards with --image-size {image_size}")
+
+
+def feature_network_tags(network) -> dict:
+    """The loss network a run trained with, as MLflow tags (none for a family without one)."""
+    if network is None:
+        return {"feature_network": "none"}
+    return {"feature_network": network.network, "feature_network_dtype": str(network.dtype),
+            "feature_network_weights": network.weights_source,
+            "feature_network_random": network.weights_source.startswith("random")}
 
 
 def slurm_tags() -> dict:
