@@ -139,6 +139,23 @@ def test_a_dfcvae_gan_step_updates_the_vae_and_its_discriminator_each_with_its_o
     assert set(trained.weights()) == set(trained.module.state_dict())  # the checkpoint holds both networks
 
 
+@pytest.mark.parametrize("family", ["dcgan", "dfcvae-gan"])
+def test_the_generator_is_trained_against_the_discriminator_its_discriminator_step_trains(accelerator, family):
+    # The discriminator's batch norm normalises by batch: a fake judged in a batch mixed with reals gets another
+    # logit than in the generator step's all-fake batch (the collapse of the first `make reproduce` DCGAN)
+    trained = recipe(accelerator(), family, "stop", "model.base_channels=8", "optim.lr=0.0")
+    calls = []
+    trained.module.discriminator.register_forward_hook(lambda _, args, out: calls.append((args[0].detach(),
+                                                                                          out.detach())))
+    torch.manual_seed(0)
+    trained.train_step([torch.rand(4, 3, 32, 32)], step=1)  # lr 0: both steps see the same weights
+    *discriminator_step, (fakes, generator_step_logits) = calls
+    judged_in_the_discriminator_step = torch.cat([out[(images[:, None] == fakes).flatten(2).all(2).any(1)]
+                                                  for images, out in discriminator_step])
+    assert judged_in_the_discriminator_step.shape == generator_step_logits.shape
+    torch.testing.assert_close(judged_in_the_discriminator_step, generator_step_logits)
+
+
 def test_sync_bn_is_refused_on_cpu_with_its_reason(accelerator):
     acc = accelerator()
     with pytest.raises(UserError, match="train.sync_bn=true needs CUDA: torch's SyncBatchNorm works only with GPU"):

@@ -322,8 +322,7 @@ class VAEGANRecipe(VAERecipe):
         terms, x_hat = self.losses(x)
         z = torch.randn(x.shape[0], self.accelerator.unwrap_model(self.model).latent_dim, device=x.device)
         fakes = torch.cat([x_hat, self.accelerator.unwrap_model(self.model).decode(z)])
-        logits = self.discriminator(torch.cat([x, fakes.detach()]))
-        loss_d = discriminator_loss(logits[: x.shape[0]], logits[x.shape[0]:])
+        loss_d = discriminator_loss(self.discriminator(x), self.discriminator(fakes.detach()))  # see GANRecipe
         if adversarial_update(self, loss_d, self.discriminator, self.opt_d, step) is None:
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(skipped=True)
@@ -363,11 +362,13 @@ class GANRecipe(Recipe):
         return self.gan
 
     def train_step(self, micro_batches: list[torch.Tensor], step: int) -> StepResult:
-        """A discriminator step on real vs fake, then a generator step (non-saturating loss)."""
+        """A discriminator step on real vs fake, then a generator step (non-saturating loss). Reals and fakes
+        go through the discriminator as separate batches, as the generator step's fakes do: its batch norm
+        must see the same all-fake batches in both steps, or it judges a fake in a mixed batch by other
+        statistics than the generator is trained against (the generator then collapses to one image)."""
         (x,) = micro_batches
         fake = self.generator(torch.randn(x.shape[0], self.latent_dim, device=x.device))
-        logits = self.discriminator(torch.cat([x, fake.detach()]))
-        loss_d = discriminator_loss(logits[: x.shape[0]], logits[x.shape[0]:])
+        loss_d = discriminator_loss(self.discriminator(x), self.discriminator(fake.detach()))
         if adversarial_update(self, loss_d, self.discriminator, self.opt_d, step) is None:
             return StepResult(skipped=True)
         loss_g = generator_loss(self.discriminator(fake))
