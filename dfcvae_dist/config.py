@@ -269,6 +269,23 @@ def finalize(cfg: Config, source: str) -> Config:
     return cfg
 
 
+DataclassT = typing.TypeVar("DataclassT")
+
+
+def load_dataclass(cls: type[DataclassT], texts: typing.Mapping[str, str], source: str, prefix: str = "") -> DataclassT:
+    """Another dataclass of `opt()` fields (e.g. a sweep file's `evaluate:`) from {field: text}, read by each
+    field's type and checked as config keys are: errors name `source` and the key as `PREFIX` + field."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, text in texts.items():
+        key = prefix + name
+        if name not in fields:
+            raise UserError(f"{source}: unknown key '{key}'{_suggest(name, fields, prefix)}")
+        values[name] = _check_value(key, _typed(key, text, hints[name], source), fields[name].metadata, source)
+    return cls(**values)
+
+
 def _read_yaml(path: Path) -> yaml.Node | None:
     """The file's YAML node tree, after constructing all of it with the safe loader (which refuses tags that
     would build objects); the nodes keep each value's source text and line."""

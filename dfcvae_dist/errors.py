@@ -12,7 +12,7 @@ class UserError(Exception):
     """Bad input, bad config or a bad file: the message names the culprit and is all the user needs."""
 
 
-def one_line(err: Exception) -> str:
+def message(err: BaseException) -> str:
     """The message itself, also when a DataLoader worker wrapped it in "Caught ... Original Traceback":
     then it is the traceback's last line without its `module.ExceptionClass: ` prefix."""
     text = str(err)
@@ -20,6 +20,14 @@ def one_line(err: Exception) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = re.sub(r"^[\w.]+: ", "", last)
     return text
+
+
+def one_line(err: BaseException, limit: int | None = None) -> str:
+    """A library's exception in one line: the first line of its `message` (its class name when it has none),
+    at most `limit` characters."""
+    lines = message(err).splitlines()
+    text = lines[0] if lines else type(err).__name__
+    return text[:limit] if limit is not None else text
 
 
 def cli_main(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | None], int]:
@@ -36,7 +44,7 @@ def cli_main(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | N
         except UserError as err:
             if debug:
                 raise
-            print(f"error: {one_line(err)}", file=sys.stderr)
+            print(f"error: {message(err)}", file=sys.stderr)
             return 2
 
     return wrapper

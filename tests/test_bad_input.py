@@ -2,6 +2,7 @@
 
 import pytest
 
+from dfcvae_dist.errors import one_line
 from tests.conftest import run_tool
 
 MISSING = "/nonexistent/dfcvae"
@@ -28,3 +29,12 @@ def test_missing_path_is_one_clear_line(tmp_path, tool, args):
 def test_debug_flag_shows_the_traceback(tmp_path):
     proc = run_tool("eval_svm.py", "--latents", MISSING, "--out", tmp_path, "--debug", check=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_one_line_is_the_first_line_of_a_library_message_at_most_limit_characters():
+    torch_error = ValueError("Error(s) in loading state_dict:\n\tMissing key(s)")
+    assert one_line(torch_error) == "Error(s) in loading state_dict:" and one_line(torch_error, limit=8) == "Error(s)"
+    assert one_line(OSError()) == "OSError"  # no message: its class
+    wrapped = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1, in f\nValueError: x.tar: damaged\n")
+    assert one_line(wrapped) == "x.tar: damaged"

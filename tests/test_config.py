@@ -2,11 +2,12 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from dfcvae_dist.config import Config, config_help, config_keys, load_config, resume_changes
+from dfcvae_dist.config import Config, config_help, config_keys, load_config, load_dataclass, opt, resume_changes
 from dfcvae_dist.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +98,40 @@ def test_a_non_finite_float_is_refused_in_one_line(value):
 def test_an_empty_layer_list_is_refused_in_one_line():
     with pytest.raises(UserError, match=r"override 'loss.layers=\[\]'.*'loss.layers' needs at least one entry"):
         load_config(None, ["loss.layers=[]"])
+
+
+@dataclass
+class Section:
+    """Another dataclass of `opt()` fields, as a sweep file's `evaluate:` section is."""
+    rate: float = opt(0.5, "a float", min=0.0)
+    verbose: bool = opt(False, "a bool")
+    limit: int | None = opt(10, "an optional int", min=1)
+    label: str | None = opt("x", "an optional str")
+    mode: str = opt("a", "a choice", choices=["a", "b"])
+
+
+def test_another_dataclass_loads_from_texts_by_each_fields_type():
+    section = load_dataclass(Section, {"rate": "0.25", "verbose": "true", "limit": "null", "label": "2024-05-01"},
+                             "s.yaml", "sec.")
+    assert (section.rate, section.verbose, section.limit, section.label, section.mode) == \
+        (0.25, True, None, "2024-05-01", "a")
+    assert load_dataclass(Section, {"label": "null", "limit": "3"}, "s.yaml").limit == 3
+    assert load_dataclass(Section, {"label": "null"}, "s.yaml").label is None
+
+
+@pytest.mark.parametrize("texts, message", [
+    ({"rate": "fast"}, "s.yaml: 'sec.rate' must be of type float, got 'fast'"),
+    ({"verbose": "maybe"}, "s.yaml: 'sec.verbose' must be of type bool, got 'maybe'"),
+    ({"rate": "-1"}, "s.yaml: 'sec.rate' must be >= 0.0, got -1.0"),
+    ({"rate": "nan"}, "s.yaml: 'sec.rate' must be a finite number, got nan"),
+    ({"limit": "0"}, "s.yaml: 'sec.limit' must be >= 1, got 0"),
+    ({"mode": "c"}, "s.yaml: 'sec.mode' must be one of ['a', 'b'], got 'c'"),
+    ({"rat": "1"}, "s.yaml: unknown key 'sec.rat' (did you mean 'sec.rate'?)"),
+])
+def test_another_dataclass_refuses_a_bad_text_in_one_line_naming_the_source_and_key(texts, message):
+    with pytest.raises(UserError) as err:
+        load_dataclass(Section, texts, "s.yaml", "sec.")
+    assert str(err.value) == message
 
 
 def test_a_key_written_twice_in_a_file_is_refused_naming_file_line_and_key(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader
-from dfcvae_dist.data.shards import iter_shard, read_manifest, sha256_file
+from dfcvae_dist.data.shards import iter_shard, manifest_of, read_manifest, sha256_file
 from dfcvae_dist.errors import UserError
 from tests.conftest import ROOT, run_tool, wait_until
 
@@ -31,6 +31,13 @@ def test_manifest_describes_every_shard(shard_dir, celeba_dir):
         total += info["num_samples"]
     assert total == 400
     assert manifest["splits"]["train"]["num_samples"] == 321  # CelebA's partition fractions
+
+
+def test_the_manifest_of_data_shards_is_none_only_for_a_url_pattern(shard_dir, tmp_path):
+    assert manifest_of(str(shard_dir)) == read_manifest(shard_dir)
+    assert manifest_of(f"{shard_dir}/train-{{000000..000008}}.tar") is None
+    with pytest.raises(UserError, match=f"^{tmp_path / 'manifest.json'}: no manifest"):
+        manifest_of(tmp_path)  # a directory without one is a mistake, not a pattern
 
 
 def test_manifest_says_whether_the_data_is_synthetic(shard_dir, tmp_path):

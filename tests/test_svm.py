@@ -184,7 +184,7 @@ def test_latent_statistics_read_the_test_split_only():
     test = latents["partition"] == 2
     stats = latent_statistics(latents)
     assert stats == {"kl_per_image": pytest.approx(kl_per_image(latents["mu"][test], latents["logvar"][test])),
-                     "active_units": 10, "split": "test"}
+                     "active_units": 10, "units": 10, "split": "test"}
     assert latent_statistics({**latents, "logvar": latents["logvar"][:, :0]}) is None  # VGG-FC: no posterior
 
 

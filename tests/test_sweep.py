@@ -3,12 +3,13 @@ on a workstation and as a Slurm job array with a preempted task, under one MLflo
 
 import json
 import os
+import sys
 
 import pytest
 import yaml
 
 from dfcvae_dist.rundir import RunLock
-from tests.conftest import ROOT, run_tool
+from tests.conftest import ROOT, ProcessGroups, run_tool
 from tests.slurm_cluster import unavailable_reason
 from tests.test_slurm import log_tail, preempt_after_first_checkpoint, wait_ended
 
@@ -123,9 +124,13 @@ def test_a_task_whose_run_directory_has_a_live_owner_stops_with_one_line(tmp_pat
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("svm_class_weight", "balancd", "'evaluate.svm_class_weight' must be one of none, balanced, got 'balancd'"),
+    ("svm_class_weight", "balancd", "'evaluate.svm_class_weight' must be one of ['none', 'balanced'], got 'balancd'"),
     ("vgg_weights", "randm", "'evaluate.vgg_weights' must be imagenet, random or a weights file; 'randm' is none"),
     ("max_images", 0, "'evaluate.max_images' must be >= 1, got 0"),
+    ("fid_samples", "many", "'evaluate.fid_samples' must be of type int, got 'many'"),
+    ("fid_samples", -1, "'evaluate.fid_samples' must be >= 0, got -1"),
+    ("svm_subsample", [1, 2], "'evaluate.svm_subsample' must be of type int, got a sequence"),
+    ("splt", "val", "unknown key 'evaluate.splt' (did you mean 'evaluate.split'?)"),
 ])
 def test_plan_refuses_a_bad_evaluation_setting_before_anything_trains(tmp_path, shard_dir, key, value, message):
     path = write_sweep(tmp_path, shard_dir)
@@ -137,13 +142,28 @@ def test_plan_refuses_a_bad_evaluation_setting_before_anything_trains(tmp_path, 
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_evaluation_settings_are_read_by_their_types_with_null_for_none(tmp_path, shard_dir):
+    from dfcvae_dist.sweeps.plan import load_sweep
+
+    path = write_sweep(tmp_path, shard_dir)
+    text = yaml.safe_load(path.read_text())
+    text["evaluate"].update({"fid_samples": None, "fid_weights": None, "svm_focus": "synthetic", "split": "val",
+                             "quality_shards": "null"})
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    ev = load_sweep(path).evaluate
+    assert (ev.fid_samples, ev.fid_weights, ev.svm_focus, ev.split, ev.quality_shards, ev.max_images) == \
+        (None, None, "synthetic", "val", None, 40)
+
+
 def test_a_task_stops_before_training_when_its_evaluation_shards_are_missing(tmp_path, shard_dir):
     path = write_sweep(tmp_path, shard_dir)
     text = yaml.safe_load(path.read_text())
     text["evaluate"]["shards"] = str(tmp_path / "no-shards")
     path.write_text(yaml.safe_dump(text, sort_keys=False))
     proc = sweep_cli("task", path, 0, check=False)
-    assert proc.returncode == 2 and f"'evaluate.shards' {tmp_path / 'no-shards'}: no manifest.json" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {path}: 'evaluate.shards': {tmp_path / 'no-shards' / 'manifest.json'}: no manifest (write shards "
+        "with tools/make_shards.py) (relative paths are read from the working directory)")
     assert not (tmp_path / "runs" / TINY_TASKS[0]).exists()  # nothing trained
 
 
@@ -189,6 +209,46 @@ def test_the_parent_run_keeps_its_artifacts_beside_a_sqlite_store(tmp_path, shar
     assert not (cwd / "mlruns").exists()
 
 
+EVALUATE_IN_THIS_PROCESS = """
+import json, os, subprocess, sys
+from dfcvae_dist.sweeps.plan import load_sweep
+from dfcvae_dist.sweeps.run import evaluate, start_task, train_args
+
+sweep = load_sweep(sys.argv[1])
+task = sweep.task(0)
+record = start_task(sweep)
+subprocess.run([sys.executable, "-m", "dfcvae_dist.train", *train_args(sweep, task, record)], check=True)
+before = dict(os.environ)
+evaluate(sweep, task, record)
+print(json.dumps({k: os.environ.get(k) for k in {*before, *os.environ} if before.get(k) != os.environ.get(k)}))
+"""
+
+
+@pytest.mark.slow
+def test_a_tasks_evaluation_logs_into_its_run_through_a_client_and_leaves_the_environment_alone(
+        tmp_path, shard_dir):
+    """The evaluations are calls in the task's process: they must reach the task's MLflow run through a client of
+    the sweep's store, not by setting MLFLOW_TRACKING_URI (or another MLflow variable) for the rest of it."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = write_sweep(tmp_path, shard_dir, uri, name="tiny-in-process")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with ProcessGroups() as groups:
+        proc = groups.run([sys.executable, "-c", EVALUATE_IN_THIS_PROCESS, path], 600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    changed = json.loads(proc.stdout.strip().splitlines()[-1])  # scikit-learn and torch set KMP_*, TORCHINDUCTOR_*
+    assert [key for key in changed if key.startswith("MLFLOW_")] == [], changed
+    run_dir = tmp_path / "runs" / TINY_TASKS[0]
+    assert_finished_with_evaluations(run_dir)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"]
+    metrics = client.get_run(run_id).data.metrics
+    assert {"eval/svm/mean_accuracy", "eval/latent/kl_per_image", "eval/quality/mse"} <= set(metrics)
+    assert {a.path for a in client.list_artifacts(run_id, "evaluation")} == {
+        "evaluation/svm_report.json", "evaluation/svm_table.md", "evaluation/quality.json"}
+
+
 @pytest.mark.slow
 def test_workstation_sweep_trains_and_evaluates_its_tasks_as_children_of_one_parent_and_skips_them_after(
         tmp_path, shard_dir, mlflow_server):
@@ -204,6 +264,7 @@ def test_workstation_sweep_trains_and_evaluates_its_tasks_as_children_of_one_par
                   for c in children) == [(str(i), n, n) for i, n in enumerate(TINY_TASKS[:3])]
     assert parent.info.status == "RUNNING"  # task 3 has not run: the sweep is not done
     assert all(any(k.startswith("eval/svm/") for k in c.data.metrics) for c in children)
+    assert all(any(k.startswith("eval/quality/") for k in c.data.metrics) for c in children)
 
     done_at = {n: (sweep_dir / n / "COMPLETED.json").stat().st_mtime_ns for n in TINY_TASKS[:3]}
     again = sweep_cli("run", path, "--tasks", "0,1,2")

@@ -14,7 +14,7 @@ from dfcvae_dist.errors import cli_main
 from dfcvae_dist.evaluation import studies
 from dfcvae_dist.extraction.latents import load_latents
 from dfcvae_dist.inference import load_trained
-from dfcvae_dist.training.tracking import default_timeouts, resolve_run_id
+from dfcvae_dist.tracking import mlflow_client, resolve_run_id
 
 
 @cli_main
@@ -59,11 +59,9 @@ def main(argv: list[str]) -> int:
     for path in paths:
         print(f"wrote {path}")
     if run_id:
-        import mlflow
-
+        client = mlflow_client()
         for path in paths:
-            default_timeouts()
-            mlflow.MlflowClient().log_artifact(run_id, str(path), "studies")
+            client.log_artifact(run_id, str(path), "studies")
     return 0
 
 

@@ -5,7 +5,6 @@ MLflow run (docs/evaluation.md says what each number is and which compare with p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dfcvae_dist.errors import UserError, cli_main
-from dfcvae_dist.evaluation.quality import QualityOptions, evaluate_models
-from dfcvae_dist.rundir import atomic_path
+from dfcvae_dist.evaluation.quality import QUALITY_FILE, QualityOptions, evaluate_quality
+from dfcvae_dist.tracking import resolve_run_id
 
 COLUMNS = {"mse": ("MSE", ".5f"), "ssim": ("SSIM", ".4f"), "ms_ssim": ("MS-SSIM", ".4f"), "lpips": ("LPIPS", ".4f"),
            "blur_ratio": ("blur ratio (ours)", ".3f"), "perceptual_distance": ("perceptual dist. (ours)", ".4g"),
@@ -41,16 +40,24 @@ def main(argv: list[str]) -> int:
     checkpoints = dict(parse_model(item) for item in args.checkpoint)
     opts = QualityOptions(args.shards, args.split, args.max_images, args.vgg_weights, args.fid_weights,
                           args.fid_samples)
-    quality = evaluate_models(checkpoints, opts)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out / "quality.json") as tmp:
-        tmp.write_text(json.dumps(quality, indent=1))
+    run_ids = {} if args.no_mlflow else tracked_runs(checkpoints)
+    quality = evaluate_quality(checkpoints, opts, args.out, run_ids)
     print_table(quality, args.split)
-    print(f"wrote {args.out / 'quality.json'}")
-    if not args.no_mlflow:
-        for name, path in checkpoints.items():
-            log_to_mlflow(name, path, quality["models"][name], args.out / "quality.json")
+    print(f"wrote {args.out / QUALITY_FILE}")
+    for name, run_id in run_ids.items():
+        print(f"MLflow: {name} logged into run {run_id}")
     return 0
+
+
+def tracked_runs(checkpoints: dict[str, str]) -> dict[str, str]:
+    """The MLflow run of each model, named by its COMPLETED.json; a run that was not tracked is skipped in one line."""
+    run_ids = {}
+    for name, path in checkpoints.items():
+        try:
+            run_ids[name] = resolve_run_id(str(run_directory(path)))
+        except UserError as err:
+            print(f"MLflow: {name} skipped: {err}")
+    return run_ids
 
 
 def parse_model(item: str) -> tuple[str, str]:
@@ -73,30 +80,6 @@ def run_directory(path: str) -> Path:
     """The training run directory of a run directory or of one of its checkpoints (RUN/checkpoints/step-N)."""
     path = Path(path)
     return path.parent.parent if path.parent.name == "checkpoints" else path
-
-
-def log_to_mlflow(name: str, path: str, result: dict, quality_json: Path) -> None:
-    """Into the model's own run, named by its COMPLETED.json; a run that was not tracked is skipped in one line."""
-    import mlflow
-
-    from dfcvae_dist.training.tracking import default_timeouts, resolve_run_id
-
-    try:
-        run_id = resolve_run_id(str(run_directory(path)))
-    except UserError as err:
-        print(f"MLflow: {name} skipped: {err}")
-        return
-    try:
-        default_timeouts()  # seconds per request, not MLflow's minutes of retries
-        client = mlflow.MlflowClient()
-        client.log_artifact(run_id, str(quality_json), "evaluation")
-        for key in COLUMNS:
-            if result[key] is not None and not (key == "fid_samples" and result["fid"] is None):
-                client.log_metric(run_id, f"eval/quality/{key}", result[key])
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f"MLflow run {run_id} ({name}): cannot log the quality results "
-                        f"({str(err).splitlines()[0]})") from None
-    print(f"MLflow: {name} logged into run {run_id}")
 
 
 if __name__ == "__main__":

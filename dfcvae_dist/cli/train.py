@@ -12,7 +12,7 @@ import logging
 import os
 
 from dfcvae_dist.config import config_help, load_config, shipped_configs
-from dfcvae_dist.errors import UserError, cli_main, one_line
+from dfcvae_dist.errors import UserError, cli_main, message
 
 
 @cli_main
@@ -29,5 +29,5 @@ def main(argv: list[str]) -> int:
     try:
         train(cfg)
     except UserError as err:
-        raise UserError(f"[rank {os.environ.get('RANK', '0')}] {one_line(err)}") from None
+        raise UserError(f"[rank {os.environ.get('RANK', '0')}] {message(err)}") from None
     return 0

@@ -279,6 +279,11 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
+def manifest_of(shards: str | Path) -> dict | None:
+    """The manifest of `shards` (`data.shards`): a manifest directory's, or None for a WebDataset URL pattern."""
+    return read_manifest(Path(shards)) if Path(shards).is_dir() else None
+
+
 def manifest_digest(manifest: dict) -> str:
     """A short digest of the data a manifest describes: every shard's split, name and sha256."""
     shards = [(split, s["name"], s["sha256"]) for split, info in sorted(manifest["splits"].items())

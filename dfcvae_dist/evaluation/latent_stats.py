@@ -30,4 +30,4 @@ def latent_statistics(latents: dict, split: str = "test") -> dict | None:
         return None
     rows = latents["partition"] == PARTITIONS[split]
     return {"kl_per_image": kl_per_image(mu[rows], logvar[rows]), "active_units": active_units(mu[rows]),
-            "split": split}
+            "units": mu.shape[1], "split": split}

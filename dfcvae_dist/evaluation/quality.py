@@ -11,16 +11,20 @@ loss's VGG19 feature distance). Each metric is None where it cannot be computed,
 
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
                                            structural_similarity_index_measure)
 
-from dfcvae_dist.errors import UserError
+from dfcvae_dist.errors import UserError, one_line
+from dfcvae_dist.rundir import atomic_write
+from dfcvae_dist.tracking import mlflow_client
 
 SSIM_WINDOW = {"gaussian_kernel": True, "kernel_size": 11, "sigma": 1.5, "data_range": 1.0}
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest scale first
@@ -30,6 +34,8 @@ FID_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v
 LPIPS_BACKBONE_FILE = "alexnet-owt-7be5be79.pth"
 LPIPS_BACKBONE_URL = f"https://download.pytorch.org/models/{LPIPS_BACKBONE_FILE}"
 RECONSTRUCTION_METRICS = ("mse", "ssim", "ms_ssim", "lpips", "blur_ratio", "perceptual_distance")
+METRICS = (*RECONSTRUCTION_METRICS, "fid", "fid_samples")
+QUALITY_FILE = "quality.json"
 
 
 def hub_checkpoints() -> Path:
@@ -98,7 +104,7 @@ def lpips_or_reason(random_backbone_not_lpips: bool = False):
         return lpips.LPIPS(net="alex", verbose=False).eval(), \
             f"the lpips package's v0.1 learned linear weights on torchvision's ImageNet AlexNet ({cached})"
     except (OSError, RuntimeError) as err:
-        return None, f"n/a: LPIPS's AlexNet {cached} does not load ({str(err).splitlines()[0]})"
+        return None, f"n/a: LPIPS's AlexNet {cached} does not load ({one_line(err)})"
 
 
 @torch.no_grad()
@@ -151,7 +157,7 @@ def fid_metric(weights: Path):
                                           feature_extractor_weights_path=str(weights))
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise UserError(f"{weights}: not the FID Inception weights {FID_WEIGHTS_FILE} "
-                        f"({str(err).splitlines()[0][:200]})") from None
+                        f"({one_line(err, 200)})") from None
     return metric
 
 
@@ -212,6 +218,31 @@ def fixed_notes(perceptual) -> dict[str, str]:
         "perceptual_distance": "ours: the DFC-VAE training loss's VGG19 feature distance (relu1_2, relu2_1, relu3_1), "
                                f"VGG19 weights {perceptual.weights_source}; not comparable with published numbers",
     }
+
+
+def evaluate_quality(checkpoints: dict[str, str], opts: QualityOptions, out: Path,
+                     run_ids: Mapping[str, str] | None = None, client=None) -> dict:
+    """OUT/quality.json of the named models (`evaluate_models`); each model named in `run_ids` logged into that
+    MLflow run (quality.json under evaluation/, every number as eval/quality/*) through `client` (default: a
+    client of MLflow's default store)."""
+    quality = evaluate_models(checkpoints, opts)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / QUALITY_FILE, json.dumps(quality, indent=1))
+    if run_ids:
+        client = client or mlflow_client()
+        for name, run_id in run_ids.items():
+            log_quality(client, run_id, name, quality["models"][name], out / QUALITY_FILE)
+    return quality
+
+
+def log_quality(client, run_id: str, name: str, result: dict, quality_json: Path) -> None:
+    try:
+        client.log_artifact(run_id, str(quality_json), "evaluation")
+        for key in METRICS:
+            if result[key] is not None and not (key == "fid_samples" and result["fid"] is None):
+                client.log_metric(run_id, f"eval/quality/{key}", result[key])
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own and the store's errors
+        raise UserError(f"MLflow run {run_id} ({name}): cannot log the quality results ({one_line(err)})") from None
 
 
 def evaluate_models(checkpoints: dict[str, str], opts: QualityOptions) -> dict:

@@ -10,17 +10,68 @@ either would pull the means towards numbers that say nothing about the features.
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import numpy as np
 from joblib import Parallel, delayed
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from dfcvae_dist.errors import UserError
+from dfcvae_dist.errors import UserError, one_line
+from dfcvae_dist.evaluation.latent_stats import latent_statistics
 from dfcvae_dist.evaluation.paper_table import PAPER_AVERAGES, PAPER_TABLE1
+from dfcvae_dist.extraction.latents import load_latents
+from dfcvae_dist.rundir import atomic_write
+from dfcvae_dist.tracking import mlflow_client
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 LEFT_OUT_MARK = "†"
+REPORT_FILE, TABLE_FILE = "svm_report.json", "svm_table.md"
+LOGGED_MEANS = ("mean_accuracy", "mean_balanced_accuracy", "mean_majority", "focus_mean_accuracy",
+                "focus_mean_balanced_accuracy")
+
+
+def evaluate_svms(latents_file: Path, out: Path, subsample: int = 20_000, jobs: int = 2, class_weight: str = "none",
+                  focus: str | None = None, run_id: str | None = None, client=None) -> dict:
+    """OUT/svm_report.json and OUT/svm_table.md of the latents in `latents_file`: one SVM per attribute
+    (`class_weight` none or balanced; C chosen on `subsample` training images; `jobs` attributes at a time),
+    the means over the `focus` attributes too (`focus_attributes`), and the latent statistics of the test split.
+    With `run_id`, also logged into that MLflow run (eval/svm/*, eval/latent/*, the files under evaluation/)
+    through `client` (default: a client of MLflow's default store)."""
+    start = time.perf_counter()
+    latents = load_latents(latents_file)
+    focused = focus_attributes(focus, [str(n) for n in latents["attribute_names"]]) if focus else None
+    report = evaluate(latents, subsample=subsample, n_jobs=jobs,
+                      class_weight=None if class_weight == "none" else class_weight)
+    if focused:
+        add_focus_means(report, focused)
+    latent = latent_statistics(latents)
+    if latent:
+        report["latent"] = latent
+    report["seconds"] = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / REPORT_FILE, json.dumps(report, indent=1))
+    atomic_write(out / TABLE_FILE, markdown_table(report))
+    if run_id:
+        log_svm_report(client or mlflow_client(), run_id, out, report)
+    return report
+
+
+def log_svm_report(client, run_id: str, out: Path, report: dict) -> None:
+    try:
+        for name in (REPORT_FILE, TABLE_FILE):
+            client.log_artifact(run_id, str(out / name), "evaluation")
+        for key in LOGGED_MEANS:
+            if key in report:
+                client.log_metric(run_id, f"eval/svm/{key}", report[key])
+        for key in ("kl_per_image", "active_units"):
+            if "latent" in report:
+                client.log_metric(run_id, f"eval/latent/{key}", report["latent"][key])
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own and the store's errors
+        raise UserError(f"MLflow run {run_id}: cannot log the SVM report ({one_line(err)})") from None
 
 
 def fit_attribute(x_train, y_train, x_val, y_val, x_test, y_test, c_grid, subsample: int, seed: int,

@@ -1,4 +1,4 @@
-"""Distributed extraction: every sample of the chosen splits exactly once across ranks.
+"""Distributed extraction: every sample of the chosen splits exactly once across ranks (`extract_latents`).
 
 Each rank encodes its shards (EvalStream) and writes `parts/part-RANK-of-WORLD.npz` under a temporary
 name, renamed when complete; after a barrier the main process merges the parts, sorted by key, into
@@ -7,15 +7,20 @@ name, renamed when complete; after a barrier the main process merges the parts, 
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader, model_input
+from dfcvae_dist.distributed import make_accelerator
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.imagenet import imagenet_normalize
+from dfcvae_dist.inference import load_trained
 from dfcvae_dist.losses.feature_networks import load_network
 from dfcvae_dist.rundir import atomic_path
 
@@ -35,6 +40,49 @@ class VGGFc7(nn.Module):
         h = self.avgpool(self.features(imagenet_normalize(x))).flatten(1)
         features = self.fc7(h)
         return features, features.new_zeros(features.shape[0], 0)
+
+
+@dataclass
+class Extracted:
+    path: Path  # latents.npz
+    features: str
+    weights: str
+    images: int
+    ranks: int
+    seconds: float
+
+
+def extract_latents(shards: Path, out: Path, checkpoint: str | Path | None = None,
+                    splits: Sequence[str] = ("train", "val", "test"), features: str = "latent",
+                    vgg_weights: str = "imagenet", batch_size: int = 256, num_workers: int = 1) -> Extracted | None:
+    """OUT/latents.npz: `features` (latent: the posteriors of the model at `checkpoint`, a run directory or
+    checkpoint; vgg-fc: VGG19's fc7 with `vgg_weights`) of every image of `splits`, encoded by every rank of
+    this process's launch (accelerate launch or torchrun; a plain process is one rank). What was written on
+    the main process, None on the others."""
+    accelerator = make_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if features == "latent":
+        if checkpoint is None:
+            raise ValueError("features='latent' needs a checkpoint")
+        encoder, _, folder = load_trained(checkpoint)
+        meta = {"checkpoint": str(folder), "features": "latent", "weights": "trained"}
+    else:
+        with accelerator.main_process_first():
+            encoder = VGGFc7(vgg_weights)
+        meta = {"checkpoint": "", "features": "vgg-fc", "weights": encoder.weights_source}
+    encoder.to(accelerator.device)
+    sources = [SplitSource.from_manifest(shards, split) for split in splits]
+    start = time.perf_counter()
+    write_part(out, rank, world, encode_rank(encoder, sources, rank, world, batch_size, num_workers,
+                                             accelerator.device))
+    accelerator.wait_for_everyone()
+    extracted = None
+    if accelerator.is_main_process:
+        path = merge_parts(out, world, {**meta, "attribute_names": sources[0].attributes})
+        extracted = Extracted(path, meta["features"], meta["weights"], sum(s.num_samples for s in sources), world,
+                              time.perf_counter() - start)
+    accelerator.wait_for_everyone()
+    return extracted
 
 
 @torch.no_grad()

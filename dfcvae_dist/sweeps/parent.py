@@ -13,9 +13,10 @@ import fcntl
 import json
 from typing import Iterator
 
-from dfcvae_dist.errors import UserError
+from dfcvae_dist.errors import UserError, one_line
 from dfcvae_dist.rundir import atomic_write
 from dfcvae_dist.sweeps.plan import Sweep
+from dfcvae_dist.tracking import get_or_create_experiment, mlflow_client
 
 PARENT_FILE = "parent.json"
 
@@ -43,13 +44,7 @@ def ensure_parent(sweep: Sweep) -> dict | None:
     """The parent run's record, created if this sweep has none in this tracking store; None when tracking is off."""
     if not sweep.tasks[0].config.log.enabled:
         return None
-    from mlflow import MlflowClient
-
-    from dfcvae_dist.training.tracking import default_timeouts
-
-    default_timeouts()  # seconds per request, not MLflow's minutes of retries, in every array task
-
-    client = MlflowClient(tracking_uri=tracking_uri_of(sweep))
+    client = mlflow_client(tracking_uri_of(sweep))
     path = sweep.sweep_dir / PARENT_FILE
     with parent_lock(sweep):
         if path.is_file():
@@ -60,19 +55,14 @@ def ensure_parent(sweep: Sweep) -> dict | None:
             record = _create_parent(client, sweep)
         except Exception as err:  # noqa: BLE001 - any store error is the user's to fix
             raise UserError(f"MLflow at {client.tracking_uri}: cannot create the parent run of sweep {sweep.name} "
-                            f"({str(err).splitlines()[0][:300]})") from None
+                            f"({one_line(err, 300)})") from None
         atomic_write(path, json.dumps(record, indent=1))
         print(f"sweep {sweep.name}: MLflow parent run {record['run_id']} ({client.tracking_uri})")
         return record
 
 
 def _create_parent(client, sweep: Sweep) -> dict:
-    from dfcvae_dist.training.tracking import artifact_root
-
-    experiment_name = sweep.tasks[0].config.log.experiment
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        experiment_name, artifact_location=artifact_root(client.tracking_uri))  # never ./mlruns of the cwd
+    experiment_id = get_or_create_experiment(client, sweep.tasks[0].config.log.experiment)
     run = client.create_run(experiment_id, run_name=sweep.name,
                             tags={"sweep": sweep.name, "sweep.file": str(sweep.path.resolve()),
                                   "sweep.tasks": str(len(sweep.tasks))})
@@ -83,9 +73,7 @@ def set_parent_status(record: dict | None, finished: bool) -> None:
     """FINISHED (with an end time) once every task has finished; RUNNING again when a task starts."""
     if record is None:
         return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    client = mlflow_client(record["tracking_uri"])
     status = "FINISHED" if finished else "RUNNING"
     if client.get_run(record["run_id"]).info.status == status:
         return

@@ -15,7 +15,6 @@ naming the sweep file and the task.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from dfcvae_dist.config import Config, load_config
+from dfcvae_dist.config import Config, load_config, load_dataclass, opt
 from dfcvae_dist.errors import UserError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -35,18 +34,22 @@ SET_BY_THE_SWEEP = ("train.run_dir", "log.parent_run_id", "log.run_tags")
 
 @dataclass
 class EvaluateConfig:
-    """How every task is evaluated (the `evaluate:` section)."""
-    shards: str = ""                 # manifest directory of extraction, SVMs and quality (train, val, test splits)
-    quality_shards: str | None = None  # manifest of the quality metrics (default: shards), e.g. the training crop
-    split: str = "test"              # the split of the quality metrics
-    max_images: int = 2000           # images of that split in the quality metrics
-    vgg_weights: str = "imagenet"    # loss network of the quality table's perceptual distance
-    fid_samples: int | None = 10_000  # FID from this many samples (at most the split's images); null or 0: no FID
-    fid_weights: str | None = None   # Inception weights file for FID (offline)
-    batch_size: int = 256            # extraction batch size
-    svm_subsample: int = 20_000      # training images used to choose the SVMs' C
-    svm_class_weight: str = "none"   # none (the paper's plain SVM) or balanced
-    svm_focus: str | None = None     # attributes also averaged on their own (dfcvae-svm --focus)
+    """How every task is evaluated (the `evaluate:` section), read and checked as config keys are."""
+    shards: str = opt("", "Manifest directory of extraction, SVMs and quality (its train, val and test splits); "
+                      "required.")
+    quality_shards: str | None = opt(None, "Manifest directory of the quality metrics (default: shards), e.g. the "
+                                     "training crop.")
+    split: str = opt("test", "The split of the quality metrics.", choices=["train", "val", "test"])
+    max_images: int = opt(2000, "Images of that split in the quality metrics.", min=1)
+    vgg_weights: str = opt("imagenet", "Loss network of the quality table's perceptual distance: imagenet, random "
+                           "or a weights file.")
+    fid_samples: int | None = opt(10_000, "FID from this many samples (at most the split's images); null or 0: no "
+                                  "FID.", min=0)
+    fid_weights: str | None = opt(None, "Inception weights file for FID (offline machines).")
+    batch_size: int = opt(256, "Extraction batch size.", min=1)
+    svm_subsample: int = opt(20_000, "Training images used to choose each SVM's C.", min=1)
+    svm_class_weight: str = opt("none", "none (the paper's plain SVM) or balanced.", choices=["none", "balanced"])
+    svm_focus: str | None = opt(None, "Attributes also averaged on their own (dfcvae-svm --focus).")
 
 
 @dataclass
@@ -182,45 +185,24 @@ def _refuse_duplicate_names(tasks: list[Task], path: Path) -> None:
 def _evaluate(section: Any, path: Path) -> EvaluateConfig:
     if not isinstance(section, dict) or not section.get("shards"):
         raise UserError(f"{path}: 'evaluate' must name at least 'shards' (the manifest directory evaluations read)")
-    fields = {f.name: f for f in dataclasses.fields(EvaluateConfig)}
-    hints = {"int": int, "int | None": int, "str": str, "str | None": str}
-    values = {}
-    for key, text in section.items():
-        if key not in fields:
-            raise UserError(f"{path}: unknown key 'evaluate.{key}' (known: {', '.join(fields)})")
-        kind = fields[key].type
-        if text == "null" and "None" in kind:
-            values[key] = None
-            continue
-        try:
-            values[key] = hints[kind](text)
-        except (TypeError, ValueError):
-            raise UserError(f"{path}: 'evaluate.{key}' must be {kind}, got {text!r}") from None
-    evaluate = EvaluateConfig(**values)
-    _check_evaluate(evaluate, path)
+    texts = {key: _text(value, path, f"evaluate.{key}") for key, value in section.items()}
+    evaluate = load_dataclass(EvaluateConfig, texts, str(path), "evaluate.")
+    if evaluate.vgg_weights not in ("imagenet", "random") and not Path(evaluate.vgg_weights).is_file():
+        raise UserError(f"{path}: 'evaluate.vgg_weights' must be imagenet, random or a weights file; "
+                        f"{evaluate.vgg_weights!r} is none of these")
     return evaluate
 
 
-def _check_evaluate(ev: EvaluateConfig, path: Path) -> None:
-    """The values the evaluation CLIs would refuse only after a task has trained."""
-    choices = {"split": ("train", "val", "test"), "svm_class_weight": ("none", "balanced")}
-    for key, allowed in choices.items():
-        if getattr(ev, key) not in allowed:
-            raise UserError(f"{path}: 'evaluate.{key}' must be one of {', '.join(allowed)}, got {getattr(ev, key)!r}")
-    for key in ("max_images", "batch_size", "svm_subsample"):
-        if getattr(ev, key) < 1:
-            raise UserError(f"{path}: 'evaluate.{key}' must be >= 1, got {getattr(ev, key)}")
-    if ev.fid_samples is not None and ev.fid_samples < 0:
-        raise UserError(f"{path}: 'evaluate.fid_samples' must be >= 0, got {ev.fid_samples}")
-    if ev.vgg_weights not in ("imagenet", "random") and not Path(ev.vgg_weights).is_file():
-        raise UserError(f"{path}: 'evaluate.vgg_weights' must be imagenet, random or a weights file; "
-                        f"{ev.vgg_weights!r} is none of these")
-
-
 def check_evaluation_data(sweep: "Sweep") -> None:
-    """Before a task trains: the manifests its evaluations will read exist (planning needs no data)."""
+    """Before a task trains: the manifests its evaluations will read are there (planning needs no data)."""
+    from dfcvae_dist.data.shards import read_manifest  # webdataset and torch: not for planning
+
     for key in ("shards", "quality_shards"):
         shards = getattr(sweep.evaluate, key)
-        if shards and not (Path(shards) / "manifest.json").is_file():
-            raise UserError(f"{sweep.path}: 'evaluate.{key}' {shards}: no manifest.json there (relative paths are "
-                            "read from the working directory)")
+        if not shards:
+            continue
+        try:
+            read_manifest(Path(shards))
+        except UserError as err:
+            raise UserError(f"{sweep.path}: 'evaluate.{key}': {err} (relative paths are read from the working "
+                            "directory)") from None

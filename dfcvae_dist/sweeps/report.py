@@ -20,10 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from dfcvae_dist.errors import UserError
+from dfcvae_dist.errors import UserError, one_line
 from dfcvae_dist.evaluation.paper_table import PAPER_AVERAGES, PAPER_TABLE1
 from dfcvae_dist.families import family_names, get_family
 from dfcvae_dist.rundir import DONE_MARKER, RESUME_MARKER, atomic_write
+from dfcvae_dist.tracking import mlflow_client, server_reachable
 
 SVM_FILE = Path("eval/svm/svm_report.json")
 QUALITY_FILE = Path("eval/quality/quality.json")
@@ -124,7 +125,7 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: unreadable ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path}: unreadable ({one_line(err)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a JSON object")
     return data
@@ -224,23 +225,19 @@ def log_to_parent(parent: dict | None, out: Path, metrics: dict[str, float]) -> 
     print. Never fails the report: an unreachable server or a missing parent is said and skipped."""
     if not parent:
         return "no parent run (parent.json): the report is not logged to MLflow"
-    from dfcvae_dist.training.tracking import default_timeouts, server_reachable
-
-    default_timeouts()  # a few seconds per request, not MLflow's minutes of retries
     uri, run_id = parent.get("tracking_uri"), parent.get("run_id")
     problem = "no run_id in parent.json" if not run_id else server_reachable(uri) if uri else None
     if problem:
         return f"MLflow parent run {run_id} at {uri}: {problem}; the report is not logged"
     try:
-        from mlflow import MlflowClient
         from mlflow.entities import Metric
 
-        client = MlflowClient(tracking_uri=uri)
+        client = mlflow_client(uri)
         client.log_artifacts(run_id, str(out), "report")
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     except Exception as err:  # noqa: BLE001 - the report on disk stands; the line says why it is not in MLflow
-        return f"MLflow parent run {run_id}: the report is not logged ({str(err).splitlines()[0][:300]})"
+        return f"MLflow parent run {run_id}: the report is not logged ({one_line(err, 300)})"
     return f"logged the report into MLflow parent run {run_id} (artifacts under report/, {len(metrics)} metrics)"
 
 

@@ -1,29 +1,31 @@
 """Run sweep tasks: train (resuming from any checkpoint), then evaluate into RUN_DIR/eval/{latents,svm,quality}.
 
 The trainer runs as a subprocess (`python -m dfcvae_dist.train`, or under a launcher such as `accelerate
-launch`); the evaluations run in the task's process through the CLIs' own `main` (three interpreter starts
-fewer per task). A signal stops a task like any CLI; run again, it resumes training from its checkpoint and
-evaluates again.
+launch`); the evaluations are library calls in the task's process, logging into the task's MLflow run through
+a client of the sweep's tracking store. A signal stops a task like any CLI; run again, it resumes training
+from its checkpoint and evaluates again.
 On Slurm, slurm/sweep.sbatch launches the training itself (on every node, with preemption and requeue) and
 calls `train_args` and `evaluate` through `dfcvae-sweep task`.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import json
-import os
-import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
-from dfcvae_dist.errors import UserError
+from dfcvae_dist.errors import UserError, message
 from dfcvae_dist.rundir import DONE_MARKER, RunLock, atomic_write
 from dfcvae_dist.sweeps.parent import child_overrides, ensure_parent, set_parent_status
-from dfcvae_dist.sweeps.plan import Sweep, Task, check_evaluation_data
+from dfcvae_dist.sweeps.plan import EvaluateConfig, Sweep, Task, check_evaluation_data
 from dfcvae_dist.sweeps.status import EVALUATED, is_trained, skipped_line, task_status
+from dfcvae_dist.tracking import mlflow_client
+
+Step = tuple[str, Callable[[], str]]  # (name, the call: it returns the line to print)
 
 
 def train_args(sweep: Sweep, task: Task, record: dict | None) -> list[str]:
@@ -31,29 +33,42 @@ def train_args(sweep: Sweep, task: Task, record: dict | None) -> list[str]:
     return ["--config", str(sweep.base), *task.overrides, *child_overrides(sweep, task.index, record)]
 
 
-def fid_args(sweep: Sweep) -> list[str]:
-    """dfcvae-quality's FID options: evaluate.fid_samples (null: no FID) and evaluate.fid_weights."""
-    ev = sweep.evaluate
-    return ["--fid-samples", str(ev.fid_samples or 0), *(["--fid-weights", ev.fid_weights] if ev.fid_weights else [])]
-
-
-def evaluation_steps(sweep: Sweep, task: Task) -> list[tuple[str, list[str]]]:
-    """(CLI module, argv): extract -> SVMs (logged into the task's MLflow run) -> quality; DCGAN (no encoder):
-    quality only."""
-    ev, run, out = sweep.evaluate, str(task.run_dir), task.run_dir / "eval"
-    quality = ("quality", ["--checkpoint", f"{task.name}={run}", "--shards", ev.quality_shards or ev.shards,
-                           "--split", ev.split,
-                           "--max-images", str(ev.max_images), "--vgg-weights", ev.vgg_weights, *fid_args(sweep),
-                           "--out", str(out / "quality")])
+def evaluation_steps(sweep: Sweep, task: Task, record: dict | None) -> list[Step]:
+    """extract -> SVMs -> quality, the last two logged into the task's MLflow run (when the sweep and the task
+    are tracked); DCGAN (no encoder): quality only."""
+    ev, out = sweep.evaluate, task.run_dir / "eval"
+    run_id = mlflow_run_id(task) if record else None
+    client = mlflow_client(record["tracking_uri"]) if run_id else None
+    quality = ("quality", functools.partial(quality_step, ev, task, out / "quality", run_id, client))
     if task.family == "dcgan":
         return [quality]
-    extract = ("extract", ["--checkpoint", run, "--shards", ev.shards, "--batch-size", str(ev.batch_size),
-                           "--out", str(out / "latents")])
-    svm = ("svm", ["--latents", str(out / "latents" / "latents.npz"), "--out", str(out / "svm"),
-                   "--subsample", str(ev.svm_subsample), "--class-weight", ev.svm_class_weight,
-                   *(["--focus", ev.svm_focus] if ev.svm_focus else []),
-                   *(["--mlflow-run", run] if mlflow_run_id(task) else [])])
-    return [extract, svm, quality]
+    return [("extract", functools.partial(extract_step, ev, task, out / "latents")),
+            ("svm", functools.partial(svm_step, ev, out / "latents" / "latents.npz", out / "svm", run_id, client)),
+            quality]
+
+
+def extract_step(ev: EvaluateConfig, task: Task, out: Path) -> str:
+    from dfcvae_dist.extraction.latents import extract_latents  # torch: not for planning
+
+    done = extract_latents(Path(ev.shards), out, task.run_dir, batch_size=ev.batch_size)
+    return f"wrote {done.path} ({done.images} images)"
+
+
+def svm_step(ev: EvaluateConfig, latents: Path, out: Path, run_id: str | None, client) -> str:
+    from dfcvae_dist.evaluation.svm import REPORT_FILE, evaluate_svms
+
+    report = evaluate_svms(latents, out, ev.svm_subsample, class_weight=ev.svm_class_weight, focus=ev.svm_focus,
+                           run_id=run_id, client=client)
+    return f"wrote {out / REPORT_FILE} (mean accuracy {report['mean_accuracy']:.4f})"
+
+
+def quality_step(ev: EvaluateConfig, task: Task, out: Path, run_id: str | None, client) -> str:
+    from dfcvae_dist.evaluation.quality import QUALITY_FILE, QualityOptions, evaluate_quality
+
+    opts = QualityOptions(Path(ev.quality_shards or ev.shards), ev.split, ev.max_images, ev.vgg_weights,
+                          Path(ev.fid_weights) if ev.fid_weights else None, ev.fid_samples or 0)
+    evaluate_quality({task.name: str(task.run_dir)}, opts, out, {task.name: run_id} if run_id else None, client)
+    return f"wrote {out / QUALITY_FILE}"
 
 
 def mlflow_run_id(task: Task) -> str | None:
@@ -62,18 +77,18 @@ def mlflow_run_id(task: Task) -> str | None:
 
 
 def evaluate(sweep: Sweep, task: Task, record: dict | None) -> None:
-    """Evaluate a trained task in this process (the CLIs' own `main`), holding its run directory's lock: a
-    second evaluation of it stops at once. A signal ends it like any CLI; a re-run evaluates again."""
-    if record:  # dfcvae-svm logs into the task's run through MLflow's default store
-        os.environ["MLFLOW_TRACKING_URI"] = record["tracking_uri"]
+    """Evaluate a trained task in this process, holding its run directory's lock: a second evaluation of it
+    stops at once. A signal ends it like any CLI; a re-run evaluates again."""
     lock = RunLock(task.run_dir)
     lock.acquire()
     try:
-        steps = evaluation_steps(sweep, task)
-        for name, argv in steps:
-            print(f"task {task.index} {task.name}: dfcvae-{name}", flush=True)
-            if importlib.import_module(f"dfcvae_dist.cli.{name}").main(argv) != 0:
-                raise UserError(f"task {task.index} {task.name}: dfcvae-{name} {shlex.join(argv)} failed")
+        steps = evaluation_steps(sweep, task, record)
+        for name, step in steps:
+            print(f"task {task.index} {task.name}: {name}", flush=True)
+            try:
+                print(f"task {task.index} {task.name}: {step()}", flush=True)
+            except UserError as err:
+                raise UserError(f"task {task.index} {task.name}: {name}: {message(err)}") from None
         # only now: an output written before its MLflow logging failed must not count as evaluated
         atomic_write(task.run_dir / "eval" / EVALUATED, json.dumps({"steps": [name for name, _ in steps]}))
     finally:

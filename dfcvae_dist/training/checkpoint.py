@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from dfcvae_dist.distributed import any_rank
-from dfcvae_dist.errors import UserError
+from dfcvae_dist.errors import UserError, one_line
 from dfcvae_dist.rundir import (CHECKPOINTS, CONFIG_FILE, LATEST, STATE_FILE, WEIGHTS_FILE, atomic_write,
                                 complete_checkpoints, disk_full, find_checkpoint, step_dir_name)
 from dfcvae_dist.training.state import TrainerState
@@ -90,4 +90,4 @@ def _reason(error: Exception, directory: Path) -> str:
         return disk_full(directory)
     if isinstance(error, OSError) and error.errno:
         return os.strerror(error.errno)
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return one_line(error)

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from dfcvae_dist.errors import one_line
+
 log = logging.getLogger(__name__)
 MAX_CALL_FAILURES = 5
 
@@ -135,7 +137,7 @@ class BackgroundSender:
         batch[0].failures += 1
         if batch[0].kind == "call" and batch[0].failures >= MAX_CALL_FAILURES:
             log.warning("MLflow: gave up on '%s' after %d failures (%s)", batch[0].payload[0], batch[0].failures,
-                        str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                        one_line(err, 200))
             batch = []
         with self.cond:
             self.queue.extendleft(reversed(batch))  # retried first, in order
@@ -145,7 +147,7 @@ class BackgroundSender:
             self.stats.failures += 1
             self.cond.notify_all()
         if not self.failing:
-            self.stats.first_error = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            self.stats.first_error = one_line(err, 200)
             log.warning("MLflow unreachable (%s); training goes on, up to %d metric points are kept and resent",
                         self.stats.first_error, self.max_points)
             self.failing = True

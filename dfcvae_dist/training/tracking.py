@@ -6,8 +6,8 @@
   already logged, so every step appears once.
 - After that the loop never waits on the network: one background sender (training/sender.py) sends, with
   a bounded queue, backoff after a failure, and a deadline at the end (log.flush_timeout_s).
-- With a sqlite store a new experiment keeps its artifacts beside the store (`mlartifacts/`), not in
-  `./mlruns` of whatever directory the job was launched from.
+- The client, the experiment (artifacts beside a sqlite store) and the server check come from
+  dfcvae_dist/tracking.py, as everywhere else.
 - MLflow's system-metrics monitor runs in a thread of its own; its `finish()` joins without a timeout, so
   it is stopped through the sender (main process) or a thread joined with the deadline (other nodes).
 """
@@ -19,38 +19,21 @@ import os
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
 from dfcvae_dist.config import Config
-from dfcvae_dist.errors import UserError
+from dfcvae_dist.errors import UserError, one_line
+from dfcvae_dist.tracking import get_or_create_experiment, mlflow_client, server_reachable, use_short_timeouts
 from dfcvae_dist.training.sender import BackgroundSender
 
 log = logging.getLogger(__name__)
 PROGRESS_METRIC = "train/total"
 
 
-def default_timeouts() -> None:
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-
-
 def tracking_uri(cfg: Config) -> str | None:
     return cfg.log.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-
-
-def server_reachable(uri: str, timeout: float = 5.0) -> str | None:
-    """None if reachable (or not a server), else the reason."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            return None if response.status == 200 else f"HTTP {response.status}"
-    except OSError as err:
-        return str(getattr(err, "reason", err))
 
 
 def code_version() -> str:
@@ -60,34 +43,6 @@ def code_version() -> str:
                               text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def resolve_run_id(value: str) -> str:
-    """An MLflow run id, or a training run directory (its COMPLETED.json / RESUME_ME.json names the run)."""
-    import json
-
-    directory = Path(value)
-    if not directory.is_dir():
-        if os.sep in value:
-            raise UserError(f"--mlflow-run {value}: neither a run directory nor an MLflow run id")
-        return value
-    for marker in ("COMPLETED.json", "RESUME_ME.json"):
-        path = directory / marker
-        if path.is_file():
-            run_id = json.loads(path.read_text()).get("mlflow_run_id")
-            if not run_id:
-                raise UserError(f"{path}: the run was not tracked in MLflow")
-            return run_id
-    raise UserError(f"{directory}: no COMPLETED.json or RESUME_ME.json, so no MLflow run to log into (a run killed "
-                    "before its first marker, or not a training run directory); pass the MLflow run id instead")
-
-
-def artifact_root(uri: str) -> str | None:
-    """Beside a sqlite store (`sqlite:///PATH/x.db` -> PATH/mlartifacts); None elsewhere: a server has its
-    own artifact root, and a file store keeps artifacts inside itself."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
 
 def run_tags(cfg: Config) -> dict[str, str]:
@@ -111,7 +66,7 @@ class SystemMetrics:
         from mlflow import get_tracking_uri
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        default_timeouts()  # ranks other than the main one reach the server here first
+        use_short_timeouts()  # ranks other than the main one reach the server here first
         uri = tracking_uri(cfg) or get_tracking_uri()
         per_node = uri.startswith(("http://", "https://"))
         if not (accelerator.local_process_index == 0 if per_node else accelerator.is_main_process):
@@ -150,7 +105,7 @@ def report_missing_gpu_metrics(monitor) -> None:
         GPUMonitor()
         reason = "unknown reason"
     except Exception as err:  # noqa: BLE001 - ImportError or an NVML error: either way, only the reason matters
-        reason = str(err).splitlines()[0][:200]
+        reason = one_line(err, 200)
     log.warning("MLflow system metrics: no GPU metrics (%s); CPU, memory, disk and network are logged", reason)
 
 
@@ -180,9 +135,6 @@ class Tracker:
             self.system_metrics = SystemMetrics.start_where_due(cfg, accelerator, decision[1], resumed=bool(run_id))
 
     def _start(self, cfg: Config, run_id: str | None) -> str:
-        default_timeouts()
-        from mlflow import MlflowClient
-
         uri = tracking_uri(cfg)
         problem = server_reachable(uri) if uri else None
         if problem:
@@ -191,7 +143,7 @@ class Tracker:
                 return f"error:{message}; start it, fix log.tracking_uri, or set log.on_unavailable=warn"
             log.warning("%s: training continues UNTRACKED (log.on_unavailable=warn)", message)
             return "untracked"
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = mlflow_client(uri)
         try:
             if run_id:
                 self.client.update_run(run_id, status="RUNNING")
@@ -199,15 +151,13 @@ class Tracker:
                 self.last_logged_step = max((m.step for m in history), default=-1)
                 run = self.client.get_run(run_id)
             else:
-                experiment = self.client.get_experiment_by_name(cfg.log.experiment)
-                experiment_id = (experiment.experiment_id if experiment else self.client.create_experiment(
-                    cfg.log.experiment, artifact_location=artifact_root(self.client.tracking_uri)))
+                experiment_id = get_or_create_experiment(self.client, cfg.log.experiment)
                 run = self.client.create_run(experiment_id, run_name=cfg.log.run_name or Path(cfg.train.run_dir).name,
                                              tags=run_tags(cfg))
                 self.run_id = run.info.run_id
             self.artifact_uri = run.info.artifact_uri
         except Exception as err:  # noqa: BLE001 - any store error at start is the user's to fix
-            return f"error:MLflow at {self.client.tracking_uri} failed at start: {str(err).splitlines()[0][:300]}"
+            return f"error:MLflow at {self.client.tracking_uri} failed at start: {one_line(err, 300)}"
         return "ok"
 
     def log_params(self, params: dict) -> None:
