@@ -46,7 +46,7 @@ quickstart: $(STAMP)
 		$(QS_MLFLOW) $(BIN)/python tools/eval_svm.py --latents $(QS)/runs/$$m/eval/latents/latents.npz \
 			--out $(QS)/runs/$$m/eval/svm --class-weight balanced --focus synthetic --mlflow-run $(QS)/runs/$$m && \
 		$(QS_MLFLOW) $(BIN)/python tools/quality.py --checkpoint $$m=$(QS)/runs/$$m --shards $(QS)/shards/landmarks-32 \
-			--vgg-weights random --out $(QS)/runs/$$m/eval/quality || exit 1; done
+			--network-weights random --out $(QS)/runs/$$m/eval/quality || exit 1; done
 	$(QS_MLFLOW) $(BIN)/python tools/explore_latents.py --checkpoint $(QS)/runs/dfcvae --latents $(QS)/runs/dfcvae/eval/latents/latents.npz \
 		--shards $(QS)/shards/landmarks-32 --split train --out $(QS)/results/studies --attributes Smiling,Eyeglasses,Male \
 		--mlflow-run $(QS)/runs/dfcvae

@@ -69,7 +69,7 @@ def load_model_uri(uri: str, tracking_uri: str | None = None, dst: str | Path | 
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_location(uri, tracking_uri),
                                                     tracking_uri=tracking_uri, dst_path=str(dst) if dst else None)
     except Exception as err:  # noqa: BLE001 - MLflow raises its own and the store's errors
-        raise UserError(f"{uri}: MLflow could not fetch the model ({str(err).splitlines()[0][:300]})") from None
+        raise UserError(f"{uri}: MLflow could not fetch the model ({one_line(err, 300)})") from None
     folder = Path(local) / "artifacts"
     if not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"{uri}: not a model logged by dfcvae_dist training (no artifacts/{WEIGHTS_FILE})")
@@ -79,11 +79,10 @@ def load_model_uri(uri: str, tracking_uri: str | None = None, dst: str | Path | 
 def model_location(uri: str, tracking_uri: str | None) -> str:
     """Where a LoggedModel's files are, for `models:/<model_id>` and `runs:/<run_id>/<name>[/path]`; other
     URIs as they are. MLflow 3.17 resolves both in the process's tracking store, whatever `tracking_uri` says."""
-    from mlflow import MlflowClient
-
     from dfcvae_dist.model_logging import logged_model_id
+    from dfcvae_dist.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     scheme, _, rest = uri.partition(":/")
     parts = rest.strip("/").split("/")
     if scheme == "models" and len(parts) == 1 and parts[0].startswith("m-"):

@@ -5,7 +5,6 @@ outside dfcvae_dist/families/ asks which family it has by name."""
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 

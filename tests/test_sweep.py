@@ -125,7 +125,8 @@ def test_a_task_whose_run_directory_has_a_live_owner_stops_with_one_line(tmp_pat
 
 @pytest.mark.parametrize("key, value, message", [
     ("svm_class_weight", "balancd", "'evaluate.svm_class_weight' must be one of ['none', 'balanced'], got 'balancd'"),
-    ("vgg_weights", "randm", "'evaluate.vgg_weights' must be imagenet, random or a weights file; 'randm' is none"),
+    ("vgg_weights", "randm", "'evaluate.network_weights' must be imagenet, random or a weights file; 'randm' is "
+                             "none"),
     ("max_images", 0, "'evaluate.max_images' must be >= 1, got 0"),
     ("fid_samples", "many", "'evaluate.fid_samples' must be of type int, got 'many'"),
     ("fid_samples", -1, "'evaluate.fid_samples' must be >= 0, got -1"),

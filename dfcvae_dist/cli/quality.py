@@ -13,6 +13,7 @@ from rich.table import Table
 
 from dfcvae_dist.errors import UserError, cli_main
 from dfcvae_dist.evaluation.quality import QUALITY_FILE, QualityOptions, evaluate_quality
+from dfcvae_dist.losses.feature_networks import BUILTIN_NETWORKS
 from dfcvae_dist.tracking import resolve_run_id
 
 COLUMNS = {"mse": ("MSE", ".5f"), "ssim": ("SSIM", ".4f"), "ms_ssim": ("MS-SSIM", ".4f"), "lpips": ("LPIPS", ".4f"),
@@ -27,7 +28,10 @@ def main(argv: list[str]) -> int:
                    help="model to compare (repeat): a run directory or checkpoint, e.g. dfcvae=runs/dfcvae")
     p.add_argument("--shards", type=Path, required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--vgg-weights", default="imagenet", help="VGG19 of our perceptual distance: imagenet|random|PATH")
+    p.add_argument("--network", choices=BUILTIN_NETWORKS, default="vgg19",
+                   help="feature network of our perceptual distance, at its default layers (VGG19: the paper's 123)")
+    p.add_argument("--network-weights", "--vgg-weights", dest="network_weights", default="imagenet",
+                   help="that network's weights: imagenet|random|PATH")
     p.add_argument("--max-images", type=int, default=2000, help="images of the split for the reconstruction metrics")
     p.add_argument("--fid-samples", type=int, default=10_000,
                    help="samples and real images for FID (at most the split's size; 50000 for papers that use it; "
@@ -38,8 +42,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     checkpoints = dict(parse_model(item) for item in args.checkpoint)
-    opts = QualityOptions(args.shards, args.split, args.max_images, args.vgg_weights, args.fid_weights,
-                          args.fid_samples)
+    opts = QualityOptions(args.shards, args.split, args.max_images, args.network_weights, args.fid_weights,
+                          args.fid_samples, network=args.network)
     run_ids = {} if args.no_mlflow else tracked_runs(checkpoints)
     quality = evaluate_quality(checkpoints, opts, args.out, run_ids)
     print_table(quality, args.split)

@@ -201,10 +201,11 @@ class QualityOptions:
     shards: Path
     split: str = "test"
     max_images: int = 2000  # reconstruction metrics
-    vgg_weights: str = "imagenet"  # the perceptual distance's VGG19
+    network_weights: str = "imagenet"  # the perceptual distance's feature network
     fid_weights: Path | None = None
     fid_samples: int = 10_000
     random_lpips_backbone_not_lpips: bool = False  # tests only
+    network: str = "vgg19"  # the perceptual distance's feature network, at its default layers (VGG: '123')
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -215,8 +216,9 @@ def fixed_notes(perceptual) -> dict[str, str]:
                 "whose window lies inside the image (as Wang et al.'s code and scikit-image), then over images",
         "blur_ratio": "ours: variance of the Laplacian of the reconstructions over that of the inputs (1 = as sharp); "
                       "no published counterpart",
-        "perceptual_distance": "ours: the DFC-VAE training loss's VGG19 feature distance (relu1_2, relu2_1, relu3_1), "
-                               f"VGG19 weights {perceptual.weights_source}; not comparable with published numbers",
+        "perceptual_distance": f"ours: the feature perceptual distance of the DFC-VAE's loss on {perceptual.features.network} "
+                               f"({', '.join(perceptual.features.layers)}), weights {perceptual.weights_source}; "
+                               "not comparable with published numbers",
     }
 
 
@@ -249,12 +251,13 @@ def evaluate_models(checkpoints: dict[str, str], opts: QualityOptions) -> dict:
     """quality.json's content for the named models (a run directory or checkpoint each): reconstruction
     metrics for the VAEs, FID for every model."""
     from dfcvae_dist.data.loader import read_images
-    from dfcvae_dist.imagenet import PAPER_LAYERS
+    from dfcvae_dist.families import get_family
     from dfcvae_dist.inference import load_trained
     from dfcvae_dist.losses import FeaturePerceptualLoss
-    from dfcvae_dist.models import VAE
+    from dfcvae_dist.losses.feature_networks import DEFAULT_LAYERS
 
-    perceptual = FeaturePerceptualLoss(list(PAPER_LAYERS["123"]), weights=opts.vgg_weights).to(opts.device)
+    perceptual = FeaturePerceptualLoss(DEFAULT_LAYERS[opts.network], weights=opts.network_weights,
+                                       network=opts.network).to(opts.device)
     notes = fixed_notes(perceptual)
     lpips_net, notes["lpips"] = lpips_or_reason(opts.random_lpips_backbone_not_lpips)
     lpips_net = lpips_net.to(opts.device) if lpips_net is not None else None
@@ -265,11 +268,11 @@ def evaluate_models(checkpoints: dict[str, str], opts: QualityOptions) -> dict:
         model, cfg, checkpoint = load_trained(path, expect=None)
         models[name] = model.to(opts.device)
         results[name] = {"checkpoint": str(checkpoint), "family": cfg.model.name, "split": opts.split}
-        if isinstance(model, VAE):
+        if get_family(cfg.model.name).encodes:
             results[name] |= reconstruction_metrics(model, images.split(200), perceptual, lpips_net, scales)
         else:
             results[name] |= {"images": 0, **dict.fromkeys(RECONSTRUCTION_METRICS)}
-    no_encoder = sorted(name for name, r in results.items() if r["family"] == "dcgan")
+    no_encoder = sorted(name for name, r in results.items() if not get_family(r["family"]).encodes)
     for key in RECONSTRUCTION_METRICS if no_encoder else ():
         notes[key] += f"; null for {', '.join(no_encoder)}: a GAN has no encoder, so no reconstructions"
     add_fid(models, results, opts, notes)

@@ -41,8 +41,9 @@ class EvaluateConfig:
                                      "training crop.")
     split: str = opt("test", "The split of the quality metrics.", choices=["train", "val", "test"])
     max_images: int = opt(2000, "Images of that split in the quality metrics.", min=1)
-    vgg_weights: str = opt("imagenet", "Loss network of the quality table's perceptual distance: imagenet, random "
-                           "or a weights file.")
+    network: str = opt("vgg19", "Feature network of the quality table's perceptual distance, at its default layers "
+                       "(VGG19: the paper's 123).", choices=["vgg19", "vgg16", "resnet18", "resnet50"])
+    network_weights: str = opt("imagenet", "Its weights: imagenet, random or a weights file (formerly vgg_weights).")
     fid_samples: int | None = opt(10_000, "FID from this many samples (at most the split's images); null or 0: no "
                                   "FID.", min=0)
     fid_weights: str | None = opt(None, "Inception weights file for FID (offline machines).")
@@ -60,7 +61,7 @@ class Task:
     grid: dict[str, str]
     overrides: list[str]   # base <- these = the task's config (train.run_dir last)
     run_dir: Path
-    family: str        # model.name: dfcvae, pvae or dcgan
+    family: str        # model.name
     config: Config = field(repr=False)
 
 
@@ -186,10 +187,11 @@ def _evaluate(section: Any, path: Path) -> EvaluateConfig:
     if not isinstance(section, dict) or not section.get("shards"):
         raise UserError(f"{path}: 'evaluate' must name at least 'shards' (the manifest directory evaluations read)")
     texts = {key: _text(value, path, f"evaluate.{key}") for key, value in section.items()}
+    texts = {"network_weights" if key == "vgg_weights" else key: text for key, text in texts.items()}  # its old name
     evaluate = load_dataclass(EvaluateConfig, texts, str(path), "evaluate.")
-    if evaluate.vgg_weights not in ("imagenet", "random") and not Path(evaluate.vgg_weights).is_file():
-        raise UserError(f"{path}: 'evaluate.vgg_weights' must be imagenet, random or a weights file; "
-                        f"{evaluate.vgg_weights!r} is none of these")
+    if evaluate.network_weights not in ("imagenet", "random") and not Path(evaluate.network_weights).is_file():
+        raise UserError(f"{path}: 'evaluate.network_weights' must be imagenet, random or a weights file; "
+                        f"{evaluate.network_weights!r} is none of these")
     return evaluate
 
 

@@ -23,6 +23,7 @@ from dfcvae_dist.rundir import DONE_MARKER, RunLock, atomic_write
 from dfcvae_dist.sweeps.parent import child_overrides, ensure_parent, set_parent_status
 from dfcvae_dist.sweeps.plan import EvaluateConfig, Sweep, Task, check_evaluation_data
 from dfcvae_dist.sweeps.status import EVALUATED, is_trained, skipped_line, task_status
+from dfcvae_dist.families import get_family
 from dfcvae_dist.tracking import mlflow_client
 
 Step = tuple[str, Callable[[], str]]  # (name, the call: it returns the line to print)
@@ -34,17 +35,15 @@ def train_args(sweep: Sweep, task: Task, record: dict | None) -> list[str]:
 
 
 def evaluation_steps(sweep: Sweep, task: Task, record: dict | None) -> list[Step]:
-    """extract -> SVMs -> quality, the last two logged into the task's MLflow run (when the sweep and the task
-    are tracked); DCGAN (no encoder): quality only."""
+    """The family's evaluation steps (extract -> SVMs -> quality; a family without an encoder: quality only), the
+    last two logged into the task's MLflow run (when the sweep and the task are tracked)."""
     ev, out = sweep.evaluate, task.run_dir / "eval"
     run_id = mlflow_run_id(task) if record else None
     client = mlflow_client(record["tracking_uri"]) if run_id else None
-    quality = ("quality", functools.partial(quality_step, ev, task, out / "quality", run_id, client))
-    if task.family == "dcgan":
-        return [quality]
-    return [("extract", functools.partial(extract_step, ev, task, out / "latents")),
-            ("svm", functools.partial(svm_step, ev, out / "latents" / "latents.npz", out / "svm", run_id, client)),
-            quality]
+    steps = {"extract": functools.partial(extract_step, ev, task, out / "latents"),
+             "svm": functools.partial(svm_step, ev, out / "latents" / "latents.npz", out / "svm", run_id, client),
+             "quality": functools.partial(quality_step, ev, task, out / "quality", run_id, client)}
+    return [(name, steps[name]) for name in get_family(task.family).evaluations]
 
 
 def extract_step(ev: EvaluateConfig, task: Task, out: Path) -> str:
@@ -65,8 +64,8 @@ def svm_step(ev: EvaluateConfig, latents: Path, out: Path, run_id: str | None, c
 def quality_step(ev: EvaluateConfig, task: Task, out: Path, run_id: str | None, client) -> str:
     from dfcvae_dist.evaluation.quality import QUALITY_FILE, QualityOptions, evaluate_quality
 
-    opts = QualityOptions(Path(ev.quality_shards or ev.shards), ev.split, ev.max_images, ev.vgg_weights,
-                          Path(ev.fid_weights) if ev.fid_weights else None, ev.fid_samples or 0)
+    opts = QualityOptions(Path(ev.quality_shards or ev.shards), ev.split, ev.max_images, ev.network_weights,
+                          Path(ev.fid_weights) if ev.fid_weights else None, ev.fid_samples or 0, network=ev.network)
     evaluate_quality({task.name: str(task.run_dir)}, opts, out, {task.name: run_id} if run_id else None, client)
     return f"wrote {out / QUALITY_FILE}"
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 from dfcvae_dist.config import load_config, resume_changes
+from dfcvae_dist.families import get_family
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.rundir import CONFIG_FILE, DONE_MARKER, RunLock
 from dfcvae_dist.sweeps.plan import Task
@@ -19,29 +19,24 @@ EVALUATED = "EVALUATED.json"  # RUN_DIR/eval/: written by the sweep once every e
 
 
 def evaluation_files(task: Task) -> list[Path]:
-    """What a finished task's evaluations leave (RUN_DIR/eval/...); DCGAN has no encoder, so quality only."""
-    quality = task.run_dir / "eval" / "quality" / "quality.json"
-    if task.family == "dcgan":
-        return [quality]
-    return [task.run_dir / "eval" / "latents" / "latents.npz", task.run_dir / "eval" / "svm" / "svm_report.json",
-            quality]
+    """What a finished task's evaluation steps leave (RUN_DIR/eval/...): its family's steps."""
+    files = {"extract": Path("latents/latents.npz"), "svm": Path("svm/svm_report.json"),
+             "quality": Path("quality/quality.json")}
+    return [task.run_dir / "eval" / files[name] for name in get_family(task.family).evaluations]
 
 
 def is_trained(task: Task) -> bool:
     """The run wrote COMPLETED.json at its last step for this task's config.
 
-    COMPLETED.json's config_digest cannot be compared with the task's: the trainer digests the RESOLVED config
-    (train.mixed_precision=auto becomes the launcher's 'no', 'fp16' or 'bf16'). So the run's config.yaml is
-    compared the way a resume would compare it: no change a resume refuses, and no change of the training length.
+    The run's config.yaml is compared the way a resume would compare it (the sweep also gives every run its
+    parent run and tags, which a digest would count): no change a resume refuses, and no change of the training
+    length.
     A launch rewrites config.yaml at its start, so a COMPLETED.json older than it is that of an earlier launch."""
     done, saved = task.run_dir / DONE_MARKER, task.run_dir / CONFIG_FILE
     if not done.is_file() or not saved.is_file() or done.stat().st_mtime < saved.stat().st_mtime:
         return False
     summary = read_json(done)
-    saved_cfg, wanted = load_config(saved), copy.deepcopy(task.config)
-    if wanted.train.mixed_precision == "auto":  # auto accepts whatever the launcher gave
-        wanted.train.mixed_precision = saved_cfg.train.mixed_precision
-    safe, refused = resume_changes(saved_cfg, wanted)
+    safe, refused = resume_changes(load_config(saved), task.config)
     return (not refused and not TRAINING_LENGTH & {key for key, _, _ in safe}
             and summary.get("total_steps") is not None and summary.get("step") == summary["total_steps"])
 

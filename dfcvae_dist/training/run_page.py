@@ -15,7 +15,7 @@ from torchvision.utils import make_grid
 
 from dfcvae_dist.config import Config
 from dfcvae_dist.data.loader import EvalStream, make_loader, model_input, resolve_split
-from dfcvae_dist.data.shards import MANIFEST, manifest_digest, read_manifest
+from dfcvae_dist.data.shards import manifest_digest, manifest_of
 from dfcvae_dist.families import get_family
 from dfcvae_dist.metrics import TRAINING
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "evaluation"}
@@ -27,11 +27,6 @@ def family_params(cfg: Config) -> dict:
     """The config as MLflow params, without the keys this model family never reads."""
     unused = get_family(cfg.model.name).unused_keys(cfg)
     return {k: v for k, v in cfg.flat().items() if k not in unused}
-
-
-def shard_manifest(shards: str) -> dict | None:
-    """The manifest of `data.shards`, or None where it is a URL pattern."""
-    return read_manifest(Path(shards)) if (Path(shards) / MANIFEST).is_file() else None
 
 
 def dataset_inputs(shards: str, manifest: dict | None) -> list:
@@ -96,7 +91,7 @@ def fixed_batch(cfg: Config, n: int = 8) -> torch.Tensor | None:
     the same faces at every image step and after a resume. Shards are written in key order, so the first
     shard holds the first keys."""
     data = cfg.data
-    manifest = shard_manifest(data.shards)
+    manifest = manifest_of(data.shards)
     has_val = bool(manifest["splits"].get("val", {}).get("num_samples")) if manifest else bool(data.val_shards)
     source = resolve_split(data.shards, "val" if has_val else "train", pattern_samples=n,
                            val_pattern=data.val_shards)

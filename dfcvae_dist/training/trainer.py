@@ -24,14 +24,15 @@ from dfcvae_dist.config import Config, load_config, resume_changes
 from dfcvae_dist.data.loader import (SplitSource, TrainStream, batches_per_epoch, make_loader, model_input,
                                      resolve_split)
 from dfcvae_dist.distributed import make_accelerator, set_determinism
-from dfcvae_dist.errors import UserError, one_line
+from dfcvae_dist.data.shards import MANIFEST, manifest_of
+from dfcvae_dist.errors import UserError, message, one_line
 from dfcvae_dist.families import get_family
 from dfcvae_dist.rundir import CONFIG_FILE, DONE_MARKER, RunLock, atomic_write, find_checkpoint, write_end_marker
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
 from dfcvae_dist.training.recipes import LossHealth, StepResult, set_lr
 from dfcvae_dist.training.run_page import (dataset_inputs, family_params, fixed_batch, labelled_rows,
-                                           run_description, shard_manifest)
+                                           run_description)
 from dfcvae_dist.training.state import TrainerState
 from dfcvae_dist.training.tracking import Tracker, code_version
 
@@ -237,7 +238,7 @@ class Trainer:
         try:  # accelerate loads with weights_only=True: a file that would run code is refused, not executed
             acc.load_state(str(checkpoint))
         except (pickle.UnpicklingError, RuntimeError, OSError) as err:
-            raise UserError(f"{checkpoint}: checkpoint refused or unreadable ({str(err).splitlines()[0][:300]})") from None
+            raise UserError(f"{checkpoint}: checkpoint refused or unreadable ({one_line(err, 300)})") from None
         saved.config_digest, saved.feature_weights = state.config_digest, state.feature_weights
         saved.skipped_samples = saved.skipped_samples if acc.is_main_process else 0  # a sum over ranks
         self.checkpointer.last_saved = saved.step
@@ -260,7 +261,7 @@ class Trainer:
     def start_tracking(self) -> Tracker:
         cfg, s, acc = self.cfg, self.state, self.accelerator
         tracker = Tracker(cfg, acc, s.mlflow_run_id)
-        manifest = shard_manifest(cfg.data.shards) if tracker.active else None
+        manifest = manifest_of(cfg.data.shards) if tracker.active else None
         if not s.mlflow_run_id:
             tracker.log_params(family_params(cfg))
             tracker.log_text(cfg.to_yaml(), "config.yaml")
@@ -307,7 +308,7 @@ def on_main_then_all(accelerator, fn):
         try:
             outcome = [("ok", fn())]
         except Exception as err:  # noqa: BLE001 - any error must reach the other ranks, not leave them waiting
-            outcome = [("error", one_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")]
+            outcome = [("error", message(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")]
     broadcast_object_list(outcome, from_process=0)
     kind, value = outcome[0]
     if kind == "error":
@@ -336,12 +337,10 @@ def refuse_incompatible(checkpoint: Path, saved: TrainerState, now: TrainerState
 
 def check_image_size(shards: str, image_size: int) -> None:
     """Shards of one size and a model of another would fail deep in the first step: say so before it."""
-    manifest = Path(shards) / "manifest.json"
-    if not manifest.is_file():
-        return
-    size = json.loads(manifest.read_text()).get("image_size")
+    manifest = manifest_of(shards)
+    size = manifest.get("image_size") if manifest else None
     if size is not None and size != image_size:
-        raise UserError(f"{manifest}: the shards hold {size}x{size} images, but model.image_size={image_size}: set "
+        raise UserError(f"{Path(shards) / MANIFEST}: the shards hold {size}x{size} images, but model.image_size={image_size}: set "
                         f"model.image_size={size}, or write shards with --image-size {image_size}")
 
 
