@@ -238,12 +238,20 @@ def test_help_text_names_every_key_with_type_default_and_help():
     assert "  log.every_steps (int, default 10, >= 1, resume-safe)\n" in text
 
 
-def test_configuration_doc_is_what_the_generator_writes(tmp_path):
-    out = tmp_path / "configuration.md"
-    subprocess.run([sys.executable, ROOT / "tools" / "config_docs.py", "--out", out], check=True, cwd=ROOT,
+@pytest.mark.parametrize("page", ["configuration.md", "metrics.md"])
+def test_generated_docs_are_what_the_generator_writes(tmp_path, page):
+    subprocess.run([sys.executable, ROOT / "tools" / "generate_docs.py", "--out-dir", tmp_path], check=True, cwd=ROOT,
                    capture_output=True)
-    assert (ROOT / "docs" / "configuration.md").read_text() == out.read_text(), \
-        "docs/configuration.md is stale: run python tools/config_docs.py"
+    assert (ROOT / "docs" / page).read_text() == (tmp_path / page).read_text(), \
+        f"docs/{page} is stale: run python tools/generate_docs.py"
+
+
+def test_every_metric_the_code_logs_is_in_the_metrics_doc():
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    for name in ("train/rec_perceptual/<layer>", "train/rec_pixel", "train/loss_g", "train/adversarial", "val/total",
+                 "eval/svm/mean_balanced_accuracy", "eval/latent/active_units", "eval/quality/fid",
+                 "quality_fid", "svm_mean_accuracy", "wall_time_s"):
+        assert f"`{name}`" in doc, name
 
 
 def test_configuration_doc_shows_resume_safety_of_every_key():

@@ -213,7 +213,7 @@ def test_baselines_train_in_the_same_loop(tmp_path, shard_dir, model):
     import torch
 
     from dfcvae_dist.config import load_config
-    from dfcvae_dist.models import build_model
+    from dfcvae_dist.families import get_family
 
     run_dir = tmp_path / model
     extra = ["optim.lr=2e-4", "optim.beta1=0.5", "model.base_channels=16"] if model == "dcgan" else ["loss.beta=1.0"]
@@ -232,7 +232,7 @@ def test_baselines_train_in_the_same_loop(tmp_path, shard_dir, model):
         assert not any(k.startswith("loss.") for k in run.data.params)
         assert image_steps(client, run.info.run_id) == {"samples": [3, 6]}  # a GAN reconstructs nothing
     torch.manual_seed(0)  # train.seed: the weights the run started from
-    start = build_model(load_config(run_dir / "config.yaml").model).state_dict()
+    start = get_family(model).build_model(load_config(run_dir / "config.yaml").model).state_dict()
     trained = load_file(run_dir / "checkpoints" / "step-00000006" / "weights.safetensors")
     parts = ["generator.", "discriminator."] if model == "dcgan" else ["encoder.", "decoder."]
     for part in parts:  # every network was optimized
@@ -248,8 +248,11 @@ def test_resume_from_a_path_or_none_and_pruning_to_keep(tmp_path, shard_dir):
     train(tmp_path, shard_dir, run_dir, "train.max_steps=4", "checkpoint.every_steps=1", "checkpoint.keep=2")
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000003", "step-00000004"]
-    # A checkpoint written before TrainerState existed still resumes (its position read from micro_batches).
+    # A checkpoint written before TrainerState existed still resumes (its position read from micro_batches; its
+    # precision, resolved, in its config).
     state = json.loads((checkpoints / "step-00000003" / "trainer_state.json").read_text())
+    config = checkpoints / "step-00000003" / "config.yaml"
+    config.write_text(config.read_text().replace("mixed_precision: auto", "mixed_precision: 'no'"))
     old = {k: state[k] for k in ("step", "world_size", "batches_per_epoch", "mlflow_run_id", "config_digest", "model",
                                  "skipped_steps", "feature_weights")}
     old.update(epoch=0, samples_seen=48, micro_batches=3)

@@ -14,11 +14,9 @@ from rich.table import Table
 from dfcvae_dist.errors import UserError, cli_main
 from dfcvae_dist.evaluation.quality import QUALITY_FILE, QualityOptions, evaluate_quality
 from dfcvae_dist.losses.feature_networks import BUILTIN_NETWORKS
+from dfcvae_dist.metrics import QUALITY, formatted
 from dfcvae_dist.tracking import resolve_run_id
 
-COLUMNS = {"mse": ("MSE", ".5f"), "ssim": ("SSIM", ".4f"), "ms_ssim": ("MS-SSIM", ".4f"), "lpips": ("LPIPS", ".4f"),
-           "blur_ratio": ("blur ratio (ours)", ".3f"), "perceptual_distance": ("perceptual dist. (ours)", ".4g"),
-           "fid": ("FID", ".2f"), "fid_samples": ("FID samples", ",d")}
 
 
 @cli_main
@@ -70,10 +68,9 @@ def parse_model(item: str) -> tuple[str, str]:
 
 
 def print_table(quality: dict, split: str) -> None:
-    table = Table("model", "family", "images", *(title for title, _ in COLUMNS.values()), title=f"{split} split")
+    table = Table("model", "family", "images", *(m.label for m in QUALITY), title=f"{split} split")
     for name, r in quality["models"].items():
-        table.add_row(name, r["family"], str(r["images"]),
-                      *("n/a" if r[key] is None else format(r[key], fmt) for key, (_, fmt) in COLUMNS.items()))
+        table.add_row(name, r["family"], str(r["images"]), *(formatted(m, r[m.key]) for m in QUALITY))
     console = Console(width=200)
     console.print(table)
     for key, note in quality["notes"].items():

@@ -23,6 +23,7 @@ from torchmetrics.functional.image import (multiscale_structural_similarity_inde
                                            structural_similarity_index_measure)
 
 from dfcvae_dist.errors import UserError, one_line
+from dfcvae_dist.metrics import QUALITY, RECONSTRUCTION, keys
 from dfcvae_dist.rundir import atomic_write
 from dfcvae_dist.tracking import mlflow_client
 
@@ -33,8 +34,8 @@ FID_WEIGHTS_ALIASES = (FID_WEIGHTS_FILE, "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{FID_WEIGHTS_FILE}"
 LPIPS_BACKBONE_FILE = "alexnet-owt-7be5be79.pth"
 LPIPS_BACKBONE_URL = f"https://download.pytorch.org/models/{LPIPS_BACKBONE_FILE}"
-RECONSTRUCTION_METRICS = ("mse", "ssim", "ms_ssim", "lpips", "blur_ratio", "perceptual_distance")
-METRICS = (*RECONSTRUCTION_METRICS, "fid", "fid_samples")
+RECONSTRUCTION_METRICS = keys(RECONSTRUCTION)
+METRICS = keys(QUALITY)
 QUALITY_FILE = "quality.json"
 
 
@@ -240,9 +241,9 @@ def evaluate_quality(checkpoints: dict[str, str], opts: QualityOptions, out: Pat
 def log_quality(client, run_id: str, name: str, result: dict, quality_json: Path) -> None:
     try:
         client.log_artifact(run_id, str(quality_json), "evaluation")
-        for key in METRICS:
-            if result[key] is not None and not (key == "fid_samples" and result["fid"] is None):
-                client.log_metric(run_id, f"eval/quality/{key}", result[key])
+        for metric in QUALITY:
+            if result[metric.key] is not None and not (metric.key == "fid_samples" and result["fid"] is None):
+                client.log_metric(run_id, metric.name, result[metric.key])
     except Exception as err:  # noqa: BLE001 - MLflow raises its own and the store's errors
         raise UserError(f"MLflow run {run_id} ({name}): cannot log the quality results ({one_line(err)})") from None
 

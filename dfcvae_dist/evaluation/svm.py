@@ -24,14 +24,13 @@ from dfcvae_dist.errors import UserError, one_line
 from dfcvae_dist.evaluation.latent_stats import latent_statistics
 from dfcvae_dist.evaluation.paper_table import PAPER_AVERAGES, PAPER_TABLE1
 from dfcvae_dist.extraction.latents import load_latents
+from dfcvae_dist.metrics import LATENT, SVM
 from dfcvae_dist.rundir import atomic_write
 from dfcvae_dist.tracking import mlflow_client
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 LEFT_OUT_MARK = "†"
 REPORT_FILE, TABLE_FILE = "svm_report.json", "svm_table.md"
-LOGGED_MEANS = ("mean_accuracy", "mean_balanced_accuracy", "mean_majority", "focus_mean_accuracy",
-                "focus_mean_balanced_accuracy")
 
 
 def evaluate_svms(latents_file: Path, out: Path, subsample: int = 20_000, jobs: int = 2, class_weight: str = "none",
@@ -64,12 +63,11 @@ def log_svm_report(client, run_id: str, out: Path, report: dict) -> None:
     try:
         for name in (REPORT_FILE, TABLE_FILE):
             client.log_artifact(run_id, str(out / name), "evaluation")
-        for key in LOGGED_MEANS:
-            if key in report:
-                client.log_metric(run_id, f"eval/svm/{key}", report[key])
-        for key in ("kl_per_image", "active_units"):
-            if "latent" in report:
-                client.log_metric(run_id, f"eval/latent/{key}", report["latent"][key])
+        for metric in SVM:
+            if metric.key in report:
+                client.log_metric(run_id, metric.name, report[metric.key])
+        for metric in LATENT if "latent" in report else ():
+            client.log_metric(run_id, metric.name, report["latent"][metric.key])
     except Exception as err:  # noqa: BLE001 - MLflow raises its own and the store's errors
         raise UserError(f"MLflow run {run_id}: cannot log the SVM report ({one_line(err)})") from None
 

@@ -23,16 +23,13 @@ import yaml
 from dfcvae_dist.errors import UserError, one_line
 from dfcvae_dist.evaluation.paper_table import PAPER_AVERAGES, PAPER_TABLE1
 from dfcvae_dist.families import family_names, get_family
+from dfcvae_dist.metrics import COST, LATENT, QUALITY, SVM, keys
 from dfcvae_dist.rundir import DONE_MARKER, RESUME_MARKER, atomic_write
 from dfcvae_dist.tracking import mlflow_client, server_reachable
 
 SVM_FILE = Path("eval/svm/svm_report.json")
 QUALITY_FILE = Path("eval/quality/quality.json")
-SVM_MEANS = ("mean_accuracy", "mean_balanced_accuracy", "mean_majority", "focus_mean_accuracy",
-             "focus_mean_balanced_accuracy")
-LATENT_KEYS = ("kl_per_image", "active_units")
-QUALITY_METRICS = ("mse", "ssim", "ms_ssim", "lpips", "blur_ratio", "perceptual_distance", "fid", "fid_samples")
-COST_KEYS = ("wall_time_s", "img_per_s")
+SVM_MEANS, LATENT_KEYS, QUALITY_METRICS, COST_KEYS = keys(SVM), keys(LATENT), keys(QUALITY), keys(COST)
 
 
 @dataclass(frozen=True)
@@ -319,37 +316,32 @@ def svm_section(runs: dict) -> list[str]:
     return lines + table(header, rows) + ["", note, ""]
 
 
+def metric_cells(stats: dict, metrics: list, run: dict) -> list[str]:
+    return [cell(stats[m.key], spec=m.spec, column_n=seeds(run)) for m in metrics]
+
+
 def latent_section(runs: dict) -> list[str]:
-    rows = [[name, str(seeds(run)), cell(run["latent"]["kl_per_image"], spec=".2f", column_n=seeds(run)),
-             cell(run["latent"]["active_units"], spec=".1f", column_n=seeds(run))] for name, run in runs.items()]
-    return ["## Latent space (test split)", "", *table(["run", "seeds", "KL per image", "active units"], rows), "",
-            "n/a: a VAE whose svm_report.json has no `latent` section, or a DCGAN (no encoder).", ""]
-
-
-QUALITY_COLUMNS = {"mse": ("MSE", ".3g"), "ssim": ("SSIM", ".4f"), "ms_ssim": ("MS-SSIM", ".4f"),
-                   "lpips": ("LPIPS", ".4f"), "blur_ratio": ("blur ratio", ".3g"),
-                   "perceptual_distance": ("perceptual distance", ".4g"), "fid": ("FID", ".2f"),
-                   "fid_samples": ("FID samples", ".0f")}
+    rows = [[name, str(seeds(run)), *metric_cells(run["latent"], LATENT, run)] for name, run in runs.items()]
+    return ["## Latent space (test split)", "", *table(["run", "seeds", *(m.label for m in LATENT)], rows), "",
+            "n/a: a VAE whose svm_report.json has no `latent` section, or a model without an encoder (a GAN).", ""]
 
 
 def quality_section(runs: dict) -> list[str]:
-    rows = [[name, *(cell(run["quality"][key], spec=spec, column_n=seeds(run))
-                     for key, (_, spec) in QUALITY_COLUMNS.items())] for name, run in runs.items()]
+    rows = [[name, *metric_cells(run["quality"], QUALITY, run)] for name, run in runs.items()]
     notes = {}
     for name, run in runs.items():
         for metric, note in run["quality_notes"].items():
             notes.setdefault(f"{metric}: {note}", []).append(name)
     why = "the notes below say why" if notes else "its quality.json gives no note"
     return ["## Reconstruction and sample quality (test split)", "",
-            *table(["run", *(label for label, _ in QUALITY_COLUMNS.values())], rows), "",
+            *table(["run", *(m.label for m in QUALITY)], rows), "",
             f"n/a: not computed for that model; {why}.", "",
             *(f"- {text} ({', '.join(names)})" for text, names in notes.items()), *([""] if notes else [])]
 
 
 def cost_section(runs: dict) -> list[str]:
-    rows = [[name, cell(run["cost"]["wall_time_s"], spec=".0f", column_n=seeds(run)),
-             cell(run["cost"]["img_per_s"], spec=".1f", column_n=seeds(run))] for name, run in runs.items()]
-    return ["## Training cost (from COMPLETED.json)", "", *table(["run", "wall time (s)", "img/s"], rows), ""]
+    rows = [[name, *metric_cells(run["cost"], COST, run)] for name, run in runs.items()]
+    return ["## Training cost (from COMPLETED.json)", "", *table(["run", *(m.label for m in COST)], rows), ""]
 
 
 def figures_section(figures: dict, problems: list[str]) -> list[str]:
