@@ -156,8 +156,10 @@ class TensorBoard:
     def flush(self) -> None:
         self.sender.put_call("flush", self.writer.flush)
 
-    def close(self, deadline_s: float) -> None:
+    def start_closing(self) -> None:
         self.sender.put_call("close", self.writer.close)
+
+    def wait_closed(self, deadline_s: float) -> None:
         self.sender.close(deadline_s)
 
 
@@ -274,9 +276,9 @@ class Tracker:
         """End the run as it really ended (FINISHED, KILLED or FAILED), waiting at most log.flush_timeout_s in
         all."""
         deadline = time.monotonic() + self.flush_timeout_s
-        if self.tensorboard is not None:
-            self.tensorboard, tensorboard = None, self.tensorboard
-            tensorboard.close(self.flush_timeout_s)
+        tensorboard, self.tensorboard = self.tensorboard, None
+        if tensorboard is not None:  # closes beside MLflow's sending: a hung disk costs MLflow no time
+            tensorboard.start_closing()
         if self.system_metrics is not None:
             self.system_metrics.stop(self.sender if self.active else None, max(0.0, deadline - time.monotonic()))
             self.system_metrics = None
@@ -285,6 +287,8 @@ class Tracker:
             # first: with a backlog at the deadline, the run's real status matters more than its last points
             self.sender.put_call("end", lambda: self.client.set_terminated(self.run_id, status), first=True)
             self.sender.close(max(0.0, deadline - time.monotonic()))
+        if tensorboard is not None:
+            tensorboard.wait_closed(max(0.0, deadline - time.monotonic()))
 
     def log_model(self, checkpoint: Path, step: int, final: bool, which: str) -> None:
         """The checkpoint as an MLflow LoggedModel of this run at `step`, uploaded by the sender; `which`
