@@ -239,11 +239,16 @@ def evaluate_quality(checkpoints: dict[str, str], opts: QualityOptions, out: Pat
 
 
 def log_quality(client, run_id: str, name: str, result: dict, quality_json: Path) -> None:
+    """quality.json and the model's numbers into its run, the numbers also on the run's logged model of the
+    evaluated checkpoint, where the run logged one (`model_logging.model_link`)."""
+    from dfcvae_dist.model_logging import model_link
+
     try:
+        link = model_link(client, run_id, result["checkpoint"])
         client.log_artifact(run_id, str(quality_json), "evaluation")
         for metric in QUALITY:
             if result[metric.key] is not None and not (metric.key == "fid_samples" and result["fid"] is None):
-                client.log_metric(run_id, metric.name, result[metric.key])
+                client.log_metric(run_id, metric.name, result[metric.key], **link)
     except Exception as err:  # noqa: BLE001 - MLflow raises its own and the store's errors
         raise UserError(f"MLflow run {run_id} ({name}): cannot log the quality results ({one_line(err)})") from None
 
