@@ -164,12 +164,14 @@ def model_section(cfg: Config, state: TrainerState, checkpoint: Path, which: str
 
 def usage_section(family, repo: str | None) -> list[str]:
     where = f"{HUB_SCHEME}{repo}" if repo else f"{HUB_SCHEME}OWNER/NAME"
-    lines = ["## Use", "", "```python", "from dfcvae_dist.inference import load_trained, encode, decode, sample",
-             f'model, cfg, folder = load_trained("{where}")  # or the path of this folder']
-    if family.encodes:
-        lines += ["mu, logvar = encode(model, images)  # images in [0, 1], (N, 3, H, W)",
-                  "faces = decode(model, mu)"]
-    return lines + ["randoms = sample(model, 16, seed=0)", "```", ""]
+    if not family.encodes:
+        return ["## Use", "", "```python", "from dfcvae_dist.inference import load_trained, sample",
+                f'model, cfg, folder = load_trained("{where}", expect=None)  # or the path of this folder',
+                "randoms = sample(model, 16, seed=0)", "```", ""]
+    return ["## Use", "", "```python", "from dfcvae_dist.inference import load_trained, encode, decode, sample",
+            f'model, cfg, folder = load_trained("{where}")  # or the path of this folder',
+            "mu, logvar = encode(model, images)  # images in [0, 1], (N, 3, H, W)", "faces = decode(model, mu)",
+            "randoms = sample(model, 16, seed=0)", "```", ""]
 
 
 def data_section(cfg: Config, manifest: dict | None) -> list[str]:
@@ -245,15 +247,18 @@ def metric_row(metric, value) -> str:
 
 def limits_section(family, cfg: Config, manifest: dict | None) -> list[str]:
     size = cfg.model.image_size
-    lines = ["## Intended use and limits", "",
-             f"- Intended for research and teaching on {'variational autoencoders' if family.encodes else 'GANs'} "
-             "of faces: " + ("encoding, reconstructing, sampling, interpolating and attribute arithmetic in the "
-                             "latent space (`dfcvae_dist.inference`)." if family.encodes else "sampling."),
-             f"- Inputs must look like its training data: {size}×{size} face crops made as the shards' crop makes "
-             "them, RGB in [0, 1]. Other images are encoded, but to latents that mean little.",
-             "- Its images are low-resolution and blurrier than photographs; they are not realistic portraits.",
-             "- Not for identifying, verifying or profiling people, nor for any decision about a person; the "
-             "attribute labels it may be probed with (CelebA's 40) are subjective annotations."]
+    lines = ["## Intended use and limits", ""]
+    if family.encodes:
+        lines += ["- Intended for research and teaching on variational autoencoders of faces: encoding, "
+                  "reconstructing, sampling, interpolating and attribute arithmetic in the latent space "
+                  "(`dfcvae_dist.inference`).",
+                  f"- Inputs must look like its training data: {size}×{size} face crops made as the shards' crop "
+                  "makes them, RGB in [0, 1]. Other images are encoded, but to latents that mean little."]
+    else:
+        lines.append("- Intended for research and teaching on generative models of faces: sampling.")
+    lines += [f"- Its images are {size}×{size}, low-resolution and not realistic portraits.",
+              "- Not for identifying, verifying or profiling people, nor for any decision about a person; the "
+              "attribute labels it may be probed with (CelebA's 40) are subjective annotations."]
     if manifest is not None and manifest.get("synthetic"):
         lines.append("- Trained on synthetic drawings: it has never seen a photograph.")
     else:

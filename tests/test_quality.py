@@ -264,7 +264,8 @@ def test_training_latents_come_from_the_extraction_only_for_the_same_checkpoint_
         np.savez(latents, mu=mu, partition=np.array([0, 1, 0, 2, 0, 0]), **meta)
         return extracted_train_latents(checkpoint, tiny_shards, limit=3)
 
-    same = {"checkpoint": np.array(str(checkpoint)), "shards_digest": np.array(manifest_digest(read_manifest(tiny_shards)))}
+    same = {"checkpoint": np.array(str(checkpoint)),
+            "shards_digest": np.array(manifest_digest(read_manifest(tiny_shards)))}
     train, source = extracted(**same)
     assert (train == mu[[0, 2, 4]]).all() and source == f"{latents} (train partition)"
     assert extracted(**{**same, "shards_digest": np.array(manifest_digest(read_manifest(shard_dir)))}) is None

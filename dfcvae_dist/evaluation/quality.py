@@ -327,4 +327,5 @@ def fid_sampler_notes(specs, no_encoder: list[str], notes: dict) -> None:
         if kind not in asked:
             notes[key] = f"n/a: not asked (--sampler {','.join(sorted(asked))})"
     if "gmm" in asked and no_encoder:
-        notes["fid_gmm"] += f"; null for {', '.join(no_encoder)}: no encoder, so no training latents to fit a mixture to"
+        notes["fid_gmm"] += (f"; null for {', '.join(no_encoder)}: no encoder, so no training latents to fit a "
+                             "mixture to")

@@ -351,8 +351,8 @@ def figures_section(figures: dict, problems: list[str]) -> list[str]:
         lines += ["Figure 3: random samples, one row per run name; every VAE decodes the same z, the DCGAN "
                   "draws its own.", "", "![samples](samples.png)", ""]
     if "samples_gmm" in figures:
-        lines += ["Figure 3 with the other sampler: each VAE decodes z drawn from the Gaussian mixture its quality step "
-                  "fitted to its training latents (`FID (GMM)` above).", "", "![samples from the mixture]"
+        lines += ["Figure 3 with the other sampler: each VAE decodes z drawn from the Gaussian mixture its quality "
+                  "step fitted to its training latents (`FID (GMM)` above).", "", "![samples from the mixture]"
                   "(samples-gmm.png)", ""]
     if "reconstructions" in figures:
         lines += ["Figure 4: the same test faces (top row) through each VAE.", "",
