@@ -36,9 +36,10 @@ RECIPE_KEYS = ("optim.lr", "optim.beta1", "optim.beta2", "optim.lr_decay_per_epo
 
 
 def export_model(run_dir: str | Path, out: Path, which: str = "latest", repo: str | None = None) -> Path:
-    """Write the model folder of `run_dir`'s checkpoint `which` (a checkpoint folder: that one) into `out`; the
-    checkpoint it came from. `repo` (OWNER/NAME) only names the model in the card's example."""
-    checkpoint = checkpoint_of(run_dir, which)
+    """Write the model folder of `run_dir`'s checkpoint `which` (latest or best; a checkpoint folder: that one) into
+    `out`; the checkpoint it came from. `repo` (OWNER/NAME) only names the model in the card's example."""
+    checkpoint = resolve_checkpoint(run_dir, which)
+    which = which if checkpoint != Path(run_dir) else "the folder given"
     cfg = load_config(checkpoint / CONFIG_FILE)
     state = TrainerState.read(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,13 +53,6 @@ def export_model(run_dir: str | Path, out: Path, which: str = "latest", repo: st
     card = model_card(cfg, state, checkpoint, which, run_directory(checkpoint), model, repo)
     atomic_write(out / MODEL_FOLDER_CARD, card)
     return checkpoint
-
-
-def checkpoint_of(run_dir: str | Path, which: str) -> Path:
-    """The checkpoint folder to export: `latest` (the newest complete one), through `inference.resolve_checkpoint`."""
-    if which != "latest":
-        raise UserError(f"--which {which}: only latest is supported")
-    return resolve_checkpoint(run_dir)
 
 
 def run_directory(checkpoint: Path) -> Path | None:

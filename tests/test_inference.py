@@ -1,5 +1,6 @@
 """Using a trained model without the training stack."""
 
+import dataclasses
 import json
 import os
 import re
@@ -10,12 +11,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from dfcvae_dist.data.shards import manifest_digest, read_manifest
 from dfcvae_dist.errors import UserError
+from dfcvae_dist.export import export_model
 from dfcvae_dist.inference import (GaussianMixtureSampler, attribute_vector, decode, interpolate, load_trained,
                                    load_weights_file, resolve_checkpoint)
+from dfcvae_dist.training.checkpoint import weights_bytes
 from tests.conftest import run_tool
 
 
@@ -157,3 +161,21 @@ def test_exported_folder_decodes_as_its_run_and_a_push_without_network_fails_in_
     assert "| `eval/quality/mse` (MSE) | 0.0123 |" in card and "| `eval/quality/fid` (FID) | n/a |" in card
     assert "- `fid`: n/a: no FID weights here" in card and "eval/svm/mean_accuracy" not in card
     assert "`eval/svm/svm_report.json` evaluated `/elsewhere/step-00000003`, not this one: left out" in card
+
+
+def test_which_best_exports_the_checkpoint_best_names(trained_run, tmp_path):
+    """A run whose checkpoints/best names an earlier step than latest (weights written by the trainer's writer)."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    latest_model, cfg, latest = load_trained(run)
+    best = shutil.copytree(latest, latest.parent / "step-00000003")
+    halved = {name: tensor / 2 for name, tensor in load_file(latest / "weights.safetensors").items()}
+    (best / "weights.safetensors").write_bytes(weights_bytes(halved, dataclasses.asdict(cfg.model)))
+    (run / "checkpoints" / "best").write_text("step-00000003\n")
+    assert export_model(run, tmp_path / "best", which="best") == best
+    assert export_model(run, tmp_path / "latest") == latest
+    z = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    (best_model, _, _), (exported_latest, _, _) = load_trained(run, which="best"), load_trained(tmp_path / "latest")
+    assert torch.equal(decode(load_trained(tmp_path / "best")[0], z), decode(best_model, z))
+    assert torch.equal(decode(exported_latest, z), decode(latest_model, z))
+    assert not torch.equal(decode(best_model, z), decode(latest_model, z))
+    assert "Checkpoint `step-00000003` (best)" in (tmp_path / "best" / "README.md").read_text()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dfcvae_dist.errors import cli_main
 from dfcvae_dist.export import check_repo, export_model, push_folder
+from dfcvae_dist.inference import WHICH
 
 
 @cli_main
@@ -17,7 +18,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (or one of its checkpoint folders)")
     p.add_argument("--out", type=Path, required=True, help="the model folder to write")
-    p.add_argument("--which", choices=["latest"], default="latest", help="which checkpoint of the run")
+    p.add_argument("--which", choices=WHICH, default="latest",
+                   help="which checkpoint of the run: the newest, or the best validated (checkpoint.keep_best)")
     p.add_argument("--push", metavar="OWNER/NAME", help="then upload the folder to this Hugging Face Hub model "
                    "repository (token: $HF_TOKEN or `hf auth login`; endpoint: $HF_ENDPOINT)")
     args = p.parse_args(argv)
