@@ -63,7 +63,7 @@ quickstart: $(STAMP)
 	@echo "Results (random VGG19 weights: a demo of the pipeline, not the paper's numbers):"
 	@echo "  checkpoints   $(QS)/runs/dfcvae, $(QS)/runs/pvae"
 	@echo "  SVM tables    $(QS)/runs/{dfcvae,pvae}/eval/svm/svm_table.md  (KL per image, active units: svm_report.json)"
-	@echo "  quality       $(QS)/runs/{dfcvae,pvae}/eval/quality/quality.json"
+	@echo "  quality       $(QS)/runs/{dfcvae,pvae}/eval/quality/quality.json  (samples per sampler: samples-{normal,gmm}-*.png)"
 	@echo "  figures       $(QS)/results/studies/*.png"
 	@echo "  MLflow        $(BIN)/mlflow ui --backend-store-uri sqlite:///$(QS)/mlflow.db   (artifacts: $(QS)/mlartifacts)"
 	@echo "                then open the model-training view: http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c \
