@@ -18,12 +18,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dfcvae_dist.config import Config, load_config
+from dfcvae_dist.data.shards import manifest_digest
 from dfcvae_dist.errors import UserError, one_line
 from dfcvae_dist.families import get_family
 from dfcvae_dist.inference import (HUB_SCHEME, MODEL_FOLDER_CARD, MODEL_FOLDER_CONFIG, MODEL_FOLDER_WEIGHTS,
                                    hub_endpoint, load_model_folder, resolve_checkpoint)
 from dfcvae_dist.metrics import LATENT, QUALITY, SVM, formatted
-from dfcvae_dist.rundir import (CHECKPOINTS, CONFIG_FILE, DONE_MARKER, RESUME_MARKER, WEIGHTS_FILE, atomic_path,
+from dfcvae_dist.rundir import (CHECKPOINTS, CONFIG_FILE, RESUME_MARKER, WEIGHTS_FILE, atomic_path,
                                 atomic_write)
 from dfcvae_dist.training.state import TrainerState
 
@@ -175,7 +176,8 @@ def data_section(cfg: Config, manifest: dict | None) -> list[str]:
         return ["## Data", "", f"`{cfg.data.shards}`: no shard manifest readable here (a WebDataset URL pattern, or "
                 "shards not on this machine), so no counts, digest or source.", ""]
     crop = manifest.get("crop")
-    return ["## Data", "", data_line(cfg.data.shards, manifest),
+    return ["## Data", "", data_line(cfg.data.shards, manifest), "",
+            f"Shards `{cfg.data.shards}`, manifest digest `{manifest_digest(manifest)}`.",
             *([""] if crop is None else ["", f"Crop `{crop}`, {manifest.get('image_size')} px."]), ""]
 
 
