@@ -82,7 +82,7 @@ def model_location(uri: str, tracking_uri: str | None) -> str:
     from dfcvae_dist.model_logging import logged_model_id
     from dfcvae_dist.tracking import mlflow_client
 
-    client = mlflow_client(tracking_uri)
+    client = mlflow_client(tracking_uri, read_only=True)
     scheme, _, rest = uri.partition(":/")
     parts = rest.strip("/").split("/")
     if scheme == "models" and len(parts) == 1 and parts[0].startswith("m-"):

@@ -3,13 +3,14 @@ on a workstation and as a Slurm job array with a preempted task, under one MLflo
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 import yaml
 
 from dfcvae_dist.rundir import RunLock
-from tests.conftest import ROOT, ProcessGroups, run_tool
+from tests.conftest import ROOT, ProcessGroups, run_tool, wait_until
 from tests.slurm_cluster import unavailable_reason
 from tests.test_slurm import log_tail, preempt_after_first_checkpoint, wait_ended
 
@@ -118,8 +119,8 @@ def test_a_task_whose_run_directory_has_a_live_owner_stops_with_one_line(tmp_pat
         proc = sweep_cli("task", path, 3)
     finally:
         lock.release()
-    assert proc.stdout.strip().startswith(f"task 3 pvae-seed1: running ({tmp_path / 'runs' / 'pvae-seed1'} is in use "
-                                          f"by host ") and f"pid {os.getpid()}" in proc.stdout
+    assert proc.stdout.strip().startswith(f"task 3 pvae-seed1: running elsewhere ({tmp_path / 'runs' / 'pvae-seed1'} "
+                                          "is in use by host ") and f"pid {os.getpid()}" in proc.stdout
     assert not (tmp_path / "runs" / "pvae-seed1" / "config.yaml").exists()
 
 
@@ -314,3 +315,53 @@ def test_the_papers_sweep_plans_its_four_runs_and_the_extra_dfcvae_gan_over_thre
     assert [line.split()[1] for line in lines[:-1]] == [
         f"{run}-seed{seed}" for run in ("dfcvae-123", "dfcvae-345", "pvae", "dcgan", "dfcvae-gan") for seed in (0, 1, 2)]
     assert lines[-1].endswith("sbatch --array=0-14 slurm/sweep.sbatch")
+
+
+OPEN_THE_STORE_TOGETHER = """
+import sys, time
+from pathlib import Path
+from dfcvae_dist.tracking import get_or_create_experiment, mlflow_client
+
+uri, barrier, me, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+(barrier / me).touch()
+while len(list(barrier.iterdir())) < count:  # every process imported, then all at once
+    time.sleep(0.002)
+print(get_or_create_experiment(mlflow_client(uri), "together"))
+"""
+
+
+def test_processes_that_open_a_new_sqlite_store_together_all_succeed(tmp_path):
+    """Sweep tasks and array tasks starting at once build clients of one new store: each client creates or migrates
+    its schema, and without turns one of them died in MLflow's migration ("table ... already exists")."""
+    uri, barrier = f"sqlite:///{tmp_path}/store/mlflow.db", tmp_path / "barrier"
+    barrier.mkdir()
+    with ProcessGroups() as groups:
+        procs = [groups.popen([sys.executable, "-c", OPEN_THE_STORE_TOGETHER, uri, barrier, i, 3], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+        results = [(p.wait(120), *p.communicate()) for p in procs]
+    assert [code for code, _, _ in results] == [0] * 3, [err[-2000:] for _, _, err in results]
+    assert len({out.strip() for _, out, _ in results}) == 1  # one experiment, whoever created it
+
+
+def test_a_launch_of_a_task_that_loses_its_run_directory_to_a_sibling_says_running_elsewhere(tmp_path, shard_dir):
+    """A sibling (this test process) takes the task's run directory after the task checked it was free and before its
+    trainer starts (the task's launcher waits for that): the task ends with exit status 0, saying it runs elsewhere,
+    not "training stopped ... run again"."""
+    path = write_sweep(tmp_path, shard_dir, name="sibling")
+    run_dir, ready, go = tmp_path / "runs" / TINY_TASKS[0], tmp_path / "launching", tmp_path / "go"
+    launcher = f"sh -c 'touch {ready}; until [ -e {go} ]; do sleep 0.05; done; exec \"$0\" \"$@\"' {sys.executable}"
+    sibling = RunLock(run_dir)
+    with ProcessGroups() as groups:
+        task = groups.popen([sys.executable, ROOT / "tools" / "sweep.py", "task", path, 0, "--launcher", launcher],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: ready.exists() or task.poll() is not None, 120, "the task to launch its trainer")
+        sibling.acquire()
+        try:
+            go.touch()
+            out, err = task.communicate(timeout=120)
+        finally:
+            sibling.release()
+    assert task.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1].startswith(f"task 0 {TINY_TASKS[0]}: running elsewhere ({run_dir} is in use "
+                                                   f"by host ") and f"pid {os.getpid()}" in out
+    assert "training stopped" not in err

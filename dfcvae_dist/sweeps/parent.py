@@ -9,12 +9,11 @@ in progress as running and a done one as done (a failed task leaves it RUNNING: 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 from typing import Iterator
 
 from dfcvae_dist.errors import UserError, one_line
-from dfcvae_dist.rundir import atomic_write
+from dfcvae_dist.rundir import atomic_write, exclusive_lock
 from dfcvae_dist.sweeps.plan import Sweep
 from dfcvae_dist.tracking import get_or_create_experiment, mlflow_client
 
@@ -24,13 +23,7 @@ PARENT_FILE = "parent.json"
 @contextlib.contextmanager
 def parent_lock(sweep: Sweep) -> Iterator[None]:
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
-    path = sweep.sweep_dir / f"{PARENT_FILE}.lock"
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
-        except OSError as err:
-            raise UserError(f"{path}: cannot lock ({err}); this filesystem has no flock (e.g. Lustre without "
-                            "-o flock): put sweep_dir on one that has") from None
+    with exclusive_lock(sweep.sweep_dir / f"{PARENT_FILE}.lock"):
         yield
 
 
