@@ -269,6 +269,14 @@ def finalize(cfg: Config, source: str) -> Config:
     return cfg
 
 
+def read_value(dotted: str, text: str, source: str) -> Any:
+    """One key's value from its text, read and checked as a command-line override's is (`train.seed`, `00` -> 0)."""
+    cfg = Config()
+    _set(cfg, dotted, text, source)
+    section, _, key = RENAMED_KEYS.get(dotted, dotted).partition(".")
+    return getattr(getattr(cfg, section), key)
+
+
 DataclassT = typing.TypeVar("DataclassT")
 
 

@@ -365,3 +365,28 @@ def test_a_launch_of_a_task_that_loses_its_run_directory_to_a_sibling_says_runni
     assert out.strip().splitlines()[-1].startswith(f"task 0 {TINY_TASKS[0]}: running elsewhere ({run_dir} is in use "
                                                    f"by host ") and f"pid {os.getpid()}" in out
     assert "training stopped" not in err
+
+
+@pytest.mark.parametrize("runs, grid, message", [
+    ("  a: {loss.beta: 1.0}\n  b: {}\n  a: {loss.beta: 2.0}\n", "  train.seed: [0, 1]\n",
+     "line 7: 'runs.a' is written twice (first at line 5)"),
+    ("  a: {loss.beta: 1.0, loss.beta: 2.0}\n", "  train.seed: [0, 1]\n",
+     "line 5: 'runs.a.loss.beta' is written twice (first at line 5)"),
+    ("  a: {}\n", "  train.seed: [0, 1]\n  loss.beta: [1.0]\n  train.seed: [2]\n",
+     "line 9: 'grid.train.seed' is written twice (first at line 7)"),
+    ("  a: {}\n", "  train.seed:\n    - 0\n    - 00\n", "line 9: grid 'train.seed': '00' reads as the same value as '0' "
+                                                       "(line 8): one task twice"),
+    ("  a: {}\n", "  loss.beta: [0.5, 1, 1.0]\n", "line 7: grid 'loss.beta': '1.0' reads as the same value as '1' "
+                                                  "(line 7): one task twice"),
+], ids=["run-twice", "run-key-twice", "grid-key-twice", "seed-0-and-00", "beta-1-and-1.0"])
+def test_a_sweep_file_that_would_drop_or_repeat_a_task_is_refused_naming_its_line(tmp_path, shard_dir, runs, grid,
+                                                                                   message):
+    path = tmp_path / "twice.yaml"
+    path.write_text(f"name: twice\nbase: quickstart\noverrides: {{data.shards: {shard_dir}, log.enabled: false}}\n"
+                    f"runs:\n{runs}grid:\n{grid}evaluate: {{shards: {shard_dir}}}\n")
+    from dfcvae_dist.errors import UserError
+    from dfcvae_dist.sweeps.plan import load_sweep
+
+    with pytest.raises(UserError) as refused:
+        load_sweep(path)
+    assert str(refused.value) == f"{path}, {message}"
