@@ -1,5 +1,6 @@
 """Using a trained model without the training stack."""
 
+import json
 import subprocess
 import sys
 
@@ -26,6 +27,28 @@ def test_weights_file_alone_rebuilds_the_model(trained_run, tmp_path):
     save_file(model.state_dict(), str(plain))  # no metadata: a file from before it was kept
     with pytest.raises(UserError, match="no model config in its metadata"):
         load_weights_file(plain)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"latent_dim": 10_000_000}, "'model.latent_dim' must be between 1 and 4096, got 10000000"),  # 160 GB to build
+    ({"latent_dim": "many"}, "'model.latent_dim' must be of type int, got 'many'"),
+    ({"laten_dim": 16}, "unknown key 'model.laten_dim' (did you mean 'model.latent_dim'?)"),  # was a TypeError
+    ({"name": "gan"}, "'model.name' must be one of"),
+], ids=["huge-latent", "latent-not-int", "unknown-key", "unknown-family"])
+def test_a_weights_file_whose_model_config_is_bad_is_refused_before_a_model_is_built(trained_run, tmp_path, change,
+                                                                                       message):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    original = trained_run / "checkpoints" / (trained_run / "checkpoints" / "latest").read_text().strip()
+    with safe_open(str(original / "weights.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    bad = tmp_path / "weights.safetensors"
+    save_file(load_file(str(original / "weights.safetensors")), str(bad),
+              metadata={**metadata, "model": json.dumps({**json.loads(metadata["model"]), **change})})
+    with pytest.raises(UserError) as refused:
+        load_weights_file(bad)
+    assert str(refused.value).startswith(f"{bad}: metadata: {message}")
 
 
 def test_a_model_uri_mlflow_cannot_fetch_is_one_line_naming_it(tmp_path, monkeypatch):

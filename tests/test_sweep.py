@@ -90,7 +90,7 @@ def test_plan_prints_every_task_in_order_with_its_name_overrides_and_the_sbatch_
 
 @pytest.mark.parametrize("key, value, message", [
     ("train.seeed", 1, "unknown key 'train.seeed' (did you mean 'train.seed'?)"),
-    ("loss.beta", -1, "'loss.beta' must be >= 0.0, got -1.0"),
+    ("loss.beta", -1, "'loss.beta' must be between 0.0 and 1000000.0, got -1.0"),
 ])
 def test_plan_refuses_a_bad_task_in_one_line_naming_the_file_and_the_task(tmp_path, shard_dir, key, value, message):
     path = write_sweep(tmp_path, shard_dir)
@@ -128,9 +128,9 @@ def test_a_task_whose_run_directory_has_a_live_owner_stops_with_one_line(tmp_pat
     ("svm_class_weight", "balancd", "'evaluate.svm_class_weight' must be one of ['none', 'balanced'], got 'balancd'"),
     ("vgg_weights", "randm", "'evaluate.network_weights' must be imagenet, random or a weights file; 'randm' is "
                              "none"),
-    ("max_images", 0, "'evaluate.max_images' must be >= 1, got 0"),
+    ("max_images", 0, "'evaluate.max_images' must be between 1 and 10000000, got 0"),
     ("fid_samples", "many", "'evaluate.fid_samples' must be of type int, got 'many'"),
-    ("fid_samples", -1, "'evaluate.fid_samples' must be >= 0, got -1"),
+    ("fid_samples", -1, "'evaluate.fid_samples' must be between 0 and 10000000, got -1"),
     ("svm_subsample", [1, 2], "'evaluate.svm_subsample' must be of type int, got a sequence"),
     ("splt", "val", "unknown key 'evaluate.splt' (did you mean 'evaluate.split'?)"),
 ])

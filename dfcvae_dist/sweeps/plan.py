@@ -40,15 +40,15 @@ class EvaluateConfig:
     quality_shards: str | None = opt(None, "Manifest directory of the quality metrics (default: shards), e.g. the "
                                      "training crop.")
     split: str = opt("test", "The split of the quality metrics.", choices=["train", "val", "test"])
-    max_images: int = opt(2000, "Images of that split in the quality metrics.", min=1)
+    max_images: int = opt(2000, "Images of that split in the quality metrics.", min=1, max=10**7)
     network: str = opt("vgg19", "Feature network of the quality table's perceptual distance, at its default layers "
                        "(VGG19: the paper's 123).", choices=["vgg19", "vgg16", "resnet18", "resnet50"])
     network_weights: str = opt("imagenet", "Its weights: imagenet, random or a weights file (formerly vgg_weights).")
     fid_samples: int | None = opt(10_000, "FID from this many samples (at most the split's images); null or 0: no "
-                                  "FID.", min=0)
+                                  "FID.", min=0, max=10**7)
     fid_weights: str | None = opt(None, "Inception weights file for FID (offline machines).")
-    batch_size: int = opt(256, "Extraction batch size.", min=1)
-    svm_subsample: int = opt(20_000, "Training images used to choose each SVM's C.", min=1)
+    batch_size: int = opt(256, "Extraction batch size.", min=1, max=65_536)
+    svm_subsample: int = opt(20_000, "Training images used to choose each SVM's C.", min=1, max=10**7)
     svm_class_weight: str = opt("none", "none (the paper's plain SVM) or balanced.", choices=["none", "balanced"])
     svm_focus: str | None = opt(None, "Attributes also averaged on their own (dfcvae-svm --focus).")
 
