@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,13 +239,30 @@ def log_to_parent(parent: dict | None, out: Path, metrics: dict[str, float]) -> 
     return f"logged the report into MLflow parent run {run_id} (artifacts under report/, {len(metrics)} metrics)"
 
 
+def prepare_output(out: Path) -> None:
+    """The report's folder, created and writable, before any work."""
+    below = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if below is not None:
+        raise UserError(f"--out {out}: {below} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create it ({err.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--out {out}: the folder is read-only")
+
+
 def build_report(tasks: list[ReportTask], out: Path, parent: dict | None = None, shards: str | None = None,
                  title: str = "comparison") -> dict:
     """Write report.json, report.md, samples.png and reconstructions.png into `out`; log them to `parent`."""
     from dfcvae_dist.sweeps.figures import comparison_figures
 
+    if not any(task.status == "finished" for task in tasks):
+        raise UserError("nothing to report: no finished run (" + "; ".join(
+            f"{t.run_dir}: {t.status if t.run_dir.is_dir() else 'no such directory'}" for t in tasks[:5]) +
+            ("; …" if len(tasks) > 5 else "") + ")")
+    prepare_output(out)
     runs, task_rows = gather(tasks)
-    out.mkdir(parents=True, exist_ok=True)
     finished = [task for task in tasks if task.status == "finished"]
     figures, figure_problems = comparison_figures(finished, out, shards)
     report = {"title": title, "runs": runs, "tasks": task_rows, "figures": figures, "figure_problems": figure_problems,
