@@ -37,11 +37,26 @@ class TrainedVAE(PythonModel):
             raise ValueError(f"mode {mode!r}: choose one of {'decode' if decodes_only else ', '.join(MODES)}")
         x = torch.as_tensor(model_input).float()
         if mode == "decode":
-            return decode(self.model, x.reshape(len(x), -1)).cpu().numpy()
-        mu, logvar = encode(self.model, x)
+            return decode(self.model, self.latents(x)).cpu().numpy()
+        mu, logvar = encode(self.model, self.images(x, mode))
         if mode == "encode":
             return torch.stack([mu, logvar], dim=1).cpu().numpy()
         return decode(self.model, mu).cpu().numpy()
+
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, latent_dim, 1, 1) or (N, latent_dim) -> (N, latent_dim); another shape is named, not left to fail in
+        a matrix multiply."""
+        size = self.config.model.latent_dim
+        if tuple(x.shape[1:]) not in ((size,), (size, 1, 1)):
+            raise ValueError(f"decode: latents of shape (N, {size}, 1, 1) or (N, {size}), got {tuple(x.shape)}")
+        return x.reshape(len(x), size)
+
+    def images(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        size = self.config.model.image_size
+        if tuple(x.shape[1:]) != (3, size, size):
+            raise ValueError(f"{mode}: images of shape (N, 3, {size}, {size}) in [0, 1], got {tuple(x.shape)}")
+        return x
 
 
 set_model(TrainedVAE())

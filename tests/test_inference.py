@@ -3,7 +3,9 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,3 +61,21 @@ def test_a_model_uri_mlflow_cannot_fetch_is_one_line_naming_it(tmp_path, monkeyp
         load_trained("models:/m-0123")
     with pytest.raises(UserError, match=r"^runs:/0123/model: MLflow could not fetch the model"):
         load_trained("runs:/0123/model")
+
+
+def test_the_pyfunc_model_names_the_shape_it_expects(trained_run):
+    """Latents or images of another size failed in a matrix multiply, naming neither."""
+    from dfcvae_dist.pyfunc_model import TrainedVAE
+
+    pyfunc = TrainedVAE()
+    checkpoint = load_trained(trained_run)[2]
+    pyfunc.load_context(SimpleNamespace(artifacts={"weights": str(checkpoint / "weights.safetensors")}))
+    assert pyfunc.predict(None, np.zeros((2, 100, 1, 1), np.float32), {"mode": "decode"}).shape == (2, 3, 32, 32)
+    cases = [("decode", (2, 16, 1, 1), "decode: latents of shape (N, 100, 1, 1) or (N, 100), got (2, 16, 1, 1)"),
+             ("decode", (2, 16), "decode: latents of shape (N, 100, 1, 1) or (N, 100), got (2, 16)"),
+             ("encode", (2, 3, 64, 64), "encode: images of shape (N, 3, 32, 32) in [0, 1], got (2, 3, 64, 64)"),
+             ("reconstruct", (2, 32, 32), "reconstruct: images of shape (N, 3, 32, 32) in [0, 1], got (2, 32, 32)")]
+    for mode, shape, message in cases:
+        with pytest.raises(ValueError) as refused:
+            pyfunc.predict(None, np.zeros(shape, np.float32), {"mode": mode})
+        assert str(refused.value) == message

@@ -211,6 +211,24 @@ def test_the_parent_run_keeps_its_artifacts_beside_a_sqlite_store(tmp_path, shar
     assert not (cwd / "mlruns").exists()
 
 
+def test_the_parent_runs_task_count_follows_runs_appended_to_the_sweep_file(tmp_path, shard_dir):
+    import mlflow
+
+    from dfcvae_dist.sweeps.parent import ensure_parent
+    from dfcvae_dist.sweeps.plan import load_sweep
+
+    path = write_sweep(tmp_path, shard_dir, f"sqlite:///{tmp_path}/mlflow.db", name="growing")
+    first = ensure_parent(load_sweep(path))
+    client = mlflow.MlflowClient(tracking_uri=first["tracking_uri"])
+    assert client.get_run(first["run_id"]).data.tags["sweep.tasks"] == "4"
+    text = yaml.safe_load(path.read_text())
+    text["runs"]["dfcvae-345"] = {"loss.layers": "[relu3_1, relu4_1, relu5_1]"}  # appended: tasks 4 and 5
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    again = ensure_parent(load_sweep(path))
+    assert again["run_id"] == first["run_id"]
+    assert client.get_run(first["run_id"]).data.tags["sweep.tasks"] == "6"
+
+
 EVALUATE_IN_THIS_PROCESS = """
 import json, os, subprocess, sys
 from dfcvae_dist.sweeps.plan import load_sweep

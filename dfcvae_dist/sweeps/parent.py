@@ -43,6 +43,7 @@ def ensure_parent(sweep: Sweep) -> dict | None:
         if path.is_file():
             record = json.loads(path.read_text())
             if record.get("tracking_uri") == client.tracking_uri:
+                _count_tasks(client, sweep, record)
                 return record
         try:
             record = _create_parent(client, sweep)
@@ -60,6 +61,16 @@ def _create_parent(client, sweep: Sweep) -> dict:
                             tags={"sweep": sweep.name, "sweep.file": str(sweep.path.resolve()),
                                   "sweep.tasks": str(len(sweep.tasks))})
     return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": client.tracking_uri}
+
+
+def _count_tasks(client, sweep: Sweep, record: dict) -> None:
+    """The parent's `sweep.tasks` tag, again: runs and grid values appended to the sweep file add tasks."""
+    try:
+        if client.get_run(record["run_id"]).data.tags.get("sweep.tasks") != str(len(sweep.tasks)):
+            client.set_tag(record["run_id"], "sweep.tasks", str(len(sweep.tasks)))
+    except Exception as err:  # noqa: BLE001 - any store error is the user's to fix
+        raise UserError(f"MLflow at {client.tracking_uri}: cannot update the parent run {record['run_id']} of sweep "
+                        f"{sweep.name} ({one_line(err, 300)})") from None
 
 
 def set_parent_status(record: dict | None, finished: bool) -> None:
