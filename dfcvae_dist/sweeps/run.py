@@ -152,7 +152,11 @@ def evaluate_trained(sweep: Sweep, index: int) -> None:
     task, record = sweep.task(index), ensure_parent(sweep)
     if not is_trained(task):
         raise UserError(f"task {index} {task.name}: {task.run_dir} has not finished training for this task's config")
-    evaluate(sweep, task, record)
+    try:
+        evaluate(sweep, task, record)
+    except RunningElsewhere as line:  # a sibling array task is evaluating it
+        print(line, flush=True)
+        return
     print(f"task {index} {task.name}: finished", flush=True)
     close_parent_if_done(sweep, record)
 
