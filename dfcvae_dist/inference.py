@@ -15,14 +15,25 @@ from dfcvae_dist.config import Config, load_config
 from dfcvae_dist.errors import UserError, one_line
 from dfcvae_dist.families import get_family
 from dfcvae_dist.models import VAE
-from dfcvae_dist.rundir import CONFIG_FILE, WEIGHTS_FILE, find_checkpoint
+from dfcvae_dist.rundir import CONFIG_FILE, WEIGHTS_FILE, best_checkpoint, find_checkpoint
+
+WHICH = ("latest", "best")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run directory (its newest complete checkpoint)."""
+def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """A checkpoint folder, or a run directory's checkpoint: its newest complete one (`which="latest"`) or the one
+    `checkpoints/best` names (`"best"`: the best validated step of a run trained with checkpoint.keep_best)."""
+    if which not in WHICH:
+        raise UserError(f"which={which!r}: one of {', '.join(WHICH)}")
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
         return path
+    if which == "best" and path.is_dir():
+        found = best_checkpoint(path)
+        if found is None:
+            raise UserError(f"{path}: no best checkpoint (checkpoints/best); it is kept by training with "
+                            "checkpoint.keep_best=METRIC, e.g. val/total")
+        return found
     found = find_checkpoint(path, "auto") if path.is_dir() else None
     if found is None:
         raise UserError(f"{path}: neither a checkpoint (no {WEIGHTS_FILE}) nor a run directory with one")
@@ -32,13 +43,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
 
 
-def load_trained(path: str | Path, expect: type | None = VAE) -> tuple[torch.nn.Module, Config, Path]:
-    """(model in eval mode, its config, the checkpoint folder). `path`: a run directory, a checkpoint folder,
-    or an MLflow model URI (`load_model_uri`). The model is what its family encodes, decodes and samples with
-    (dfcvae-gan: the VAE without its discriminator). `expect`: the model class required (None: any)."""
+def load_trained(path: str | Path, expect: type | None = VAE,
+                 which: str = "latest") -> tuple[torch.nn.Module, Config, Path]:
+    """(model in eval mode, its config, the checkpoint folder). `path`: a run directory (its `which` checkpoint:
+    latest or best), a checkpoint folder, or an MLflow model URI (`load_model_uri`). The model is what its family
+    encodes, decodes and samples with (dfcvae-gan: the VAE without its discriminator). `expect`: the model class
+    required (None: any)."""
     if str(path).startswith(MODEL_URI_SCHEMES):
         return load_model_uri(str(path), expect=expect)
-    checkpoint = resolve_checkpoint(path)
+    checkpoint = resolve_checkpoint(path, which)
     cfg = load_config(checkpoint / CONFIG_FILE)
     model = load_weights(cfg.model.name, cfg.model, checkpoint / WEIGHTS_FILE)
     if expect is not None and not isinstance(model, expect):

@@ -14,6 +14,7 @@ class Metric:
     unit: str
     label: str = ""  # its column title in a table
     spec: str = ""  # its number format in a table
+    higher_is_better: bool = False  # for a validation metric: which way checkpoint.keep_best and early stopping read it
 
     @property
     def key(self) -> str:
@@ -23,6 +24,11 @@ class Metric:
 
 def keys(metrics: list[Metric]) -> tuple[str, ...]:
     return tuple(m.key for m in metrics)
+
+
+def validation_metrics(metrics: list[Metric]) -> list[Metric]:
+    """Those computed on the val split (`val/...`): what checkpoint.keep_best may name."""
+    return [m for m in metrics if m.name.startswith("val/")]
 
 
 def formatted(metric: Metric, value: float | None) -> str:

@@ -110,13 +110,14 @@ def test_a_run_with_tracking_off_trains_where_mlflow_is_not_installed(tmp_path, 
 
 def test_two_process_ddp_ranks_agree_and_read_disjoint_shards(tmp_path, shard_dir):
     run_dir = tmp_path / "run"
-    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=8", nproc=2)
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=8", "log.trackers=[mlflow, tensorboard]", nproc=2)
     assert "world size 2, global batch 32 = 16 per rank x 2 ranks x 1 accumulation" in proc.stderr
     ranks = [json.loads((run_dir / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
     assert ranks[0]["first_epoch_shards"] and not set(ranks[0]["first_epoch_shards"]) & set(ranks[1]["first_epoch_shards"])
     run = mlflow_client(tmp_path).get_run(json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"])
     assert run.data.tags["world_size"] == "2" and run.data.tags["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # written by the main process only
 
 
 @pytest.mark.parametrize("workers,accum,every,total", [(1, 1, 10, 40), (2, 2, 3, 8)],

@@ -16,6 +16,7 @@ from dfcvae_dist.config import load_config
 from dfcvae_dist.distributed import resolve_precision
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.families import get_family
+from dfcvae_dist.metrics import Metric
 from dfcvae_dist.rundir import STATE_FILE, find_checkpoint
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.recipes import LossHealth, NonFiniteLoss
@@ -62,6 +63,22 @@ def test_trainer_state_reads_the_files_written_before_it_existed():
 def test_checkpointer_is_due_at_its_interval_and_at_the_last_step():
     assert [s for s in range(1, 12) if Checkpointer("run", 4, 2, 11, None).due(s)] == [4, 8, 11]
     assert [s for s in range(1, 12) if Checkpointer("run", 0, 2, 11, None).due(s)] == [11]
+
+
+def test_checkpointer_keeps_the_strictly_best_finite_value_in_the_metrics_direction():
+    def best_steps(metric: Metric, values: list[float]) -> tuple[list[int], int]:
+        """The steps saved as a new best, and the validations since the last one."""
+        checkpointer, state, saved = Checkpointer("run", 0, 1, 100, None, metric), TrainerState(), []
+        for value in values:
+            state.step += 1
+            checkpointer.validated(state, {metric.name: value})
+            saved += [state.step] if checkpointer.due(state.step) else []
+        assert state.best_step == (saved[-1] if saved else 0)
+        return saved, state.validations_since_best
+
+    loss, score = Metric("val/total", "", ""), Metric("val/score", "", "", higher_is_better=True)
+    assert best_steps(loss, [float("nan"), 5.0, 5.0, 4.0, float("inf"), 6.0]) == ([2, 4], 2)
+    assert best_steps(score, [1.0, 3.0, 2.0, 3.0]) == ([1, 2], 2)
 
 
 def fake_checkpoint(run_dir, step):
