@@ -286,6 +286,17 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     return finalize(cfg, f"{source} with its command-line overrides" if overrides else source)
 
 
+def config_from_dict(sections: typing.Mapping, source: str) -> Config:
+    """A config from its `to_dict()` form (a model folder's config.json), every key checked as a file's are."""
+    cfg = Config()
+    for section, values in sections.items():
+        if not isinstance(values, typing.Mapping):
+            raise UserError(f"{source}: '{section}' is not a section of keys")
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", yaml.compose(json.dumps(value), Loader=yaml.SafeLoader), source)
+    return finalize(cfg, source)
+
+
 def finalize(cfg: Config, source: str) -> Config:
     """The checks that need more than one key, asked of the model family (which also fills in what it defaults,
     such as the feature network's layers); a refusal names `source` and the keys."""

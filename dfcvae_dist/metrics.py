@@ -97,9 +97,12 @@ QUALITY = [
     Metric("eval/quality/perceptual_distance", "the feature perceptual loss between input and reconstruction, on "
            "the evaluation's feature network (its note names it)", "as `train/rec_perceptual`",
            "perceptual distance", ".4g"),
-    Metric("eval/quality/fid", "Fréchet Inception distance of samples from N(0, I) (every family) to as many images "
-           "of the split, torch-fidelity's FID Inception ([evaluation](evaluation.md))", "distance (0 = same "
-           "statistics)", "FID", ".2f"),
+    Metric("eval/quality/fid", "Fréchet Inception distance of samples from N(0, I) (every family; `--sampler "
+           "normal`) to as many images of the split, torch-fidelity's FID Inception ([evaluation](evaluation.md))",
+           "distance (0 = same statistics)", "FID", ".2f"),
+    Metric("eval/quality/fid_gmm", "the same FID, of samples decoded from z drawn from a Gaussian mixture fitted to "
+           "the VAE's training latents (`--sampler gmm[:K]`; [samplers](evaluation.md#samplers))", "distance (0 = "
+           "same statistics)", "FID (GMM)", ".2f"),
     Metric("eval/quality/fid_samples", "images each side of the FID", "images", "FID samples", ",.0f"),
 ]
 RECONSTRUCTION = QUALITY[:6]

@@ -165,7 +165,7 @@ def test_tensorboard_gets_the_scalars_and_images_mlflow_gets_under_the_same_name
     events = ea.EventAccumulator(str(run_dir / "tensorboard"), size_guidance={ea.IMAGES: 0})
     events.Reload()
     assert {key: [i.step for i in events.Images(key)] for key in events.Tags()["images"]} == \
-        {"reconstructions": [2, 3], "samples": [2, 3]}  # and at the last step
+        {"reconstructions": [0, 2, 3], "samples": [0, 2, 3]}  # from the untrained model, and at the last step
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 

@@ -209,3 +209,26 @@ def test_torch_threads_follow_the_cpus_the_job_may_use():
                           timeout=120, env={**os.environ, "WORLD_SIZE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_progress_lines_have_one_format_and_the_last_step_is_in_the_last_epoch():
+    """In a job log (not a terminal): step, the epoch the step belongs to, loss, throughput, time left, once
+    each; a 7-epoch run ends in epoch 7, not 8."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from dfcvae_dist.training.progress import ProgressReporter
+
+    log = io.StringIO()
+    progress = ProgressReporter(Console(file=log, width=300), total_steps=14, steps_per_epoch=2, start_step=0,
+                                global_batch=32, every_s=0, enabled=True)
+    for step in range(1, 15):
+        progress.step_done(step)
+        progress.logged(step, loss=1.5, img_per_s=100.0)
+    lines = log.getvalue().splitlines()
+    line_format = r"step \d+/14 epoch \d/7 loss 1\.500 100 img/s \d:\d\d:\d\d left"
+    assert len(lines) == 14 and all(re.fullmatch(line_format, line) for line in lines), lines
+    assert lines[1].startswith("step 2/14 epoch 1/7 ") and lines[2].startswith("step 3/14 epoch 2/7 ")
+    assert lines[-1] == "step 14/14 epoch 7/7 loss 1.500 100 img/s 0:00:00 left"

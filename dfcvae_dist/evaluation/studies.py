@@ -14,6 +14,7 @@ import torch
 import torchvision
 
 from dfcvae_dist.errors import UserError
+from dfcvae_dist.inference import attribute_vector, interpolate_latents
 
 ALPHAS = torch.linspace(0, 1, 11)  # the paper's alpha = 0, 0.1, ..., 1
 CORRELATION_ATTRIBUTES = ["Attractive", "Bald", "Eyeglasses", "Gray_Hair", "Heavy_Makeup", "Male", "Mustache",
@@ -26,13 +27,12 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
 
 
 def attribute_vectors(latents: dict) -> tuple[list[str], np.ndarray]:
-    """Per attribute: mean mu of the images that have it minus mean mu of those that do not (all images)."""
-    mu, attrs = latents["mu"].astype(np.float64), latents["attrs"].astype(bool)
+    """Per attribute, `inference.attribute_vector` over all images (zeros where all or none have it)."""
     names = [str(n) for n in latents["attribute_names"]]
-    vectors = np.zeros((len(names), mu.shape[1]))
+    vectors = np.zeros((len(names), latents["mu"].shape[1]))
     for j in range(len(names)):
-        if attrs[:, j].any() and (~attrs[:, j]).any():
-            vectors[j] = mu[attrs[:, j]].mean(0) - mu[~attrs[:, j]].mean(0)
+        if 0 < latents["attrs"][:, j].sum() < len(latents["attrs"]):
+            vectors[j] = attribute_vector(latents["mu"], latents["attrs"], j).numpy()
     return names, vectors
 
 
@@ -57,10 +57,9 @@ def reconstruction_figure(model, images: torch.Tensor, out: Path, n: int = 8) ->
 def interpolation_figure(model, images: torch.Tensor, out: Path, seed: int, pairs: int = 3) -> Path:
     """Rows: (1 - a) z_left + a z_right for encoded pairs, then one pair of random z."""
     mu, _ = model.encode(images[: 2 * pairs])
-    gen = torch.Generator().manual_seed(seed)
-    ends = [(mu[2 * i], mu[2 * i + 1]) for i in range(pairs)]
-    ends.append(tuple(torch.randn(2, mu.shape[1], generator=gen)))
-    z = torch.stack([(1 - a) * left + a * right for left, right in ends for a in ALPHAS])
+    random_pair = torch.randn(2, mu.shape[1], generator=torch.Generator().manual_seed(seed))
+    z = torch.cat([interpolate_latents(mu[0::2], mu[1::2], len(ALPHAS)).flatten(0, 1),
+                   interpolate_latents(random_pair[0], random_pair[1], len(ALPHAS))])
     return save_grid(model.decode(z), out / "interpolation.png", nrow=len(ALPHAS))
 
 

@@ -2,7 +2,7 @@
 
 Each rank encodes its shards (EvalStream) and writes `parts/part-RANK-of-WORLD.npz` under a temporary
 name, renamed when complete; after a barrier the main process merges the parts, sorted by key, into
-`latents.npz` (keys, mu, logvar, attrs, partition, attribute_names, checkpoint, features, weights).
+`latents.npz` (keys, mu, logvar, attrs, partition, attribute_names, checkpoint, features, weights, shards_digest).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader, model_input
+from dfcvae_dist.data.shards import manifest_digest, read_manifest
 from dfcvae_dist.distributed import make_accelerator
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.imagenet import imagenet_normalize
@@ -78,7 +79,8 @@ def extract_latents(shards: Path, out: Path, checkpoint: str | Path | None = Non
     accelerator.wait_for_everyone()
     extracted = None
     if accelerator.is_main_process:
-        path = merge_parts(out, world, {**meta, "attribute_names": sources[0].attributes})
+        path = merge_parts(out, world, {**meta, "attribute_names": sources[0].attributes,
+                                        "shards_digest": manifest_digest(read_manifest(shards))})
         extracted = Extracted(path, meta["features"], meta["weights"], sum(s.num_samples for s in sources), world,
                               time.perf_counter() - start)
     accelerator.wait_for_everyone()

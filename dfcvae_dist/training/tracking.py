@@ -172,6 +172,8 @@ class Tracker:
     def __init__(self, cfg: Config, accelerator, run_id: str | None = None, resumed_step: int = 0):
         self.active = False  # MLflow logs from this process
         self.run_id = run_id
+        self.run_name = ""
+        self.model_card = None  # a model_logging.ModelCard, set by the trainer: what log_model's models show
         self.last_logged_step = -1
         self.flush_timeout_s = cfg.log.flush_timeout_s
         self.artifact_uri = ""
@@ -217,7 +219,7 @@ class Tracker:
                 run = self.client.create_run(experiment_id, run_name=cfg.log.run_name or Path(cfg.train.run_dir).name,
                                              tags=run_tags(cfg))
                 self.run_id = run.info.run_id
-            self.artifact_uri = run.info.artifact_uri
+            self.artifact_uri, self.run_name = run.info.artifact_uri, run.info.run_name
         except Exception as err:  # noqa: BLE001 - any store error at start is the user's to fix
             return f"error:MLflow at {self.client.tracking_uri} failed at start: {one_line(err, 300)}"
         return "ok"
@@ -295,14 +297,14 @@ class Tracker:
 
     def log_model(self, checkpoint: Path, step: int, final: bool, which: str) -> None:
         """The checkpoint as an MLflow LoggedModel of this run at `step`, uploaded by the sender; `which`
-        (log.model): the final model, every checkpoint, or none. The final one is named `model`, others by
-        their checkpoint folder."""
+        (log.model): the final model, every checkpoint, or none. Named and described by `model_card`: the final
+        one `<family>-<run name>`, others with their checkpoint folder's name added."""
         if self.active and (which == "checkpoints" or (final and which == "final")):
-            from dfcvae_dist.model_logging import FINAL_MODEL, ModelUpload
+            from dfcvae_dist.model_logging import ModelCard, ModelUpload
 
             try:
                 upload = ModelUpload(self.client, self.run_id, checkpoint, step,
-                                     FINAL_MODEL if final else checkpoint.name)
+                                     self.model_card or ModelCard(self.run_name), final)
             except OSError as err:  # tracking never stops training
                 log.warning("MLflow: the model of %s is not logged (%s)", checkpoint, err)
                 return

@@ -31,13 +31,14 @@ from dfcvae_dist.distributed import make_accelerator, release, set_determinism
 from dfcvae_dist.data.shards import MANIFEST, manifest_digest, manifest_of
 from dfcvae_dist.errors import UserError, message, one_line
 from dfcvae_dist.families import get_family
+from dfcvae_dist.quiet import held_back
 from dfcvae_dist.rundir import (CONFIG_FILE, DONE_MARKER, RunLock, atomic_write, best_checkpoint, find_checkpoint,
                                 write_end_marker)
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
 from dfcvae_dist.training.recipes import LossHealth, StepResult, set_lr
 from dfcvae_dist.training.run_page import (dataset_inputs, family_params, fixed_batch, labelled_rows,
-                                           run_description)
+                                           model_card, run_description)
 from dfcvae_dist.training.state import TrainerState
 from dfcvae_dist.training.tracking import Tracker, code_version
 
@@ -139,7 +140,8 @@ class Trainer:
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
         self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, self.family.validates)
         self.health = LossHealth(acc, train.on_nonfinite)
-        self.recipe = self.family.build_recipe(cfg, acc, self.health, self.memory_format)
+        with held_back("dfcvae_dist.losses.feature_networks"):  # random weights: said once, in start_tracking
+            self.recipe = self.family.build_recipe(cfg, acc, self.health, self.memory_format)
         best = next((m for m in self.family.metrics(cfg) if m.name == cfg.checkpoint.keep_best), None)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
                                          self.data.total_steps, acc, best)
@@ -186,8 +188,10 @@ class Trainer:
 
     def loop(self) -> dict:
         s, data, acc = self.state, self.data, self.accelerator
-        self.progress = ProgressReporter(self.console, data.total_steps, s.step, data.global_batch,
-                                         self.cfg.log.progress_every_s, acc.is_main_process)
+        self.progress = ProgressReporter(self.console, data.total_steps, data.steps_per_epoch, s.step,
+                                         data.global_batch, self.cfg.log.progress_every_s, acc.is_main_process)
+        if s.step == 0:  # the image history starts with the untrained model, so the UI's cards open on content
+            self.log_images()
         stopping, early = False, self.patience_exhausted()  # a resumed run that had stopped early stays stopped
         while s.step < data.total_steps and not (stopping or early):
             set_lr(self.recipe.optimizers, self.cfg.optim.lr * self.cfg.optim.lr_decay_per_epoch ** s.epoch)
@@ -222,7 +226,7 @@ class Trainer:
 
     def log_step(self, result: StepResult) -> None:
         s, log = self.state, self.cfg.log
-        self.progress.step_done(s.step, s.epoch)
+        self.progress.step_done(s.step)
         if result.skipped:
             return
         if s.step % log.every_steps == 0 or s.step == self.data.total_steps:
@@ -235,7 +239,7 @@ class Trainer:
                             "train/img_per_s": self.progress.img_per_s_since_last_log(s.step),
                             "train/skipped_steps": s.skipped_steps})
             self.tracker.log_metrics(metrics, s.step)
-            self.progress.logged(s.step, s.epoch, metrics["train/total"], metrics["train/img_per_s"])
+            self.progress.logged(s.step, metrics["train/total"], metrics["train/img_per_s"])
         if log.image_every_steps and s.step % log.image_every_steps == 0:
             self.log_images()
 
@@ -360,6 +364,7 @@ class Trainer:
         if tracker.active:
             self.console.print(f"MLflow: run {tracker.run_id} in {tracker.client.tracking_uri}; artifacts in "
                                f"{tracker.artifact_uri}")
+        tracker.model_card = model_card(cfg, s.feature_weights, manifest, tracker.run_name)
         tracker.set_tags({"mlflow.note.content": run_description(cfg, s.feature_weights, manifest),
                           "world_size": acc.num_processes, "precision": acc.mixed_precision,
                           **feature_network_tags(self.recipe.feature_network), "code_version": code_version(),
