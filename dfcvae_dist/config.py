@@ -616,10 +616,10 @@ dfcvae-train --config dfcvae-123 train.batch_size=32 'loss.layers=[relu3_1, relu
   (`log.run_name=2024-05-01`, `0123`), an `int` key takes decimal digits, a `float` key must be finite
   (`nan`, `inf` are refused), a list is written `[a, b]`, and `null` clears a key whose type allows `None`.
 - An unknown section or key (with the closest name suggested), a key written twice in one file, a wrong
-  type, a value out of its range (every number has one, so a value cannot fail later at run time: seeds within
-  numpy's 0 to 2**32 - 1, sizes and timeouts within what a run can use) or not among the choices, and YAML tags that would construct objects (files
-  are read with the safe loader) each stop with one line naming the key and the file and line, or the
-  override.
+  type, a value out of its range (every number has one, so a value cannot fail later at run time: seeds
+  within numpy's 0 to 2**32 - 1, sizes and timeouts within what a run can use) or not among the choices, and
+  YAML tags that would construct objects (files are read with the safe loader) each stop with one line naming
+  the key and the file and line, or the override.
 - The resolved config is saved as `RUN_DIR/config.yaml` and in every checkpoint, logged to MLflow as
   parameters and as an artifact.
 - **Resume-safe** keys may differ when a run resumes from a checkpoint: they change neither the model, the

@@ -42,12 +42,12 @@ def test_weights_file_alone_rebuilds_the_model(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"latent_dim": 10_000_000}, "metadata: 'model.latent_dim' must be between 1 and 4096, got 10000000"),  # 160 GB to build
+    ({"latent_dim": 10_000_000}, "metadata: 'model.latent_dim' must be between 1 and 4096, got 10000000"),  # 160 GB
     ({"latent_dim": "many"}, "metadata: 'model.latent_dim' must be of type int, got 'many'"),
-    ({"laten_dim": 16}, "metadata: unknown key 'model.laten_dim' (did you mean 'model.latent_dim'?)"),  # was a TypeError
+    ({"laten_dim": 16}, "metadata: unknown key 'model.laten_dim' (did you mean 'model.latent_dim'?)"),  # TypeError
     ({"name": "gan"}, "metadata: 'model.name' must be one of"),
     ({"latent_dim": 16}, "does not load into dfcvae (Error(s) in loading state_dict for VAE: size mismatch for "
-                         "encoder.fc_mu.weight: [100, 2048] in the checkpoint, [16, 2048] in the model; "),  # was cut at ':'
+                         "encoder.fc_mu.weight: [100, 2048] in the checkpoint, [16, 2048] in the model; "),
 ], ids=["huge-latent", "latent-not-int", "unknown-key", "unknown-family", "weights-of-another-latent-size"])
 def test_a_weights_file_whose_model_config_is_bad_is_refused_before_a_model_is_built(trained_run, tmp_path, change,
                                                                                        message):

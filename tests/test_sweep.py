@@ -392,8 +392,8 @@ def test_a_launch_of_a_task_that_loses_its_run_directory_to_a_sibling_says_runni
      "line 5: 'runs.a.loss.beta' is written twice (first at line 5)"),
     ("  a: {}\n", "  train.seed: [0, 1]\n  loss.beta: [1.0]\n  train.seed: [2]\n",
      "line 9: 'grid.train.seed' is written twice (first at line 7)"),
-    ("  a: {}\n", "  train.seed:\n    - 0\n    - 00\n", "line 9: grid 'train.seed': '00' reads as the same value as '0' "
-                                                       "(line 8): one task twice"),
+    ("  a: {}\n", "  train.seed:\n    - 0\n    - 00\n",
+     "line 9: grid 'train.seed': '00' reads as the same value as '0' (line 8): one task twice"),
     ("  a: {}\n", "  loss.beta: [0.5, 1, 1.0]\n", "line 7: grid 'loss.beta': '1.0' reads as the same value as '1' "
                                                   "(line 7): one task twice"),
 ], ids=["run-twice", "run-key-twice", "grid-key-twice", "seed-0-and-00", "beta-1-and-1.0"])

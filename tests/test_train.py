@@ -343,8 +343,8 @@ def test_resume_refuses_the_same_shards_path_with_other_contents(tmp_path, shard
     run_tool("make_shards.py", "--celeba-root", celeba_dir, "--out", shards, "--image-size", "32", "--shard-size", "50")
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     with ProcessGroups() as groups:
-        proc = groups.run([sys.executable, "-m", "dfcvae_dist.train", *base_args(shards, run_dir, "train.max_steps=8",
-                                                                                  "log.enabled=false")], 600, cwd=tmp_path)
+        args = base_args(shards, run_dir, "train.max_steps=8", "log.enabled=false")
+        proc = groups.run([sys.executable, "-m", "dfcvae_dist.train", *args], 600, cwd=tmp_path)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: [rank 0] {run_dir / 'checkpoints' / 'step-00000006'}: {shards} holds other shards "
