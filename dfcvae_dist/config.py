@@ -34,6 +34,14 @@ RENAMED_KEYS = {"loss.vgg_weights": "loss.network_weights", "loss.vgg_dtype": "l
                 "loss.vgg_seed": "loss.network_seed"}
 
 
+# Upper bounds of the keys without a natural one: a value past them would fail at run time (numpy takes seeds below
+# 2**32; a wait longer than a few years overflows), ask for absurd memory, or mean a typo.
+SEED_MAX = 2**32 - 1
+STEPS_MAX = 10**9
+WEIGHT_MAX = 1e6
+DAY_S, WEEK_S = 86_400, 7 * 86_400
+
+
 def opt(default: Any, help: str, *, resume_safe: bool = False, **checks: Any) -> Any:
     """A config field: default, help text, whether a resumed run may change it (it changes neither the model,
     the optimisation nor the data order and position) and optional checks (choices=, min=, max=, items=,
@@ -49,10 +57,10 @@ class DataConfig:
     val_shards: str | None = opt(None, "URL pattern of the validation split when `shards` is a pattern.",
                                  resume_safe=True)
     num_workers: int = opt(1, "DataLoader worker processes per rank (each reads its own shards, so this "
-                           "changes the sample order).", min=0)
-    shuffle_buffer: int = opt(1000, "Samples in each worker's shuffle buffer.", min=0)
+                           "changes the sample order).", min=0, max=64)
+    shuffle_buffer: int = opt(1000, "Samples in each worker's shuffle buffer.", min=0, max=100_000)
     num_samples: int | None = opt(None, "Training samples per epoch when `shards` is a pattern (a manifest "
-                                  "knows its own).", min=1)
+                                  "knows its own).", min=1, max=10**9)
     skip_corrupt: bool = opt(False, "Skip damaged samples (an undecodable or missing image, invalid JSON) in "
                              "training and validation, each named in a warning and counted in MLflow "
                              "(train/skipped_samples), instead of stopping.")
@@ -65,9 +73,9 @@ class ModelConfig:
                     "dfcvae_dist.families; docs/extending.md).", choices=lambda: family_names())
     image_size: int = opt(64, "Square input/output size: 64 is the paper's, 128 the released code's variant, "
                           "32 a small size for tests and demos.", choices=[32, 64, 128])
-    latent_dim: int = opt(100, "Size of z.", min=1)
+    latent_dim: int = opt(100, "Size of z.", min=1, max=4096)
     base_channels: int = opt(32, "Channels of the first encoder block, doubled per block (paper: 32); "
-                             "DCGAN: the discriminator's first block (Radford et al.: 64).", min=1)
+                             "DCGAN: the discriminator's first block (Radford et al.: 64).", min=1, max=256)
     init: str = opt("normal", "Weight init: normal (N(0, 0.02) convolutions, as the released code) or "
                     "default (PyTorch's).", choices=["normal", "default"])
 
@@ -80,49 +88,51 @@ class LossConfig:
                                    "feature_extraction names them; VGG also by the paper's names: relu1_2, relu2_1, "
                                    "relu3_1 is the paper's '123', relu3_1, relu4_1, relu5_1 its '345'. null: the "
                                    "network's default (VGG: '123'; ResNet: relu, layer1, layer2).", nonempty=True)
-    layer_weights: list[float] | None = opt(None, "Optional weight per layer (default 1 each).")
-    alpha: float = opt(1.0, "Weight of the KL divergence (paper: 1).", min=0.0)
-    beta: float = opt(0.8, "Weight of the reconstruction loss (paper: 0.8).", min=0.0)
+    layer_weights: list[float] | None = opt(None, "Optional weight per layer (default 1 each).", min=0.0,
+                                            max=WEIGHT_MAX)
+    alpha: float = opt(1.0, "Weight of the KL divergence (paper: 1).", min=0.0, max=WEIGHT_MAX)
+    beta: float = opt(0.8, "Weight of the reconstruction loss (paper: 0.8).", min=0.0, max=WEIGHT_MAX)
     feature_scale: float = opt(57.6, "Multiplier on VGG features before the distance. 57.6 = 255 x mean "
                                "ImageNet std maps torchvision's normalised input to the Caffe BGR 0-255 "
                                "scale the paper's alpha/beta were tuned on (docs/paper-fidelity.md).",
-                               min=0.0)
+                               min=0.0, max=WEIGHT_MAX)
     network_weights: str = opt("imagenet", "imagenet (torchvision weights API), random (seeded; tests and offline "
                                "demos) or a path to a local state-dict file of the network (formerly "
                                "loss.vgg_weights).")
     network_dtype: str = opt("auto", "Feature-network dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16 "
                              "(formerly loss.vgg_dtype).", choices=["auto", "fp32", "fp16", "bf16"])
     network_seed: int = opt(0, "Seed of the random network weights (network_weights=random; formerly "
-                            "loss.vgg_seed).")
+                            "loss.vgg_seed).", min=0, max=SEED_MAX)
     compile: bool = opt(False, "torch.compile the loss network and its distances (fuses the elementwise work "
                         "around the convolutions; same values and gradients as eager; docs/performance.md). "
                         "Compiling takes ~20 s at start.", resume_safe=True)
     adversarial_weight: float = opt(1.0, "dfcvae-gan: weight of the adversarial term (the decoder's non-saturating "
                                     "GAN loss on reconstructions and samples) beside alpha x KL + beta x perceptual.",
-                                    min=0.0)
+                                    min=0.0, max=WEIGHT_MAX)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(5e-4, "Adam learning rate (paper: 5e-4; DCGAN: 2e-4).", min=0.0)
+    lr: float = opt(5e-4, "Adam learning rate (paper: 5e-4; DCGAN: 2e-4).", min=0.0, max=1.0)
     beta1: float = opt(0.9, "Adam beta1 (DCGAN: 0.5).", min=0.0, max=1.0)
     beta2: float = opt(0.999, "Adam beta2.", min=0.0, max=1.0)
-    weight_decay: float = opt(0.0, "Adam weight decay.", min=0.0)
+    weight_decay: float = opt(0.0, "Adam weight decay.", min=0.0, max=1.0)
     lr_decay_per_epoch: float = opt(0.5, "Multiply lr by this after every epoch (paper: 0.5).",
                                     min=0.0, max=1.0)
-    grad_clip: float | None = opt(None, "Clip the global gradient norm to this value.", min=0.0)
+    grad_clip: float | None = opt(None, "Clip the global gradient norm to this value.", min=0.0, max=WEIGHT_MAX)
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = opt("runs/default", "Directory for checkpoints, the resolved config and markers.",
                        resume_safe=True)
-    epochs: int = opt(5, "Epochs over the training split (paper: 5).", min=1, resume_safe=True)
-    max_steps: int | None = opt(None, "Optimizer steps in total; overrides epochs when set.", min=1,
+    epochs: int = opt(5, "Epochs over the training split (paper: 5).", min=1, max=100_000,
+                       resume_safe=True)
+    max_steps: int | None = opt(None, "Optimizer steps in total; overrides epochs when set.", min=1, max=STEPS_MAX,
                                 resume_safe=True)
-    batch_size: int = opt(64, "Per-rank micro-batch size.", min=1)
-    grad_accum: int = opt(1, "Micro-batches per optimizer step.", min=1)
-    seed: int = opt(0, "Seed of model init, data order and sampling.")
+    batch_size: int = opt(64, "Per-rank micro-batch size.", min=1, max=4096)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", min=1, max=1024)
+    seed: int = opt(0, "Seed of model init, data order and sampling.", min=0, max=SEED_MAX)
     resume: str = opt("auto", "auto (newest complete checkpoint, if any), none, or a checkpoint path.",
                       resume_safe=True)
     # items: a function, because the keys are known only once Config is defined
@@ -137,30 +147,35 @@ class TrainConfig:
                                "(bench: +32% training img/s on a 2-core CPU).")
     sync_every_steps: int = opt(25, "Ranks agree on a stop request and on non-finite losses every N steps (and "
                                 "before every checkpoint): the only collective of a step that neither logs nor "
-                                "saves. A stop takes at most N steps.", min=1, resume_safe=True)
+                                "saves. A stop takes at most N steps.", min=1, max=1_000_000,
+                                resume_safe=True)
     sync_bn: bool = opt(False, "SyncBatchNorm under multi-GPU DDP: batch norm over the global batch, as the "
                         "paper's 64 images, whatever the per-GPU batch (CUDA only).")
     deterministic: bool = opt(False, "Deterministic kernels on CUDA (torch.use_deterministic_algorithms, cuDNN "
                               "deterministic, no TF32): bit-exact resume on GPU, at some speed (docs/reliability.md).")
-    val_every_steps: int = opt(0, "Validation loss on the val split every N steps (0: off).", min=0,
+    val_every_steps: int = opt(0, "Validation loss on the val split every N steps (0: off).", min=0, max=STEPS_MAX,
                                resume_safe=True)
-    val_batches: int = opt(4, "Batches per rank in one validation pass.", min=1, resume_safe=True)
-    threads: int | None = opt(None, "Torch threads per process (default: cores / local processes).", min=1,
+    val_batches: int = opt(4, "Batches per rank in one validation pass.", min=1, max=1_000_000,
+                              resume_safe=True)
+    threads: int | None = opt(None, "Torch threads per process (default: cores / local processes).", min=1, max=1024,
                               resume_safe=True)
     on_nonfinite: str = opt("stop", "NaN/Inf loss: stop (error naming step and rank) or skip the step.",
                             choices=["stop", "skip"], resume_safe=True)
     collective_timeout_s: int = opt(300, "Timeout of collectives; a dead rank ends the job after it.", min=1,
+                                    max=WEEK_S,
                                     resume_safe=True)
     early_stop_patience: int | None = opt(None, "Stop after N validations in a row without a better "
                                           "checkpoint.keep_best metric (the run is complete: COMPLETED.json says "
-                                          "why; null: never stop early).", min=1, resume_safe=True)
+                                          "why; null: never stop early).", min=1, max=1_000_000,
+                                          resume_safe=True)
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = opt(500, "Save a checkpoint every N optimizer steps (0: only at end and on stop).",
-                           min=0, resume_safe=True)
-    keep: int = opt(3, "Keep the newest K checkpoints (and the best one, with keep_best).", min=1, resume_safe=True)
+                           min=0, max=STEPS_MAX, resume_safe=True)
+    keep: int = opt(3, "Keep the newest K checkpoints (and the best one, with keep_best).", min=1, max=10_000,
+                    resume_safe=True)
     keep_best: str | None = opt(None, "A validation metric (val/total): also save the checkpoint of every validated "
                                 "step that betters it, point checkpoints/best at the best, and never prune it. "
                                 "Lower is better unless the metric's declaration says otherwise.", resume_safe=True)
@@ -172,8 +187,9 @@ class LogConfig:
                                    "MLflow's own sqlite:///mlflow.db).", resume_safe=True)
     experiment: str = opt("dfcvae", "MLflow experiment name.", resume_safe=True)
     run_name: str | None = opt(None, "MLflow run name (default: the run directory's name).", resume_safe=True)
-    every_steps: int = opt(10, "Log metrics every N optimizer steps.", min=1, resume_safe=True)
-    image_every_steps: int = opt(200, "Log image grids every N steps (0: only at the end).", min=0,
+    every_steps: int = opt(10, "Log metrics every N optimizer steps.", min=1, max=STEPS_MAX,
+                           resume_safe=True)
+    image_every_steps: int = opt(200, "Log image grids every N steps (0: only at the end).", min=0, max=STEPS_MAX,
                                  resume_safe=True)
     on_unavailable: str = opt("error", "Tracking server unreachable at start: error, or warn and train "
                               "untracked.", choices=["error", "warn"], resume_safe=True)
@@ -184,13 +200,13 @@ class LogConfig:
     system_metrics: bool = opt(True, "MLflow's system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py): "
                                "one monitor per node with an http(s) tracking URI, the main process only with "
                                "sqlite or a file store.", resume_safe=True)
-    system_metrics_interval_s: float = opt(10.0, "Seconds between system-metric samples.", min=0.1,
+    system_metrics_interval_s: float = opt(10.0, "Seconds between system-metric samples.", min=0.1, max=DAY_S,
                                            resume_safe=True)
     flush_timeout_s: float = opt(30.0, "At the end of a run, wait at most this long for MLflow to take what is "
                                  "still queued (a hung server costs a finished run this much, never more).",
-                                 min=0.0, resume_safe=True)
+                                 min=0.0, max=DAY_S, resume_safe=True)
     progress_every_s: float = opt(30.0, "In a job log (stderr not a terminal): a plain progress line at the first "
-                                  "log step after every N seconds (0: at every log step).", min=0.0,
+                                  "log step after every N seconds (0: at every log step).", min=0.0, max=DAY_S,
                                   resume_safe=True)
     parent_run_id: str | None = opt(None, "MLflow run to nest this run under (mlflow.parentRunId); a sweep sets "
                                     "its parent run here.", resume_safe=True)
@@ -293,6 +309,14 @@ def finalize(cfg: Config, source: str) -> Config:
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
     return cfg
+
+
+def read_value(dotted: str, text: str, source: str) -> Any:
+    """One key's value from its text, read and checked as a command-line override's is (`train.seed`, `00` -> 0)."""
+    cfg = Config()
+    _set(cfg, dotted, text, source)
+    section, _, key = RENAMED_KEYS.get(dotted, dotted).partition(".")
+    return getattr(getattr(cfg, section), key)
 
 
 def check_keep_best(cfg: Config, family) -> None:
@@ -468,11 +492,15 @@ def _check_value(key: str, value: Any, meta: typing.Mapping, source: str) -> Any
                             f"allowed: {', '.join(_items(meta))}")
         if meta.get("key_value") and not str(v).partition("=")[0]:
             raise UserError(f"{source}: '{key}' entries are KEY=VALUE, got {v!r}")
-        if "min" in meta and v < meta["min"]:
-            raise UserError(f"{source}: '{key}' must be >= {meta['min']}, got {v!r}")
-        if "max" in meta and v > meta["max"]:
-            raise UserError(f"{source}: '{key}' must be <= {meta['max']}, got {v!r}")
+        if ("min" in meta and v < meta["min"]) or ("max" in meta and v > meta["max"]):
+            raise UserError(f"{source}: '{key}' must be {_range(meta)}, got {v!r}")
     return value
+
+
+def _range(meta: typing.Mapping) -> str:
+    if "min" in meta and "max" in meta:
+        return f"between {meta['min']} and {meta['max']}"
+    return f">= {meta['min']}" if "min" in meta else f"<= {meta['max']}"
 
 
 def _items(meta: typing.Mapping) -> list[str]:
@@ -588,9 +616,10 @@ dfcvae-train --config dfcvae-123 train.batch_size=32 'loss.layers=[relu3_1, relu
   (`log.run_name=2024-05-01`, `0123`), an `int` key takes decimal digits, a `float` key must be finite
   (`nan`, `inf` are refused), a list is written `[a, b]`, and `null` clears a key whose type allows `None`.
 - An unknown section or key (with the closest name suggested), a key written twice in one file, a wrong
-  type, a value out of range or not among the choices, and YAML tags that would construct objects (files
-  are read with the safe loader) each stop with one line naming the key and the file and line, or the
-  override.
+  type, a value out of its range (every number has one, so a value cannot fail later at run time: seeds
+  within numpy's 0 to 2**32 - 1, sizes and timeouts within what a run can use) or not among the choices, and
+  YAML tags that would construct objects (files are read with the safe loader) each stop with one line naming
+  the key and the file and line, or the override.
 - The resolved config is saved as `RUN_DIR/config.yaml` and in every checkpoint, logged to MLflow as
   parameters and as an artifact.
 - **Resume-safe** keys may differ when a run resumes from a checkpoint: they change neither the model, the

@@ -24,10 +24,28 @@ def message(err: BaseException) -> str:
 
 def one_line(err: BaseException, limit: int | None = None) -> str:
     """A library's exception in one line: the first line of its `message` (its class name when it has none),
-    at most `limit` characters."""
+    at most `limit` characters; torch's refused `load_state_dict`, whose reasons follow its first line, as
+    `state_dict_line`."""
     lines = message(err).splitlines()
     text = lines[0] if lines else type(err).__name__
+    if text.startswith(STATE_DICT_ERROR):
+        text = state_dict_line(lines)
     return text[:limit] if limit is not None else text
+
+
+STATE_DICT_ERROR = "Error(s) in loading state_dict"
+SIZE_MISMATCH = re.compile(r"copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, the shape in "
+                           r"current model is torch\.Size\((\[.*?\])\)")
+
+
+def state_dict_line(lines: list[str]) -> str:
+    """torch's "Error(s) in loading state_dict for VAE:" and its reasons, one per line, as one line: the size
+    mismatches first, each naming the tensor and both shapes (`fc.weight: [16, 4096] in the checkpoint, [100, 4096]
+    in the model`), then the missing and unexpected keys."""
+    reasons = [SIZE_MISMATCH.sub(r"\1 in the checkpoint, \2 in the model", line.strip().rstrip(". ").strip())
+               for line in lines[1:] if line.strip()]
+    reasons.sort(key=lambda reason: not reason.startswith("size mismatch"))
+    return " ".join([lines[0], "; ".join(reasons)])
 
 
 def cli_main(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | None], int]:

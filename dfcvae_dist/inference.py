@@ -151,7 +151,7 @@ def model_location(uri: str, tracking_uri: str | None) -> str:
     from dfcvae_dist.model_logging import logged_model_id
     from dfcvae_dist.tracking import mlflow_client
 
-    client = mlflow_client(tracking_uri)
+    client = mlflow_client(tracking_uri, read_only=True)
     scheme, _, rest = uri.partition(":/")
     parts = rest.strip("/").split("/")
     if scheme == "models" and len(parts) == 1 and parts[0].startswith("m-"):
@@ -162,10 +162,10 @@ def model_location(uri: str, tracking_uri: str | None) -> str:
 
 
 def load_weights_file(path: str | Path) -> torch.nn.Module:
-    """A model (eval mode) from a `weights.safetensors` alone: its metadata holds the model config."""
+    """A model (eval mode) from a `weights.safetensors` alone: its metadata holds the model config, read and checked
+    as `config.yaml`'s `model:` section is before any model is built (a file is small; the model it asks for need
+    not be)."""
     from safetensors import safe_open
-
-    from dfcvae_dist.config import ModelConfig
 
     try:
         with safe_open(str(path), "pt") as f:
@@ -175,8 +175,22 @@ def load_weights_file(path: str | Path) -> torch.nn.Module:
     if model_config is None:
         raise UserError(f"{path}: no model config in its metadata (written before it was kept there); load the "
                         "checkpoint folder instead")
-    model_cfg = ModelConfig(**json.loads(model_config))
+    model_cfg = metadata_model_config(model_config, f"{path}: metadata")
     return load_weights(model_cfg.name, model_cfg, Path(path))
+
+
+def metadata_model_config(text: str, source: str):
+    """The `ModelConfig` of a weights file's metadata (JSON), every key read and checked as in a config file."""
+    from dfcvae_dist.config import ModelConfig, load_dataclass
+
+    try:
+        fields = json.loads(text)
+    except ValueError as err:
+        raise UserError(f"{source}: the model config is not JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise UserError(f"{source}: the model config is not a JSON object")
+    texts = {key: value if isinstance(value, str) else json.dumps(value) for key, value in fields.items()}
+    return load_dataclass(ModelConfig, texts, source, "model.")
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -78,6 +79,19 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an fcntl lock of `path` (created if missing) for the block: one process at a time, across the hosts of
+    a filesystem with flock; released when the file closes, also when the process dies."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:
+            raise UserError(f"{path}: cannot lock ({err}); this filesystem has no flock (e.g. Lustre without "
+                            "-o flock): use one that has") from None
+        yield
 
 
 def write_end_marker(run_dir: Path, stopped_early: bool, summary: dict) -> None:

@@ -5,6 +5,10 @@ time out in seconds), to get or create an experiment, to name a run and to check
   (set where the first client is built; a value already in the environment wins).
 - With a sqlite store a new experiment keeps its artifacts beside the store (`mlartifacts/`), not in
   `./mlruns` of whatever directory the job was launched from.
+- Building a client of a sqlite store creates or migrates its schema: processes that start together (sweep tasks,
+  array tasks) take turns on a lock beside the database (`.NAME.lock`), or one dies in the migration. A path that
+  cannot be a store (below a file, a directory, not a database, a new one in a read-only folder) is one line at
+  once, not MLflow's two minutes of retries.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dfcvae_dist.errors import UserError
+from dfcvae_dist.errors import UserError, one_line
+from dfcvae_dist.rundir import exclusive_lock
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+SQLITE_HEADER = b"SQLite format 3\x00"
 SHORT_TIMEOUTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
@@ -31,13 +37,59 @@ def use_short_timeouts() -> None:
         os.environ.setdefault(name, value)
 
 
-def mlflow_client(uri: str | None = None) -> MlflowClient:
+def mlflow_client(uri: str | None = None, read_only: bool = False) -> MlflowClient:
     """A client of the store at `uri` (None: MLflow's default, MLFLOW_TRACKING_URI else sqlite:///mlflow.db)
-    with the short timeouts."""
-    from mlflow import MlflowClient
+    with the short timeouts; a store MLflow cannot open, or a read-only sqlite store unless `read_only`, is a
+    UserError naming it."""
+    import mlflow
 
     use_short_timeouts()
-    return MlflowClient(tracking_uri=uri)
+    uri = uri or mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return _client(uri)
+    path = Path(uri[len("sqlite:///"):].partition("?")[0])
+    check_sqlite_store(uri, path, read_only)
+    if not os.access(path.parent, os.W_OK):  # an existing store, read only: nothing to create, nowhere to lock
+        return _client(uri)
+    with exclusive_lock(path.with_name(f".{path.name}.lock")):  # the client creates or migrates the schema
+        return _client(uri)
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own, SQLAlchemy's and the OS's errors
+        raise UserError(f"MLflow tracking store {uri}: cannot open it ({one_line(err, 300)})") from None
+
+
+def check_sqlite_store(uri: str, path: Path, read_only: bool = False) -> None:
+    """Refuse at once a sqlite path that cannot be a store (MLflow would retry for two minutes, then raise)."""
+    where = f"MLflow tracking store {uri}"
+    below = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if below is not None:
+        raise UserError(f"{where}: {below} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{where}: cannot create its folder {path.parent} ({err.strerror})") from None
+    if path.is_dir():
+        raise UserError(f"{where}: {path} is a folder, not a database file")
+    if not path.exists():
+        if not os.access(path.parent, os.W_OK):
+            raise UserError(f"{where}: cannot create {path.name}, {path.parent} is read-only")
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as err:
+        raise UserError(f"{where}: cannot read {path} ({err.strerror})") from None
+    if head and head != SQLITE_HEADER:
+        raise UserError(f"{where}: {path} is not an SQLite database")
+    unwritable = next((p for p in (path, path.parent) if not os.access(p, os.W_OK)), None)
+    if unwritable is not None and not read_only:
+        raise UserError(f"{where}: {unwritable} is read-only (sqlite writes the database and a journal beside it)")
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
@@ -45,7 +97,13 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+    except Exception:  # noqa: BLE001 - a process starting at the same moment may have created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment:
+            return experiment.experiment_id
+        raise
 
 
 def artifact_root(uri: str) -> str | None:

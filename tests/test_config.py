@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +47,41 @@ def test_wrong_type_names_key_and_override():
 
 
 def test_out_of_range_and_bad_choice():
-    with pytest.raises(UserError, match=r"'train.batch_size' must be >= 1, got 0"):
+    with pytest.raises(UserError, match=r"'train.batch_size' must be between 1 and 4096, got 0"):
         load_config(None, ["train.batch_size=0"])
     with pytest.raises(UserError, match=r"'model.name' must be one of"):
         load_config(None, ["model.name=gan"])
     with pytest.raises(UserError, match=r"loss.layers: 'relu9_1' is not a layer of vgg19 .*its layers: relu1_1, relu1_2"):
         load_config(None, ["loss.layers=[relu9_1]"])
+
+
+def test_every_number_key_has_a_range():
+    """A number without bounds passes validation and fails later, at run time, with a traceback."""
+    from dfcvae_dist.config import _key_fields
+
+    def numeric(hint):
+        return hint in (int, float) or any(numeric(arg) for arg in typing.get_args(hint))
+
+    unbounded = [key for key, hint, f in _key_fields() if numeric(hint) and "choices" not in f.metadata
+                 and not {"min", "max"} <= set(f.metadata)]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.seed=-1", "'train.seed' must be between 0 and 4294967295, got -1"),  # numpy: "Seed must be between 0 and"
+    ("train.seed=4294967296", "'train.seed' must be between 0 and 4294967295, got 4294967296"),
+    ("loss.network_seed=-5", "'loss.network_seed' must be between 0 and 4294967295, got -5"),
+    ("model.latent_dim=10000000", "'model.latent_dim' must be between 1 and 4096, got 10000000"),  # 160 GB of weights
+    ("train.batch_size=1000000", "'train.batch_size' must be between 1 and 4096, got 1000000"),
+    ("log.flush_timeout_s=1e300", "'log.flush_timeout_s' must be between 0.0 and 86400, got 1e+300"),  # wait overflow
+    ("train.collective_timeout_s=10000000000000", "'train.collective_timeout_s' must be between 1 and 604800, got "
+                                                  "10000000000000"),
+    ("loss.layer_weights=[1, -1]", "'loss.layer_weights' must be between 0.0 and 1000000.0, got -1.0"),
+])
+def test_a_value_that_would_fail_at_run_time_is_refused_at_load_naming_key_and_range(override, message):
+    with pytest.raises(UserError) as refused:
+        load_config(None, [override])
+    assert str(refused.value) == f"command-line override '{override}': {message}"
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -249,8 +279,8 @@ def test_help_text_names_every_key_with_type_default_and_help():
     text = config_help()
     for key in config_keys():
         assert f"\n  {key} (" in text
-    assert "  optim.lr (float, default 0.0005, >= 0.0)\n      Adam learning rate" in text
-    assert "  log.every_steps (int, default 10, >= 1, resume-safe)\n" in text
+    assert "  optim.lr (float, default 0.0005, 0.0 to 1.0)\n      Adam learning rate" in text
+    assert "  log.every_steps (int, default 10, 1 to 1000000000, resume-safe)\n" in text
 
 
 @pytest.mark.parametrize("page", ["configuration.md", "metrics.md"])
@@ -271,8 +301,8 @@ def test_every_metric_the_code_logs_is_in_the_metrics_doc():
 
 def test_configuration_doc_shows_resume_safety_of_every_key():
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    assert "| `log.every_steps` | int | `10` | >= 1 | yes |" in doc
-    assert "| `data.num_workers` | int | `1` | >= 0 | no |" in doc
+    assert "| `log.every_steps` | int | `10` | 1 to 1000000000 | yes |" in doc
+    assert "| `data.num_workers` | int | `1` | 0 to 64 | no |" in doc
     assert sum(line.startswith("| `") for line in doc.splitlines()) == len(config_keys())
 
 

@@ -41,6 +41,30 @@ def test_weights_file_alone_rebuilds_the_model(trained_run, tmp_path):
         load_weights_file(plain)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"latent_dim": 10_000_000}, "metadata: 'model.latent_dim' must be between 1 and 4096, got 10000000"),  # 160 GB
+    ({"latent_dim": "many"}, "metadata: 'model.latent_dim' must be of type int, got 'many'"),
+    ({"laten_dim": 16}, "metadata: unknown key 'model.laten_dim' (did you mean 'model.latent_dim'?)"),  # TypeError
+    ({"name": "gan"}, "metadata: 'model.name' must be one of"),
+    ({"latent_dim": 16}, "does not load into dfcvae (Error(s) in loading state_dict for VAE: size mismatch for "
+                         "encoder.fc_mu.weight: [100, 2048] in the checkpoint, [16, 2048] in the model; "),
+], ids=["huge-latent", "latent-not-int", "unknown-key", "unknown-family", "weights-of-another-latent-size"])
+def test_a_weights_file_whose_model_config_is_bad_is_refused_before_a_model_is_built(trained_run, tmp_path, change,
+                                                                                       message):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    original = trained_run / "checkpoints" / (trained_run / "checkpoints" / "latest").read_text().strip()
+    with safe_open(str(original / "weights.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    bad = tmp_path / "weights.safetensors"
+    save_file(load_file(str(original / "weights.safetensors")), str(bad),
+              metadata={**metadata, "model": json.dumps({**json.loads(metadata["model"]), **change})})
+    with pytest.raises(UserError) as refused:
+        load_weights_file(bad)
+    assert str(refused.value).startswith(f"{bad}: {message}"), str(refused.value)
+
+
 def test_a_model_uri_mlflow_cannot_fetch_is_one_line_naming_it(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(UserError, match=r"^models:/m-0123: MLflow could not fetch the model \(.*not found"):

@@ -3,6 +3,7 @@ per run name with its seeds pooled as mean ± std, unfinished tasks listed, Figu
 per model, everything logged into the sweep's parent MLflow run, a corrupt evaluation file named in one line."""
 
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -184,3 +185,23 @@ def test_without_a_reachable_parent_run_the_report_is_written_and_says_so(sweep_
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("MLflow parent run abc"))
     assert line.startswith(f"MLflow parent run abc at http://127.0.0.1:{port}: ") and "not logged" in line
     assert (tmp_path / "down" / "report.md").is_file() and (tmp_path / "down" / "samples.png").is_file()
+
+
+def test_a_run_name_pooling_different_latent_sizes_is_warned_and_a_pipe_in_it_keeps_the_tables(trained_run, tmp_path,
+                                                                                                  capsys):
+    other = tmp_path / "z16"
+    shutil.copytree(trained_run, other)
+    config = other / "config.yaml"
+    config.write_text(config.read_text().replace("latent_dim: 100", "latent_dim: 16"))
+    out = tmp_path / "out"
+    assert report_main(["--runs", f"a|b={trained_run}", "--runs", f"a|b={other}", "--out", str(out)]) == 0
+    warning = (f"a|b: pools different models as seeds (dfcvae latent_dim 100: {trained_run}; dfcvae latent_dim 16: "
+               f"{other}); give each model its own name")
+    assert f"warning: {warning}" in capsys.readouterr().out.splitlines()
+    md = (out / "report.md").read_text()
+    assert f"**Warning:** {warning}" in md
+    assert json.loads((out / "report.json").read_text())["warnings"] == [warning]
+    cost = md.split("## Training cost")[1].splitlines()
+    header, row = (line for line in cost if line.startswith("| "))
+    columns = [len(re.split(r"(?<!\\)\|", line)) for line in (header, row)]
+    assert columns[0] == columns[1] and row.startswith("| a\\|b | ")

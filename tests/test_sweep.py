@@ -3,13 +3,14 @@ on a workstation and as a Slurm job array with a preempted task, under one MLflo
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 import yaml
 
 from dfcvae_dist.rundir import RunLock
-from tests.conftest import ROOT, ProcessGroups, run_tool
+from tests.conftest import ROOT, ProcessGroups, run_tool, wait_until
 from tests.slurm_cluster import unavailable_reason
 from tests.test_slurm import log_tail, preempt_after_first_checkpoint, wait_ended
 
@@ -89,7 +90,7 @@ def test_plan_prints_every_task_in_order_with_its_name_overrides_and_the_sbatch_
 
 @pytest.mark.parametrize("key, value, message", [
     ("train.seeed", 1, "unknown key 'train.seeed' (did you mean 'train.seed'?)"),
-    ("loss.beta", -1, "'loss.beta' must be >= 0.0, got -1.0"),
+    ("loss.beta", -1, "'loss.beta' must be between 0.0 and 1000000.0, got -1.0"),
 ])
 def test_plan_refuses_a_bad_task_in_one_line_naming_the_file_and_the_task(tmp_path, shard_dir, key, value, message):
     path = write_sweep(tmp_path, shard_dir)
@@ -118,8 +119,8 @@ def test_a_task_whose_run_directory_has_a_live_owner_stops_with_one_line(tmp_pat
         proc = sweep_cli("task", path, 3)
     finally:
         lock.release()
-    assert proc.stdout.strip().startswith(f"task 3 pvae-seed1: running ({tmp_path / 'runs' / 'pvae-seed1'} is in use "
-                                          f"by host ") and f"pid {os.getpid()}" in proc.stdout
+    assert proc.stdout.strip().startswith(f"task 3 pvae-seed1: running elsewhere ({tmp_path / 'runs' / 'pvae-seed1'} "
+                                          "is in use by host ") and f"pid {os.getpid()}" in proc.stdout
     assert not (tmp_path / "runs" / "pvae-seed1" / "config.yaml").exists()
 
 
@@ -127,9 +128,9 @@ def test_a_task_whose_run_directory_has_a_live_owner_stops_with_one_line(tmp_pat
     ("svm_class_weight", "balancd", "'evaluate.svm_class_weight' must be one of ['none', 'balanced'], got 'balancd'"),
     ("vgg_weights", "randm", "'evaluate.network_weights' must be imagenet, random or a weights file; 'randm' is "
                              "none"),
-    ("max_images", 0, "'evaluate.max_images' must be >= 1, got 0"),
+    ("max_images", 0, "'evaluate.max_images' must be between 1 and 10000000, got 0"),
     ("fid_samples", "many", "'evaluate.fid_samples' must be of type int, got 'many'"),
-    ("fid_samples", -1, "'evaluate.fid_samples' must be >= 0, got -1"),
+    ("fid_samples", -1, "'evaluate.fid_samples' must be between 0 and 10000000, got -1"),
     ("svm_subsample", [1, 2], "'evaluate.svm_subsample' must be of type int, got a sequence"),
     ("splt", "val", "unknown key 'evaluate.splt' (did you mean 'evaluate.split'?)"),
 ])
@@ -208,6 +209,24 @@ def test_the_parent_run_keeps_its_artifacts_beside_a_sqlite_store(tmp_path, shar
     experiment = mlflow.MlflowClient(tracking_uri=record["tracking_uri"]).get_experiment(record["experiment_id"])
     assert experiment.artifact_location == (store / "mlartifacts").as_uri()
     assert not (cwd / "mlruns").exists()
+
+
+def test_the_parent_runs_task_count_follows_runs_appended_to_the_sweep_file(tmp_path, shard_dir):
+    import mlflow
+
+    from dfcvae_dist.sweeps.parent import ensure_parent
+    from dfcvae_dist.sweeps.plan import load_sweep
+
+    path = write_sweep(tmp_path, shard_dir, f"sqlite:///{tmp_path}/mlflow.db", name="growing")
+    first = ensure_parent(load_sweep(path))
+    client = mlflow.MlflowClient(tracking_uri=first["tracking_uri"])
+    assert client.get_run(first["run_id"]).data.tags["sweep.tasks"] == "4"
+    text = yaml.safe_load(path.read_text())
+    text["runs"]["dfcvae-345"] = {"loss.layers": "[relu3_1, relu4_1, relu5_1]"}  # appended: tasks 4 and 5
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    again = ensure_parent(load_sweep(path))
+    assert again["run_id"] == first["run_id"]
+    assert client.get_run(first["run_id"]).data.tags["sweep.tasks"] == "6"
 
 
 EVALUATE_IN_THIS_PROCESS = """
@@ -314,3 +333,78 @@ def test_the_papers_sweep_plans_its_four_runs_and_the_extra_dfcvae_gan_over_thre
     assert [line.split()[1] for line in lines[:-1]] == [
         f"{run}-seed{seed}" for run in ("dfcvae-123", "dfcvae-345", "pvae", "dcgan", "dfcvae-gan") for seed in (0, 1, 2)]
     assert lines[-1].endswith("sbatch --array=0-14 slurm/sweep.sbatch")
+
+
+OPEN_THE_STORE_TOGETHER = """
+import sys, time
+from pathlib import Path
+from dfcvae_dist.tracking import get_or_create_experiment, mlflow_client
+
+uri, barrier, me, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+(barrier / me).touch()
+while len(list(barrier.iterdir())) < count:  # every process imported, then all at once
+    time.sleep(0.002)
+print(get_or_create_experiment(mlflow_client(uri), "together"))
+"""
+
+
+def test_processes_that_open_a_new_sqlite_store_together_all_succeed(tmp_path):
+    """Sweep tasks and array tasks starting at once build clients of one new store: each client creates or migrates
+    its schema, and without turns one of them died in MLflow's migration ("table ... already exists")."""
+    uri, barrier = f"sqlite:///{tmp_path}/store/mlflow.db", tmp_path / "barrier"
+    barrier.mkdir()
+    with ProcessGroups() as groups:
+        procs = [groups.popen([sys.executable, "-c", OPEN_THE_STORE_TOGETHER, uri, barrier, i, 3], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+        results = [(p.wait(120), *p.communicate()) for p in procs]
+    assert [code for code, _, _ in results] == [0] * 3, [err[-2000:] for _, _, err in results]
+    assert len({out.strip() for _, out, _ in results}) == 1  # one experiment, whoever created it
+
+
+def test_a_launch_of_a_task_that_loses_its_run_directory_to_a_sibling_says_running_elsewhere(tmp_path, shard_dir):
+    """A sibling (this test process) takes the task's run directory after the task checked it was free and before its
+    trainer starts (the task's launcher waits for that): the task ends with exit status 0, saying it runs elsewhere,
+    not "training stopped ... run again"."""
+    path = write_sweep(tmp_path, shard_dir, name="sibling")
+    run_dir, ready, go = tmp_path / "runs" / TINY_TASKS[0], tmp_path / "launching", tmp_path / "go"
+    launcher = f"sh -c 'touch {ready}; until [ -e {go} ]; do sleep 0.05; done; exec \"$0\" \"$@\"' {sys.executable}"
+    sibling = RunLock(run_dir)
+    with ProcessGroups() as groups:
+        task = groups.popen([sys.executable, ROOT / "tools" / "sweep.py", "task", path, 0, "--launcher", launcher],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: ready.exists() or task.poll() is not None, 120, "the task to launch its trainer")
+        sibling.acquire()
+        try:
+            go.touch()
+            out, err = task.communicate(timeout=120)
+        finally:
+            sibling.release()
+    assert task.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1].startswith(f"task 0 {TINY_TASKS[0]}: running elsewhere ({run_dir} is in use "
+                                                   f"by host ") and f"pid {os.getpid()}" in out
+    assert "training stopped" not in err
+
+
+@pytest.mark.parametrize("runs, grid, message", [
+    ("  a: {loss.beta: 1.0}\n  b: {}\n  a: {loss.beta: 2.0}\n", "  train.seed: [0, 1]\n",
+     "line 7: 'runs.a' is written twice (first at line 5)"),
+    ("  a: {loss.beta: 1.0, loss.beta: 2.0}\n", "  train.seed: [0, 1]\n",
+     "line 5: 'runs.a.loss.beta' is written twice (first at line 5)"),
+    ("  a: {}\n", "  train.seed: [0, 1]\n  loss.beta: [1.0]\n  train.seed: [2]\n",
+     "line 9: 'grid.train.seed' is written twice (first at line 7)"),
+    ("  a: {}\n", "  train.seed:\n    - 0\n    - 00\n",
+     "line 9: grid 'train.seed': '00' reads as the same value as '0' (line 8): one task twice"),
+    ("  a: {}\n", "  loss.beta: [0.5, 1, 1.0]\n", "line 7: grid 'loss.beta': '1.0' reads as the same value as '1' "
+                                                  "(line 7): one task twice"),
+], ids=["run-twice", "run-key-twice", "grid-key-twice", "seed-0-and-00", "beta-1-and-1.0"])
+def test_a_sweep_file_that_would_drop_or_repeat_a_task_is_refused_naming_its_line(tmp_path, shard_dir, runs, grid,
+                                                                                   message):
+    path = tmp_path / "twice.yaml"
+    path.write_text(f"name: twice\nbase: quickstart\noverrides: {{data.shards: {shard_dir}, log.enabled: false}}\n"
+                    f"runs:\n{runs}grid:\n{grid}evaluate: {{shards: {shard_dir}}}\n")
+    from dfcvae_dist.errors import UserError
+    from dfcvae_dist.sweeps.plan import load_sweep
+
+    with pytest.raises(UserError) as refused:
+        load_sweep(path)
+    assert str(refused.value) == f"{path}, {message}"

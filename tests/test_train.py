@@ -3,6 +3,7 @@ SIGTERM stop-and-resume, non-finite losses, a changed world size, and every mode
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, ProcessGroups, wait_until
+from tests.conftest import ROOT, ProcessGroups, run_tool, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -328,3 +329,25 @@ def test_torchrun_with_a_webdataset_url_pattern(tmp_path, shard_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "world size 2" in proc.stderr and "10 steps per epoch" in proc.stderr  # 321 // 32
     assert json.loads((run_dir / "COMPLETED.json").read_text())["step"] == 3
+
+
+def test_resume_refuses_the_same_shards_path_with_other_contents(tmp_path, shard_dir, trained_run, celeba_dir):
+    """The run directory and its shards moved together (their paths rewritten), then the shards written again in
+    place from other images: the path is unchanged, so only the manifest's digest, kept in the checkpoint, tells."""
+    shards, run_dir = tmp_path / "shards", tmp_path / "run"
+    shutil.copytree(shard_dir, shards)
+    shutil.copytree(trained_run, run_dir)
+    for config in [run_dir / "config.yaml", *run_dir.glob("checkpoints/step-*/config.yaml")]:
+        config.write_text(config.read_text().replace(str(shard_dir), str(shards)))
+    shutil.rmtree(shards)
+    run_tool("make_shards.py", "--celeba-root", celeba_dir, "--out", shards, "--image-size", "32", "--shard-size", "50")
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    with ProcessGroups() as groups:
+        args = base_args(shards, run_dir, "train.max_steps=8", "log.enabled=false")
+        proc = groups.run([sys.executable, "-m", "dfcvae_dist.train", *args], 600, cwd=tmp_path)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: [rank 0] {run_dir / 'checkpoints' / 'step-00000006'}: {shards} holds other shards "
+                           "than the checkpoint trained on (manifest digest "), proc.stderr[-2000:]
+    assert "train.resume_allow_changes=[data.shards]" in last
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints

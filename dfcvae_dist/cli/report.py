@@ -39,6 +39,8 @@ def main(argv: list[str]) -> int:
     for task in report["tasks"]:
         if task["status"] != "finished" or task["problems"]:
             print(f"{task['name']}: {task['status']}" + "".join(f"\n  {p}" for p in task["problems"]))
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
     for problem in report["figure_problems"]:
         print(problem)
     print(report["mlflow"])

@@ -9,12 +9,11 @@ in progress as running and a done one as done (a failed task leaves it RUNNING: 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 from typing import Iterator
 
 from dfcvae_dist.errors import UserError, one_line
-from dfcvae_dist.rundir import atomic_write
+from dfcvae_dist.rundir import atomic_write, exclusive_lock
 from dfcvae_dist.sweeps.plan import Sweep
 from dfcvae_dist.tracking import get_or_create_experiment, mlflow_client
 
@@ -24,13 +23,7 @@ PARENT_FILE = "parent.json"
 @contextlib.contextmanager
 def parent_lock(sweep: Sweep) -> Iterator[None]:
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
-    path = sweep.sweep_dir / f"{PARENT_FILE}.lock"
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
-        except OSError as err:
-            raise UserError(f"{path}: cannot lock ({err}); this filesystem has no flock (e.g. Lustre without "
-                            "-o flock): put sweep_dir on one that has") from None
+    with exclusive_lock(sweep.sweep_dir / f"{PARENT_FILE}.lock"):
         yield
 
 
@@ -50,6 +43,7 @@ def ensure_parent(sweep: Sweep) -> dict | None:
         if path.is_file():
             record = json.loads(path.read_text())
             if record.get("tracking_uri") == client.tracking_uri:
+                _count_tasks(client, sweep, record)
                 return record
         try:
             record = _create_parent(client, sweep)
@@ -67,6 +61,16 @@ def _create_parent(client, sweep: Sweep) -> dict:
                             tags={"sweep": sweep.name, "sweep.file": str(sweep.path.resolve()),
                                   "sweep.tasks": str(len(sweep.tasks))})
     return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": client.tracking_uri}
+
+
+def _count_tasks(client, sweep: Sweep, record: dict) -> None:
+    """The parent's `sweep.tasks` tag, again: runs and grid values appended to the sweep file add tasks."""
+    try:
+        if client.get_run(record["run_id"]).data.tags.get("sweep.tasks") != str(len(sweep.tasks)):
+            client.set_tag(record["run_id"], "sweep.tasks", str(len(sweep.tasks)))
+    except Exception as err:  # noqa: BLE001 - any store error is the user's to fix
+        raise UserError(f"MLflow at {client.tracking_uri}: cannot update the parent run {record['run_id']} of sweep "
+                        f"{sweep.name} ({one_line(err, 300)})") from None
 
 
 def set_parent_status(record: dict | None, finished: bool) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from dfcvae_dist.config import Config, load_config, load_dataclass, opt
+from dfcvae_dist.config import Config, load_config, load_dataclass, opt, read_value
 from dfcvae_dist.errors import UserError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -40,15 +40,15 @@ class EvaluateConfig:
     quality_shards: str | None = opt(None, "Manifest directory of the quality metrics (default: shards), e.g. the "
                                      "training crop.")
     split: str = opt("test", "The split of the quality metrics.", choices=["train", "val", "test"])
-    max_images: int = opt(2000, "Images of that split in the quality metrics.", min=1)
+    max_images: int = opt(2000, "Images of that split in the quality metrics.", min=1, max=10**7)
     network: str = opt("vgg19", "Feature network of the quality table's perceptual distance, at its default layers "
                        "(VGG19: the paper's 123).", choices=["vgg19", "vgg16", "resnet18", "resnet50"])
     network_weights: str = opt("imagenet", "Its weights: imagenet, random or a weights file (formerly vgg_weights).")
     fid_samples: int | None = opt(10_000, "FID from this many samples (at most the split's images); null or 0: no "
-                                  "FID.", min=0)
+                                  "FID.", min=0, max=10**7)
     fid_weights: str | None = opt(None, "Inception weights file for FID (offline machines).")
-    batch_size: int = opt(256, "Extraction batch size.", min=1)
-    svm_subsample: int = opt(20_000, "Training images used to choose each SVM's C.", min=1)
+    batch_size: int = opt(256, "Extraction batch size.", min=1, max=65_536)
+    svm_subsample: int = opt(20_000, "Training images used to choose each SVM's C.", min=1, max=10**7)
     svm_class_weight: str = opt("none", "none (the paper's plain SVM) or balanced.", choices=["none", "balanced"])
     svm_focus: str | None = opt(None, "Attributes also averaged on their own (dfcvae-svm --focus).")
 
@@ -82,7 +82,7 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
-    doc = _read(path)
+    doc, root = _read(path)
     name = _name(doc.get("name"), path, "name")
     if "base" not in doc:
         raise UserError(f"{path}: 'base' (a config file or a shipped config's name) is missing")
@@ -92,6 +92,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(runs, dict) or not runs:
         raise UserError(f"{path}: 'runs' must name at least one run: {{run-name: {{key: value}}}}")
     grid = _grid(doc.get("grid") or {}, path)
+    _refuse_equal_grid_values(grid, _grid_lines(root), path)
     tasks = []
     for run_name, run_overrides in runs.items():
         own = _overrides(run_overrides or {}, path, f"runs.{_name(run_name, path, 'runs')}")
@@ -103,22 +104,67 @@ def load_sweep(path: str | Path) -> Sweep:
     return Sweep(path, name, doc["base"], sweep_dir, _evaluate(doc.get("evaluate"), path), tasks)
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path) -> tuple[dict, yaml.Node]:
     """The sweep file, every scalar kept as the text written (BaseLoader): the config system reads values by
-    each key's type, as it does for overrides on the command line."""
+    each key's type, as it does for overrides on the command line; and its node tree (lines). A key written twice
+    (a run, a grid key) is refused: YAML would keep the last one silently."""
     try:
-        doc = yaml.load(path.read_text(), Loader=yaml.BaseLoader)
+        loader = yaml.BaseLoader(path.read_text())
     except OSError as err:
         raise UserError(f"cannot read sweep file {path}: {err.strerror}") from None
+    try:
+        root = loader.get_single_node()
+        _refuse_duplicate_keys(root, path)
+        doc = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: invalid YAML: {err}") from None
+    finally:
+        loader.dispose()
     if not isinstance(doc, dict):
         raise UserError(f"{path}: a sweep file is a mapping (name, base, overrides, runs, grid, evaluate, sweep_dir)")
     unknown = set(doc) - {"name", "base", "overrides", "runs", "grid", "evaluate", "sweep_dir"}
     if unknown:
         raise UserError(f"{path}: unknown entry '{sorted(unknown)[0]}' (a sweep file has name, base, overrides, "
                         "runs, grid, evaluate, sweep_dir)")
-    return doc
+    return doc, root
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, where: str = "") -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, where)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[str, int] = {}
+    for key_node, value in node.value:
+        key, line = f"{where}{key_node.value}", key_node.start_mark.line + 1
+        if key in first_line:
+            raise UserError(f"{path}, line {line}: '{key}' is written twice (first at line {first_line[key]})")
+        first_line[key] = line
+        _refuse_duplicate_keys(value, path, f"{key}.")
+
+
+def _grid_lines(root: yaml.MappingNode) -> dict[str, list[int]]:
+    """The line of every grid value, by grid key."""
+    grid = next((value for key, value in root.value if key.value == "grid"), None)
+    if not isinstance(grid, yaml.MappingNode):
+        return {}
+    return {key.value: [item.start_mark.line + 1 for item in values.value] for key, values in grid.value
+            if isinstance(values, yaml.SequenceNode)}
+
+
+def _refuse_equal_grid_values(grid: dict[str, list[str]], lines: dict[str, list[int]], path: Path) -> None:
+    """Two values of one grid key that its type reads as one value (`train.seed: [0, 00]`) would train the same
+    config twice under two names."""
+    for key, texts in grid.items():
+        values = []
+        for text, line in zip(texts, lines[key]):
+            value = read_value(key, text, f"{path}, line {line}: grid '{key}'")
+            if value in values:
+                first = values.index(value)
+                raise UserError(f"{path}, line {line}: grid '{key}': {text!r} reads as the same value as "
+                                f"{texts[first]!r} (line {lines[key][first]}): one task twice")
+            values.append(value)
 
 
 def _name(value: Any, path: Path, where: str) -> str:

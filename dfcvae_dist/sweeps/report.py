@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class ReportTask:
     family: str  # model.name ("unknown" where the run directory has no config.yaml)
     run_dir: Path
     status: str  # finished, running, incomplete, not started
+    latent_dim: int | None = None  # model.latent_dim (None where the run directory has no config.yaml)
 
 
 @dataclass
@@ -75,10 +77,12 @@ def tasks_from_runs(specs: list[str]) -> list[ReportTask]:
         run_dir = Path(path)
         config = run_dir / "config.yaml"
         try:
-            family = yaml.safe_load(config.read_text())["model"]["name"] if config.is_file() else "unknown"
+            model = yaml.safe_load(config.read_text())["model"] if config.is_file() else {"name": "unknown"}
+            family = model["name"]
         except (yaml.YAMLError, KeyError, TypeError) as err:
             raise UserError(f"{config}: no model.name to tell the model family ({err})") from None
-        tasks.append(ReportTask(str(run_dir), run_name, family, run_dir, run_dir_status(run_dir)))
+        tasks.append(ReportTask(str(run_dir), run_name, family, run_dir, run_dir_status(run_dir),
+                                model.get("latent_dim")))
     return tasks
 
 
@@ -89,7 +93,8 @@ def sweep_tasks(path: Path) -> tuple[list[ReportTask], dict]:
     from dfcvae_dist.sweeps.status import task_status
 
     sweep = load_sweep(path)
-    tasks = [ReportTask(t.name, t.run_name, t.family, t.run_dir, task_status(t)) for t in sweep.tasks]
+    tasks = [ReportTask(t.name, t.run_name, t.family, t.run_dir, task_status(t), t.config.model.latent_dim)
+             for t in sweep.tasks]
     parent_file = sweep.sweep_dir / "parent.json"
     parent = read_json(parent_file) if parent_file.is_file() else None
     # the faces of reconstructions.png: the quality metrics' shards (the training crop) where the sweep names them
@@ -207,6 +212,18 @@ def gather(tasks: list[ReportTask]) -> tuple[dict, list[dict]]:
     return {name: summarise_run(files) for name, files in by_run.items()}, rows
 
 
+def pooling_warnings(tasks: list[ReportTask]) -> list[str]:
+    """Run names whose finished tasks are different models (family or latent size), which the report would pool as
+    seeds of one."""
+    models: dict[str, dict[tuple, list[str]]] = {}
+    for task in tasks:
+        if task.status == "finished":
+            models.setdefault(task.run_name, {}).setdefault((task.family, task.latent_dim), []).append(task.name)
+    return [f"{name}: pools different models as seeds (" + "; ".join(
+        f"{family} latent_dim {latent}: {', '.join(names)}" for (family, latent), names in kinds.items()) +
+        "); give each model its own name" for name, kinds in models.items() if len(kinds) > 1]
+
+
 def report_metrics(runs: dict) -> dict[str, float]:
     """The summary numbers for MLflow: report/<run_name>/<metric>, the mean over seeds."""
     metrics = {}
@@ -239,16 +256,34 @@ def log_to_parent(parent: dict | None, out: Path, metrics: dict[str, float]) -> 
     return f"logged the report into MLflow parent run {run_id} (artifacts under report/, {len(metrics)} metrics)"
 
 
+def prepare_output(out: Path) -> None:
+    """The report's folder, created and writable, before any work."""
+    below = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if below is not None:
+        raise UserError(f"--out {out}: {below} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create it ({err.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--out {out}: the folder is read-only")
+
+
 def build_report(tasks: list[ReportTask], out: Path, parent: dict | None = None, shards: str | None = None,
                  title: str = "comparison") -> dict:
     """Write report.json, report.md, samples.png and reconstructions.png into `out`; log them to `parent`."""
     from dfcvae_dist.sweeps.figures import comparison_figures
 
+    if not any(task.status == "finished" for task in tasks):
+        raise UserError("nothing to report: no finished run (" + "; ".join(
+            f"{t.run_dir}: {t.status if t.run_dir.is_dir() else 'no such directory'}" for t in tasks[:5]) +
+            ("; …" if len(tasks) > 5 else "") + ")")
+    prepare_output(out)
     runs, task_rows = gather(tasks)
-    out.mkdir(parents=True, exist_ok=True)
     finished = [task for task in tasks if task.status == "finished"]
     figures, figure_problems = comparison_figures(finished, out, shards)
-    report = {"title": title, "runs": runs, "tasks": task_rows, "figures": figures, "figure_problems": figure_problems,
+    report = {"title": title, "runs": runs, "tasks": task_rows, "warnings": pooling_warnings(tasks),
+              "figures": figures, "figure_problems": figure_problems,
               "paper_table1": {"columns": PAPER_TABLE1, "averages": PAPER_AVERAGES}}
     atomic_write(out / "report.json", json.dumps(report, indent=1, default=str))
     atomic_write(out / "report.md", report_markdown(report))
@@ -270,7 +305,11 @@ def cell(stat: dict | None, scale: float = 1.0, spec: str = ".1f", column_n: int
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+    """A Markdown table; a `|` in a cell (a run name given with --runs) is escaped, not a column break."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
 
 
 def seeds(run: dict) -> int:
@@ -364,7 +403,8 @@ def report_markdown(report: dict) -> str:
     runs = report["runs"]
     lines = [f"# {report['title']}", "",
              "One column per run name; its finished seeds pooled as mean ± std (sample std; none for one seed), "
-             "n = the number of seeds.", "", *tasks_section(report["tasks"])]
+             "n = the number of seeds.", "", *(f"**Warning:** {w}" for w in report["warnings"]),
+             *([""] if report["warnings"] else []), *tasks_section(report["tasks"])]
     if runs:
         lines += [*svm_section(runs), *latent_section(runs), *quality_section(runs), *cost_section(runs)]
     lines += figures_section(report["figures"], report["figure_problems"])

@@ -22,11 +22,15 @@ from dfcvae_dist.errors import UserError, message
 from dfcvae_dist.rundir import DONE_MARKER, RunLock, atomic_write
 from dfcvae_dist.sweeps.parent import child_overrides, ensure_parent, set_parent_status
 from dfcvae_dist.sweeps.plan import EvaluateConfig, Sweep, Task, check_evaluation_data
-from dfcvae_dist.sweeps.status import EVALUATED, is_trained, skipped_line, task_status
+from dfcvae_dist.sweeps.status import EVALUATED, is_trained, live_owner, skipped_line, task_status
 from dfcvae_dist.families import get_family
 from dfcvae_dist.tracking import mlflow_client
 
 Step = tuple[str, Callable[[], str]]  # (name, the call: it returns the line to print)
+
+
+class RunningElsewhere(UserError):
+    """The task's run directory is held by a live process (another launch of the same task)."""
 
 
 def train_args(sweep: Sweep, task: Task, record: dict | None) -> list[str]:
@@ -79,7 +83,10 @@ def evaluate(sweep: Sweep, task: Task, record: dict | None) -> None:
     """Evaluate a trained task in this process, holding its run directory's lock: a second evaluation of it
     stops at once. A signal ends it like any CLI; a re-run evaluates again."""
     lock = RunLock(task.run_dir)
-    lock.acquire()
+    try:
+        lock.acquire()
+    except UserError:
+        raise RunningElsewhere(skipped_line(task, "running")) from None
     try:
         steps = evaluation_steps(sweep, task, record)
         for name, step in steps:
@@ -105,10 +112,17 @@ def run_task(sweep: Sweep, index: int, launcher: Sequence[str] = (sys.executable
     if not is_trained(task):
         print(f"task {index} {task.name}: training in {task.run_dir}", flush=True)
         code = subprocess.run([*launcher, "-m", "dfcvae_dist.train", *train_args(sweep, task, record)]).returncode
+        if not is_trained(task) and live_owner(task.run_dir):  # a sibling took the run directory first
+            print(skipped_line(task, "running"), flush=True)
+            return "running"
         if not is_trained(task):
             raise UserError(f"task {index} {task.name}: training stopped (exit status {code}) before the end of "
                             f"{task.run_dir}; run the task again to resume")
-    evaluate(sweep, task, record)
+    try:
+        evaluate(sweep, task, record)
+    except RunningElsewhere as line:  # a sibling trained it and is evaluating it
+        print(line, flush=True)
+        return "running"
     print(f"task {index} {task.name}: finished", flush=True)
     close_parent_if_done(sweep, record)
     return "finished"
@@ -138,7 +152,11 @@ def evaluate_trained(sweep: Sweep, index: int) -> None:
     task, record = sweep.task(index), ensure_parent(sweep)
     if not is_trained(task):
         raise UserError(f"task {index} {task.name}: {task.run_dir} has not finished training for this task's config")
-    evaluate(sweep, task, record)
+    try:
+        evaluate(sweep, task, record)
+    except RunningElsewhere as line:  # a sibling array task is evaluating it
+        print(line, flush=True)
+        return
     print(f"task {index} {task.name}: finished", flush=True)
     close_parent_if_done(sweep, record)
 

@@ -80,5 +80,5 @@ def skipped_line(task: Task, status: str) -> str:
         return f"task {task.index} {task.name}: finished, skipped"
     owner = live_owner(task.run_dir) or {}
     job = f", Slurm job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
-    return (f"task {task.index} {task.name}: running ({task.run_dir} is in use by host {owner.get('host')}, pid "
-            f"{owner.get('pid')}{job}): not started again")
+    return (f"task {task.index} {task.name}: running elsewhere ({task.run_dir} is in use by host {owner.get('host')}, "
+            f"pid {owner.get('pid')}{job}): not started again")

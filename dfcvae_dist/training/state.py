@@ -28,6 +28,7 @@ class TrainerState:
     mlflow_run_id: str | None = None
     world_size: int = 1
     config_digest: str = ""
+    data_digest: str = ""  # the training data's manifest digest (data.shards a manifest directory; else "")
     feature_weights: str = "none"  # the loss network's weights: imagenet, random(seed=N), file:PATH; none without one
     precision: str = ""  # the resolved mixed precision (no, fp16, bf16); "" in checkpoints that kept it in their config
     wall_time_s: float = 0.0  # seconds of training, over every launch, up to `step` (work lost to a kill not counted)

@@ -204,7 +204,10 @@ class Tracker:
                 return f"error:{message}; start it, fix log.tracking_uri, or set log.on_unavailable=warn"
             log.warning("%s: training continues UNTRACKED (log.on_unavailable=warn)", message)
             return "untracked"
-        self.client = mlflow_client(uri)
+        try:
+            self.client = mlflow_client(uri)
+        except UserError as err:  # an unusable store: every rank hears it
+            return f"error:{err}"
         try:
             if run_id:
                 self.client.update_run(run_id, status="RUNNING")

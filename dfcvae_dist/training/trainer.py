@@ -28,7 +28,7 @@ from dfcvae_dist.config import Config, load_config, resume_changes
 from dfcvae_dist.data.loader import (SplitSource, TrainStream, batches_per_epoch, make_loader, model_input,
                                      resolve_split)
 from dfcvae_dist.distributed import make_accelerator, release, set_determinism
-from dfcvae_dist.data.shards import MANIFEST, manifest_of
+from dfcvae_dist.data.shards import MANIFEST, manifest_digest, manifest_of
 from dfcvae_dist.errors import UserError, message, one_line
 from dfcvae_dist.families import get_family
 from dfcvae_dist.quiet import held_back
@@ -313,7 +313,8 @@ class Trainer:
         state = TrainerState(batches_per_epoch=self.data.batches_per_epoch, grad_accum=cfg.train.grad_accum,
                              model=cfg.model.name, world_size=acc.num_processes, config_digest=cfg.digest(),
                              feature_weights=network.weights_source if network is not None else "none",
-                             precision=acc.mixed_precision, best_metric=cfg.checkpoint.keep_best or "")
+                             precision=acc.mixed_precision, best_metric=cfg.checkpoint.keep_best or "",
+                             data_digest=data_digest(cfg.data.shards))
         choice = on_main_then_all(acc, lambda: str(find_checkpoint(self.run_dir, cfg.train.resume) or ""))
         if not choice:
             return state
@@ -323,11 +324,13 @@ class Trainer:
         saved.precision = saved.precision or saved_cfg.train.mixed_precision  # older checkpoints: in their config
         refuse_incompatible(checkpoint, saved, state)
         self.changed = self.compare_config(checkpoint, saved_cfg)
+        refuse_other_data(checkpoint, saved, state, cfg, self.console)
         try:  # accelerate loads with weights_only=True: a file that would run code is refused, not executed
             acc.load_state(str(checkpoint))
         except (pickle.UnpicklingError, RuntimeError, OSError) as err:
             raise UserError(f"{checkpoint}: checkpoint refused or unreadable ({one_line(err, 300)})") from None
         saved.config_digest, saved.feature_weights = state.config_digest, state.feature_weights
+        saved.data_digest = state.data_digest
         if saved.best_metric != state.best_metric:  # checkpoint.keep_best changed: its best starts anew
             saved.best_metric, saved.best_value, saved.best_step, saved.validations_since_best = \
                 state.best_metric, None, 0, 0
@@ -425,6 +428,27 @@ def refuse_incompatible(checkpoint: Path, saved: TrainerState, now: TrainerState
                         f"steps of {saved.grad_accum}, now {now.batches_per_epoch} in steps of {now.grad_accum}; the "
                         "data position cannot be carried over: resume with the same train.batch_size, "
                         "train.grad_accum and data")
+
+
+def data_digest(shards: str) -> str:
+    """The digest of the data `data.shards` names (its manifest's shards and their sha256); "" for a URL pattern."""
+    manifest = manifest_of(shards)
+    return manifest_digest(manifest) if manifest else ""
+
+
+def refuse_other_data(checkpoint: Path, saved: TrainerState, now: TrainerState, cfg: Config,
+                      console: Console) -> None:
+    """The same data.shards path with other contents (written again, other images) would resume on other data
+    without a word: the checkpoint keeps the manifest's digest (older checkpoints have none)."""
+    if not saved.data_digest or not now.data_digest or saved.data_digest == now.data_digest:
+        return
+    change = (f"{cfg.data.shards} holds other shards than the checkpoint trained on (manifest digest "
+              f"{saved.data_digest}, now {now.data_digest})")
+    if "data.shards" not in cfg.train.resume_allow_changes:
+        raise UserError(f"{checkpoint}: {change}; resume on the data it trained on, start a new run (another "
+                        "train.run_dir or train.resume=none), or take responsibility with "
+                        "train.resume_allow_changes=[data.shards]")
+    console.print(f"resume: {change}")
 
 
 def check_image_size(shards: str, image_size: int) -> None:
