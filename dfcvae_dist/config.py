@@ -39,6 +39,7 @@ RENAMED_KEYS = {"loss.vgg_weights": "loss.network_weights", "loss.vgg_dtype": "l
 SEED_MAX = 2**32 - 1
 STEPS_MAX = 10**9
 WEIGHT_MAX = 1e6
+FP32_MAX = 3.4028234663852886e38  # a scale the loss's fp32 arithmetic can hold; past ~1e19 a loss overflows
 DAY_S, WEEK_S = 86_400, 7 * 86_400
 
 
@@ -95,7 +96,7 @@ class LossConfig:
     feature_scale: float = opt(57.6, "Multiplier on VGG features before the distance. 57.6 = 255 x mean "
                                "ImageNet std maps torchvision's normalised input to the Caffe BGR 0-255 "
                                "scale the paper's alpha/beta were tuned on (docs/paper-fidelity.md).",
-                               min=0.0, max=WEIGHT_MAX)
+                               min=0.0, max=FP32_MAX)
     network_weights: str = opt("imagenet", "imagenet (torchvision weights API), random (seeded; tests and offline "
                                "demos) or a path to a local state-dict file of the network (formerly "
                                "loss.vgg_weights).")

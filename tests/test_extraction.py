@@ -61,7 +61,7 @@ def test_checkpoint_of_another_model_type_is_refused(tmp_path, shard_dir):
     save_file(get_family("dcgan").build_model(cfg.model).state_dict(), str(ckpt / "weights.safetensors"))
     proc = run_tool("extract_latents.py", "--checkpoint", ckpt, "--shards", shard_dir, "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
-        f"error: {ckpt}: a dcgan checkpoint, but this needs a VAE (a family that encodes)"
+        f"error: {ckpt}: a dcgan model, but this needs a VAE (a family that encodes)"
 
 
 def test_latents_file_with_missing_arrays_is_named(tmp_path):

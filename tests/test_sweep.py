@@ -265,8 +265,11 @@ def test_a_tasks_evaluation_logs_into_its_run_through_a_client_and_leaves_the_en
     run_id = json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"]
     metrics = client.get_run(run_id).data.metrics
     assert {"eval/svm/mean_accuracy", "eval/latent/kl_per_image", "eval/quality/mse"} <= set(metrics)
+    name = TINY_TASKS[0]  # quality's two samplers: a figure each, and the mixture it fitted
     assert {a.path for a in client.list_artifacts(run_id, "evaluation")} == {
-        "evaluation/svm_report.json", "evaluation/svm_table.md", "evaluation/quality.json"}
+        "evaluation/svm_report.json", "evaluation/svm_table.md", "evaluation/quality.json",
+        f"evaluation/samples-normal-{name}.png", f"evaluation/samples-gmm-{name}.png",
+        f"evaluation/gmm-{name}.safetensors"}
 
 
 @pytest.mark.slow

@@ -77,8 +77,9 @@ class BackgroundSender:
             (self.queue.appendleft if first else self.queue.append)(Item("call", (name, fn)))
             self.cond.notify()
 
-    def close(self, deadline_s: float) -> int:
-        """Wait up to `deadline_s` for everything queued to be sent; the number of items left unsent."""
+    def close(self, deadline_s: float, setting_s: float | None = None) -> int:
+        """Wait up to `deadline_s` for everything queued to be sent; the number of items left unsent.
+        `setting_s`: the log.flush_timeout_s that `deadline_s` is what is left of, named in the warning."""
         end = time.monotonic() + deadline_s
         with self.cond:
             while (self.queue or self.busy) and time.monotonic() < end:
@@ -90,7 +91,7 @@ class BackgroundSender:
                         "%d points)", self.name, self.stats.dropped, self.max_points)
         if left:
             log.warning("%s: %d item(s) were not sent within log.flush_timeout_s=%g s (%s); the run in %s "
-                        "lacks them: %s", self.name, left, deadline_s, self.stats.first_error or "server not answering",
+                        "lacks them: %s", self.name, left, deadline_s if setting_s is None else setting_s, self.stats.first_error or "server not answering",
                         self.name, ", ".join(dict.fromkeys(unsent)))
         return left
 

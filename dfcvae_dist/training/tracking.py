@@ -291,7 +291,7 @@ class Tracker:
             self.active = False
             # first: with a backlog at the deadline, the run's real status matters more than its last points
             self.sender.put_call("end", lambda: self.client.set_terminated(self.run_id, status), first=True)
-            self.sender.close(max(0.0, deadline - time.monotonic()))
+            self.sender.close(max(0.0, deadline - time.monotonic()), self.flush_timeout_s)
         if tensorboard is not None:
             tensorboard.wait_closed(max(0.0, deadline - time.monotonic()))
 
