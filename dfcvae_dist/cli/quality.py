@@ -14,10 +14,10 @@ from rich.table import Table
 from dfcvae_dist.errors import UserError, cli_main
 from dfcvae_dist.evaluation.quality import QUALITY_FILE, QualityOptions, evaluate_quality
 from dfcvae_dist.losses.feature_networks import BUILTIN_NETWORKS
-from dfcvae_dist.metrics import QUALITY, formatted
+from dfcvae_dist.metrics import QUALITY, formatted, metric
 from dfcvae_dist.tracking import resolve_run_id
 
-
+HEADLINE = [metric(f"eval/quality/{key}") for key in ("ssim", "lpips", "fid")]  # the ones papers report
 
 @cli_main
 def main(argv: list[str]) -> int:
@@ -48,6 +48,9 @@ def main(argv: list[str]) -> int:
     print(f"wrote {args.out / QUALITY_FILE}")
     for name, run_id in run_ids.items():
         print(f"MLflow: {name} logged into run {run_id}")
+    print(f"headline ({args.split} split; every number in the table above):")
+    for name, r in quality["models"].items():
+        print(f"  {name}: " + ", ".join(f"{m.label} {formatted(m, r[m.key])}" for m in HEADLINE))
     return 0
 
 

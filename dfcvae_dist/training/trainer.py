@@ -5,6 +5,7 @@ checkpointer's, and the counters a resume needs live in `TrainerState`."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import itertools
 import json
@@ -124,6 +125,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global generator
                 self.fixed_images = fixed_batch(cfg)
         self.images_logged_at = -1
+        self.last_losses: dict[str, tuple[int, float]] = {}  # name: (step, value) as last logged, for the summary
         self.stop = StopFlag()
         self.launched = (time.perf_counter(), self.state.wall_time_s)
         self.describe()
@@ -143,6 +145,7 @@ class Trainer:
                     val = self.recipe.validation_loss(data.val, self.cfg.train.batch_size, self.cfg.train.val_batches,
                                                       self.cfg.data.skip_corrupt)
                     self.tracker.log_metrics({"val/total": val}, s.step)
+                    self.last_losses["val/total"] = (s.step, val)
                 if s.step % self.cfg.train.sync_every_steps == 0 or self.checkpointer.due(s.step):
                     stopping = self.health.agree(self.stop.requested)  # the step's only collective (with logging)
                 if stopping or self.checkpointer.due(s.step):
@@ -167,6 +170,7 @@ class Trainer:
                             "train/img_per_s": self.progress.img_per_s_since_last_log(s.step),
                             "train/skipped_steps": s.skipped_steps})
             self.tracker.log_metrics(metrics, s.step)
+            self.last_losses["train/total"] = (s.step, metrics["train/total"])
             self.progress.logged(s.step, s.epoch, metrics["train/total"], metrics["train/img_per_s"])
         if log.image_every_steps and s.step % log.image_every_steps == 0:
             self.log_images()
@@ -198,8 +202,8 @@ class Trainer:
         if self.images_logged_at != s.step:
             self.log_images()
         self.tracker.end("KILLED" if stopped_early else "FINISHED")
-        self.console.print(f"{'stopped at' if stopped_early else 'finished'} step {s.step}; checkpoint "
-                           f"{summary['checkpoint']}")
+        for line in end_of_run_lines(summary, s, self.last_losses, self.tracker.run_page()):
+            self.console.print(line, markup=False, highlight=False)
         acc.end_training()
         self.lock.release()
         return summary
@@ -296,9 +300,29 @@ class Trainer:
         step = self.images_logged_at = self.state.step
         if self.fixed_images is not None:
             rows = [("input", self.fixed_images), ("reconstruction", self.recipe.reconstruct(self.fixed_images))]
-            self.tracker.log_image(labelled_rows(rows), "reconstructions", step)
+            title = f"Step {step}: fixed faces above their reconstructions (decoded from the mean of q(z|x))"
+            self.tracker.log_image(labelled_rows(rows, title), "reconstructions", step)
         samples = self.recipe.decode(self.fixed_z)  # a fixed z: no random stream is drawn from
-        self.tracker.log_image(labelled_rows([("samples", samples[:8]), ("(fixed z)", samples[8:])]), "samples", step)
+        rows = [("z 1–8", samples[:8]), ("z 9–16", samples[8:])]
+        self.tracker.log_image(labelled_rows(rows, f"Step {step}: samples of 16 fixed z ~ N(0, I)"), "samples", step)
+
+
+def end_of_run_lines(summary: dict, state: TrainerState, losses: dict[str, tuple[int, float]],
+                     run_page: str | None) -> list[str]:
+    """A run's last lines: how far it got, its final losses, speed and wall time, where its checkpoint and
+    its MLflow page are."""
+    epochs = f"{state.step * state.grad_accum / state.batches_per_epoch:.2f}".rstrip("0").rstrip(".")  # completed
+    img_per_s = "n/a" if summary["img_per_s"] is None else f"{summary['img_per_s']:.0f}"
+    wall = datetime.timedelta(seconds=round(summary["wall_time_s"]))
+    lines = [f"{'stopped at' if summary['stopped_early'] else 'finished'} step {state.step} of {summary['total_steps']} "
+             f"({epochs} epochs), {img_per_s} img/s, wall time {wall} (all launches)"]
+    if losses:
+        lines.append("final losses: " + ", ".join(f"{name} {value:.4g} (step {step})"
+                                                  for name, (step, value) in losses.items()))
+    lines.append(f"checkpoint: {summary['checkpoint']}")
+    if run_page:
+        lines.append(f"MLflow run page: {run_page}")
+    return lines
 
 
 def on_main_then_all(accelerator, fn):
