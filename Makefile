@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test slurm-tools quickstart clean-quickstart reproduce reproduce-celeba reproduce-cpu
+.PHONY: venv test slurm-tools browser-tools quickstart clean-quickstart reproduce reproduce-celeba reproduce-cpu
 
 venv: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP) slurm-tools
+test: $(STAMP) slurm-tools browser-tools
 	$(BIN)/python -m pytest tests
 
 # The Slurm tests start a private two-node cluster from Debian's slurm-wlm and munge; installed here when
@@ -28,8 +28,17 @@ slurm-tools:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
 		|| echo "could not install slurm-wlm and munge: the Slurm tests will be skipped"; fi
 
+# The real-browser test loads a run's MLflow page in Debian's headless chromium; installed here when running
+# as root and missing (otherwise that test is skipped with the reason).
+browser-tools:
+	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "could not install chromium: the real-browser test will be skipped"; fi
+
 QS := quickstart
-LAUNCH_CPU2 := $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
+# every option given: without a config file, accelerate warns about each one it defaults
+LAUNCH_CPU2 := $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+	--dynamo_backend no
 QS_MLFLOW := MLFLOW_TRACKING_URI=sqlite:///$(QS)/mlflow.db
 # synthetic CelebA -> landmark-crop shards -> DFC-VAE and PVAE (2 processes each) -> latents (2 processes)
 # -> per model: latents, SVM table, quality table (into RUN_DIR/eval/ and the model's MLflow run) -> latent-space
@@ -55,9 +64,9 @@ quickstart: $(STAMP)
 	@echo "Results (synthetic faces, random VGG19 weights: a demo of the pipeline, not the paper's numbers):"
 	@echo "  checkpoints   $(QS)/runs/dfcvae, $(QS)/runs/pvae"
 	@echo "  SVM tables    $(QS)/runs/{dfcvae,pvae}/eval/svm/svm_table.md  (KL per image, active units: svm_report.json)"
-	@echo "  quality       $(QS)/runs/{dfcvae,pvae}/eval/quality/quality.json"
+	@echo "  quality       $(QS)/runs/{dfcvae,pvae}/eval/quality/quality.json  (samples per sampler: samples-{normal,gmm}-*.png)"
 	@echo "  figures       $(QS)/results/studies/*.png"
-	@echo "  report        $(QS)/results/report/report.md  (both models side by side, with samples.png and reconstructions.png)"
+	@echo "  report        $(QS)/results/report/report.md  (both models side by side; samples.png, reconstructions.png)"
 	@$(QS_MLFLOW) $(BIN)/python tools/report.py --runs dfcvae=$(QS)/runs/dfcvae --runs pvae=$(QS)/runs/pvae \
 		--out $(QS)/results/report
 

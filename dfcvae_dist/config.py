@@ -151,13 +151,19 @@ class TrainConfig:
                             choices=["stop", "skip"], resume_safe=True)
     collective_timeout_s: int = opt(300, "Timeout of collectives; a dead rank ends the job after it.", min=1,
                                     resume_safe=True)
+    early_stop_patience: int | None = opt(None, "Stop after N validations in a row without a better "
+                                          "checkpoint.keep_best metric (the run is complete: COMPLETED.json says "
+                                          "why; null: never stop early).", min=1, resume_safe=True)
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = opt(500, "Save a checkpoint every N optimizer steps (0: only at end and on stop).",
                            min=0, resume_safe=True)
-    keep: int = opt(3, "Keep the newest K checkpoints.", min=1, resume_safe=True)
+    keep: int = opt(3, "Keep the newest K checkpoints (and the best one, with keep_best).", min=1, resume_safe=True)
+    keep_best: str | None = opt(None, "A validation metric (val/total): also save the checkpoint of every validated "
+                                "step that betters it, point checkpoints/best at the best, and never prune it. "
+                                "Lower is better unless the metric's declaration says otherwise.", resume_safe=True)
 
 
 @dataclass
@@ -171,7 +177,10 @@ class LogConfig:
                                  resume_safe=True)
     on_unavailable: str = opt("error", "Tracking server unreachable at start: error, or warn and train "
                               "untracked.", choices=["error", "warn"], resume_safe=True)
-    enabled: bool = opt(True, "Log to MLflow at all.", resume_safe=True)
+    enabled: bool = opt(True, "Track at all (false: none of log.trackers).", resume_safe=True)
+    trackers: list[str] = opt(["mlflow"], "Where the run logs: mlflow, and tensorboard (event files in "
+                              "RUN_DIR/tensorboard/, the same scalar and image names as in MLflow).",
+                              choices=["mlflow", "tensorboard"], nonempty=True, resume_safe=True)
     system_metrics: bool = opt(True, "MLflow's system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py): "
                                "one monitor per node with an http(s) tracking URI, the main process only with "
                                "sqlite or a file store.", resume_safe=True)
@@ -190,6 +199,10 @@ class LogConfig:
     model: str = opt("final", "Log the trained model to MLflow as a LoggedModel of the run (safetensors + "
                      "our code, loadable with mlflow.pyfunc.load_model): the final one, every checkpoint, or none.",
                      choices=["final", "checkpoints", "none"], resume_safe=True)
+
+    def uses(self, tracker: str) -> bool:
+        """The run logs to `tracker` (mlflow, tensorboard)."""
+        return self.enabled and tracker in self.trackers
 
 
 @dataclass
@@ -257,16 +270,49 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     return finalize(cfg, f"{source} with its command-line overrides" if overrides else source)
 
 
+def config_from_dict(sections: typing.Mapping, source: str) -> Config:
+    """A config from its `to_dict()` form (a model folder's config.json), every key checked as a file's are."""
+    cfg = Config()
+    for section, values in sections.items():
+        if not isinstance(values, typing.Mapping):
+            raise UserError(f"{source}: '{section}' is not a section of keys")
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", yaml.compose(json.dumps(value), Loader=yaml.SafeLoader), source)
+    return finalize(cfg, source)
+
+
 def finalize(cfg: Config, source: str) -> Config:
     """The checks that need more than one key, asked of the model family (which also fills in what it defaults,
     such as the feature network's layers); a refusal names `source` and the keys."""
     from dfcvae_dist.families import get_family
 
     try:
-        get_family(cfg.model.name).check_config(cfg)
+        family = get_family(cfg.model.name)
+        family.check_config(cfg)
+        check_keep_best(cfg, family)
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
     return cfg
+
+
+def check_keep_best(cfg: Config, family) -> None:
+    """checkpoint.keep_best names a validation metric of the family, the run validates, and early stopping has a
+    metric to watch."""
+    from dfcvae_dist.metrics import validation_metrics
+
+    best, patience = cfg.checkpoint.keep_best, cfg.train.early_stop_patience
+    if patience is not None and best is None:
+        raise UserError(f"train.early_stop_patience={patience} watches the metric of checkpoint.keep_best: set it too, "
+                        "e.g. checkpoint.keep_best=val/total")
+    if best is None:
+        return
+    names = [m.name for m in validation_metrics(family.metrics(cfg))]
+    if best not in names:
+        allowed = f"one of {', '.join(names)}" if names else f"model.name={family.name} computes none"
+        raise UserError(f"checkpoint.keep_best: {best!r} is not a validation metric ({allowed})"
+                        f"{_suggest(best, names)}")
+    if not cfg.train.val_every_steps:
+        raise UserError(f"checkpoint.keep_best={best} needs validations: set train.val_every_steps")
 
 
 DataclassT = typing.TypeVar("DataclassT")

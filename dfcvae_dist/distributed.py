@@ -14,6 +14,8 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.lifeline import die_with_parent
 
+_released = False  # an accelerator of this process was released (`release`)
+
 
 def resolve_precision(configured: str, launcher: str | None, deepspeed: bool) -> str | None:
     """The mixed precision to ask accelerate for (None: DeepSpeed's config decides). `launcher`: what
@@ -42,6 +44,7 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, timeout
     `threads` torch threads (default: available CPUs / local processes)."""
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun / accelerate launch
         die_with_parent()  # ranks must not outlive their launcher
+    forget_released_state()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     cpu = not torch.cuda.is_available() and not deepspeed  # accelerate turns DeepSpeed off when cpu=True
     handler = InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo",
@@ -56,6 +59,26 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, timeout
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(threads or max(1, cpus_available() // local))
     return accelerator
+
+
+def release(accelerator: Accelerator) -> None:
+    """End `accelerator` (its process group destroyed). The next `make_accelerator` of this process then starts
+    from a clean accelerate state, so a script or notebook can train again, with other settings (accelerate
+    keeps one state per process and refuses other settings while it lasts)."""
+    global _released
+    accelerator.end_training()
+    _released = True
+
+
+def forget_released_state() -> None:
+    """After `release`: forget accelerate's process-wide state (the released accelerator keeps working until then)."""
+    global _released
+    if _released:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        _released = False
 
 
 def set_determinism(deterministic: bool) -> None:

@@ -31,7 +31,8 @@ def one_line(err: BaseException, limit: int | None = None) -> str:
 
 
 def cli_main(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | None], int]:
-    """Run `main(argv)`; a UserError becomes one line on stderr and exit 2 (a traceback only with --debug)."""
+    """Run `main(argv)`; a UserError becomes one line on stderr and exit 2 (a traceback only with --debug).
+    Messages of libraries that say nothing to our user are filtered (`quiet.py`)."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
@@ -39,6 +40,9 @@ def cli_main(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | N
         debug = "--debug" in argv
         if debug:
             argv.remove("--debug")
+        from dfcvae_dist.quiet import quiet_library_messages
+
+        quiet_library_messages()
         try:
             return main(argv) or 0
         except UserError as err:

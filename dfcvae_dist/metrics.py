@@ -14,6 +14,7 @@ class Metric:
     unit: str
     label: str = ""  # its column title in a table
     spec: str = ""  # its number format in a table
+    higher_is_better: bool = False  # for a validation metric: which way checkpoint.keep_best and early stopping read it
 
     @property
     def key(self) -> str:
@@ -23,6 +24,11 @@ class Metric:
 
 def keys(metrics: list[Metric]) -> tuple[str, ...]:
     return tuple(m.key for m in metrics)
+
+
+def validation_metrics(metrics: list[Metric]) -> list[Metric]:
+    """Those computed on the val split (`val/...`): what checkpoint.keep_best may name."""
+    return [m for m in metrics if m.name.startswith("val/")]
 
 
 def formatted(metric: Metric, value: float | None) -> str:
@@ -93,9 +99,12 @@ QUALITY = [
     Metric("eval/quality/perceptual_distance", "the feature perceptual loss between input and reconstruction, on "
            "the evaluation's feature network (its note names it)", "as `train/rec_perceptual`",
            "perceptual distance", ".4g"),
-    Metric("eval/quality/fid", "Fréchet Inception distance of samples from N(0, I) (every family) to as many images "
-           "of the split, torch-fidelity's FID Inception ([evaluation](evaluation.md))", "distance (0 = same "
-           "statistics)", "FID", ".2f"),
+    Metric("eval/quality/fid", "Fréchet Inception distance of samples from N(0, I) (every family; `--sampler "
+           "normal`) to as many images of the split, torch-fidelity's FID Inception ([evaluation](evaluation.md))",
+           "distance (0 = same statistics)", "FID", ".2f"),
+    Metric("eval/quality/fid_gmm", "the same FID, of samples decoded from z drawn from a Gaussian mixture fitted to "
+           "the VAE's training latents (`--sampler gmm[:K]`; [samplers](evaluation.md#samplers))", "distance (0 = "
+           "same statistics)", "FID (GMM)", ".2f"),
     Metric("eval/quality/fid_samples", "images each side of the FID", "images", "FID samples", ",.0f"),
 ]
 RECONSTRUCTION = QUALITY[:6]

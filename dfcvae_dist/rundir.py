@@ -5,6 +5,7 @@
       RESUME_ME.json | COMPLETED.json  how the newest launch ended (read by slurm/train.sbatch)
       ranks/rank-N.json                per-rank parameter digest and first-epoch shards
       checkpoints/latest               the name of the newest complete checkpoint
+      checkpoints/best                 the name of the best validated one (checkpoint.keep_best)
       checkpoints/step-NNNNNNNN/       trainer_state.json, weights.safetensors, config.yaml, accelerate's files
 
 Nothing here imports accelerate, DeepSpeed or MLflow: serving code reads run directories too.
@@ -37,6 +38,7 @@ DONE_MARKER = "COMPLETED.json"
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,15 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
             return named
     found = complete_checkpoints(directory)
     return found[-1] if found else None
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `checkpoints/best` names, if it names a complete one."""
+    pointer = Path(run_dir) / CHECKPOINTS / BEST
+    if not pointer.is_file():
+        return None
+    named = pointer.parent / pointer.read_text().strip()
+    return named if (named / STATE_FILE).is_file() else None
 
 
 class RunLock:

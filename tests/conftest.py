@@ -121,8 +121,10 @@ def trained_run(shard_dir, tmp_path_factory) -> Path:
 @pytest.fixture
 def unreachable_hub(tmp_path, monkeypatch):
     """An empty torch hub cache (yielded) and downloads that fail whatever the machine's network: every proxy
-    variable points at a loopback port that is bound but never listens, so the connection is refused."""
+    variable, and the Hugging Face Hub's endpoint (HF_ENDPOINT; its cache HF_HOME empty too), points at a loopback
+    port that is bound but never listens, so the connection is refused."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "huggingface"))
     # urlopen builds its opener, proxies included, on first use and keeps it: give this test its own, so the
     # refused proxy neither depends on earlier tests nor outlives this one
     monkeypatch.setattr(urllib.request, "_opener", None)
@@ -130,7 +132,7 @@ def unreachable_hub(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
-        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
             monkeypatch.setenv(name, f"http://127.0.0.1:{closed.getsockname()[1]}")
         yield tmp_path / "torch" / "hub" / "checkpoints"
 

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT, run_tool
 
 SCRIPTS = ["dfcvae-train", "dfcvae-synthetic", "dfcvae-shards", "dfcvae-extract", "dfcvae-svm", "dfcvae-explore",
-           "dfcvae-quality", "dfcvae-bench", "dfcvae-fetch-vgg19", "dfcvae-sweep", "dfcvae-report"]
+           "dfcvae-quality", "dfcvae-bench", "dfcvae-fetch-vgg19", "dfcvae-sweep", "dfcvae-report", "dfcvae-export"]
 
 
 def declared_scripts() -> dict[str, str]:

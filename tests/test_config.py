@@ -54,6 +54,21 @@ def test_out_of_range_and_bad_choice():
         load_config(None, ["loss.layers=[relu9_1]"])
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["train.early_stop_patience=3"], r"train.early_stop_patience=3 watches the metric of checkpoint.keep_best"),
+    (["checkpoint.keep_best=val/totl"], r"'val/totl' is not a validation metric \(one of val/total\) \(did you mean "
+                                        r"'val/total'\?\)"),
+    (["checkpoint.keep_best=val/total"], r"checkpoint.keep_best=val/total needs validations: set "
+                                         r"train.val_every_steps"),
+    (["model.name=dcgan", "checkpoint.keep_best=val/total", "train.val_every_steps=5"],
+     r"'val/total' is not a validation metric \(model.name=dcgan computes none\)"),
+    (["log.trackers=[wandb]"], r"'log.trackers' must be one of \['mlflow', 'tensorboard'\], got 'wandb'"),
+], ids=["patience-without-metric", "unknown-metric", "no-validation", "family-without-validation", "tracker"])
+def test_best_checkpoint_early_stopping_and_trackers_are_checked_when_the_config_loads(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
 def test_override_without_equals_is_refused():
     with pytest.raises(UserError, match="not of the form section.key=value"):
         load_config(None, ["train.batch_size"])

@@ -50,7 +50,8 @@ def test_a_two_node_run_fills_its_run_page_on_a_real_server(tmp_path, shard_dir,
     assert training.dataset.digest == manifest_digest(read_manifest(shard_dir))
     assert training.dataset.source == str(shard_dir.resolve()) and [t.value for t in training.tags] == ["training"]
     assert json.loads(training.dataset.profile)["num_samples"] == 321 and json.loads(training.dataset.profile)["synthetic"]
-    assert image_steps(client, run_id) == {"reconstructions": [3, 6], "samples": [3, 6]}  # one entry per image step
+    # one entry per image step, from the untrained model at step 0 (the UI's image cards open on step 0)
+    assert image_steps(client, run_id) == {"reconstructions": [0, 3, 6], "samples": [0, 3, 6]}
     for node in ("node0", "node1"):  # one monitor per node, each under its node id
         for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
             assert client.get_metric_history(run_id, f"system/{node}/{name}"), (node, name)

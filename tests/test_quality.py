@@ -1,17 +1,24 @@
 """Image-quality metrics mean what they mean in papers: our SSIM agrees with scikit-image's, our FID pipeline
 feeds FID's Inception exactly as torch-fidelity does, MS-SSIM and LPIPS say why they are n/a; the blur ratio
-is ours; `dfcvae-quality` writes quality.json in the shared schema and logs into each model's MLflow run."""
+is ours; `dfcvae-quality` writes quality.json in the shared schema, an FID and a sample figure per sampler (N(0, I),
+a Gaussian mixture fitted to the training latents), and logs into each model's MLflow run."""
 
 import json
 import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
+from dfcvae_dist.cli.quality import main as quality_main
+from dfcvae_dist.data.shards import manifest_digest, read_manifest
+from dfcvae_dist.evaluation.samplers import extracted_train_latents
+from dfcvae_dist.inference import GaussianMixtureSampler, load_trained, sample
 from dfcvae_dist.evaluation.quality import (FID_WEIGHTS_FILE, LPIPS_BACKBONE_FILE, add_fid_images, fid_metric,
                                             lpips_or_reason, ms_ssim, ms_ssim_betas, ms_ssim_scales,
                                             reconstruction_metrics, ssim)
@@ -176,40 +183,95 @@ def test_quality_json_in_the_shared_schema_logged_into_each_tracked_models_run(
                     "--shards", tiny_shards, "--vgg-weights", "random",
                     "--fid-weights", fid_weights, "--out", tmp_path / "out",
                     env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "TORCH_HOME": str(tmp_path / "torch")})
-    quality = json.loads((tmp_path / "out" / "quality.json").read_text())
+    out = tmp_path / "out"
+    quality = json.loads((out / "quality.json").read_text())
     vae, gan = quality["models"]["vae"], quality["models"]["gan"]
     assert list(vae) == ["checkpoint", "family", "split", "images", "mse", "ssim", "ms_ssim", "lpips", "blur_ratio",
-                         "perceptual_distance", "fid", "fid_samples"] and list(gan) == list(vae)
+                         "perceptual_distance", "fid", "fid_gmm", "fid_samples", "gmm", "samples"]
+    assert list(gan) == list(vae)
     assert vae["family"] == "dfcvae" and vae["images"] == 3 and 0 < vae["mse"] < 1 and vae["fid"] > 0
     assert vae["ms_ssim"] is None and vae["lpips"] is None and vae["fid_samples"] == 3
+    assert vae["fid_gmm"] > 0 and vae["fid_gmm"] != vae["fid"]
+    train_images = read_manifest(tiny_shards)["splits"]["train"]["num_samples"]
+    assert vae["gmm"] == {"components": 10, "fit_images": train_images, "file": "gmm-vae.safetensors",
+                          "fit_on": f"the train split of {tiny_shards}, encoded"}  # the run has no extracted latents
     assert gan["family"] == "dcgan" and gan["fid_samples"] == 3 and gan["fid"] > 0
-    assert all(gan[key] is None for key in ("mse", "ssim", "ms_ssim", "lpips", "blur_ratio", "perceptual_distance"))
+    assert all(gan[key] is None for key in ("mse", "ssim", "ms_ssim", "lpips", "blur_ratio", "perceptual_distance",
+                                            "fid_gmm", "gmm"))
     notes = quality["notes"]
     assert notes["fid"].startswith("FID of 3 samples from N(0, I) against 3 test images (10,000 asked; the test split "
                                    "has 3)") and str(fid_weights) in notes["fid"]
+    assert notes["fid_gmm"].startswith("FID of 3 samples decoded from z drawn from a Gaussian mixture fitted to the "
+                                       "model's training latents")
+    assert notes["fid_gmm"].endswith("null for gan: no encoder, so no training latents to fit a mixture to")
     assert "null for gan: a GAN has no encoder" in notes["ssim"] and "below the 44 px" in notes["ms_ssim"]
     assert LPIPS_BACKBONE_FILE in notes["lpips"] and "not comparable" in notes["perceptual_distance"]
     assert f"MLflow: vae logged into run {run_id}" in proc.stdout
     assert proc.stdout.strip().splitlines()[-3:] == [  # it ends with each model's headline numbers
         "headline (test split; every number in the table above):",
-        f"  vae: SSIM {vae['ssim']:.4f}, LPIPS n/a, FID {vae['fid']:.2f}", f"  gan: SSIM n/a, LPIPS n/a, FID {gan['fid']:.2f}"]
+        f"  vae: SSIM {vae['ssim']:.4f}, LPIPS n/a, FID {vae['fid']:.2f}",
+        f"  gan: SSIM n/a, LPIPS n/a, FID {gan['fid']:.2f}"]
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval/quality/mse"] == pytest.approx(vae["mse"]) and metrics["eval/quality/fid_samples"] == 3
     assert metrics["eval/quality/fid"] == pytest.approx(vae["fid"]) and "eval/quality/lpips" not in metrics
-    assert [a.path for a in client.list_artifacts(run_id, "evaluation")] == ["evaluation/quality.json"]
+    assert metrics["eval/quality/fid_gmm"] == pytest.approx(vae["fid_gmm"])
+    assert {a.path for a in client.list_artifacts(run_id, "evaluation")} == {
+        "evaluation/quality.json", "evaluation/samples-normal-vae.png", "evaluation/samples-gmm-vae.png",
+        "evaluation/gmm-vae.safetensors"}
+    assert gan["samples"] == {"normal": "samples-normal-gan.png"} and vae["samples"] == {
+        "normal": "samples-normal-vae.png", "gmm": "samples-gmm-vae.png"}
+    model, _, _ = load_trained(tracked)  # each figure: 8 x 8 of that sampler's samples of seed 0
+    for kind, sampler in (("normal", None), ("gmm", GaussianMixtureSampler.load(out / "gmm-vae.safetensors"))):
+        drawn = np.asarray(Image.open(out / vae["samples"][kind]).convert("RGB")).astype(int)
+        expected = (sample(model, 64, 0, sampler)[9] * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+        assert drawn.shape == (8 * 34 + 2, 8 * 34 + 2, 3) and (drawn[36:68, 36:68] == expected.numpy()).all()
 
 
 def test_missing_fid_weights_make_fid_null_with_the_file_its_url_and_where_to_put_it(tmp_path, trained_run,
                                                                                      tiny_shards):
-    """The fixture's run was trained with log.enabled=false: it is skipped in one line, and FID is n/a."""
+    """The fixture's run was trained with log.enabled=false: it is skipped in one line, and FID is n/a. Only the
+    N(0, I) sampler is asked for: no mixture is fitted."""
     proc = run_tool("quality.py", "--checkpoint", f"vae={trained_run}", "--shards", tiny_shards, "--vgg-weights",
-                    "random", "--out", tmp_path, env={**os.environ, "TORCH_HOME": str(tmp_path / "torch"),
-                                                      "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()})
+                    "random", "--sampler", "normal", "--out", tmp_path,
+                    env={**os.environ, "TORCH_HOME": str(tmp_path / "torch"),
+                         "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()})
     assert f"MLflow: vae skipped: {trained_run / 'COMPLETED.json'}: the run was not tracked" in proc.stdout
     assert not (tmp_path / "mlruns").exists()
     quality = json.loads((tmp_path / "quality.json").read_text())
-    assert quality["models"]["vae"]["fid"] is None and quality["models"]["vae"]["fid_samples"] == 0
+    vae = quality["models"]["vae"]
+    assert vae["fid"] is None and vae["fid_samples"] == 0 and vae["fid_gmm"] is None and vae["gmm"] is None
+    assert vae["samples"] == {"normal": "samples-normal-vae.png"} and not list(tmp_path.glob("gmm-*"))
+    assert quality["notes"]["fid_gmm"] == "n/a: not asked (--sampler normal)"
     note = quality["notes"]["fid"]
     assert note.startswith(f"n/a: FID needs the FID Inception weights {FID_WEIGHTS_FILE}")
     assert f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{FID_WEIGHTS_FILE}" in note
     assert f"--fid-weights PATH, or put it in {tmp_path / 'torch' / 'hub' / 'checkpoints'}/" in note
+
+
+def test_a_bad_sampler_is_refused_in_one_line_before_the_work(tmp_path, capsys):
+    common = ["--checkpoint", f"vae={tmp_path / 'none'}", "--shards", str(tmp_path), "--out", str(tmp_path)]
+    for sampler, why in (("gmm:x", "expected normal, gmm or gmm:K (K components, at least 1)"),
+                         ("gmm:0", "expected normal, gmm or gmm:K (K components, at least 1)"),
+                         ("normal,gmm:5,gmm", "gmm is given twice")):
+        assert quality_main([*common, "--sampler", sampler]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: --sampler {sampler.split(',')[-1]}: {why}"]
+
+
+def test_training_latents_come_from_the_extraction_only_for_the_same_checkpoint_and_shards(tmp_path, tiny_shards,
+                                                                                           shard_dir):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000006"
+    latents = tmp_path / "run" / "eval" / "latents" / "latents.npz"
+    latents.parent.mkdir(parents=True)
+    mu = np.arange(12.0).reshape(6, 2)
+
+    def extracted(**meta):
+        np.savez(latents, mu=mu, partition=np.array([0, 1, 0, 2, 0, 0]), **meta)
+        return extracted_train_latents(checkpoint, tiny_shards, limit=3)
+
+    same = {"checkpoint": np.array(str(checkpoint)),
+            "shards_digest": np.array(manifest_digest(read_manifest(tiny_shards)))}
+    train, source = extracted(**same)
+    assert (train == mu[[0, 2, 4]]).all() and source == f"{latents} (train partition)"
+    assert extracted(**{**same, "shards_digest": np.array(manifest_digest(read_manifest(shard_dir)))}) is None
+    assert extracted(**{**same, "checkpoint": np.array(str(tmp_path / "other" / "step-00000006"))}) is None
+    assert extracted(checkpoint=same["checkpoint"]) is None  # extracted before latents.npz named its shards

@@ -17,7 +17,7 @@ from dfcvae_dist.cli.quality import main as quality_main
 from dfcvae_dist.cli.report import main as report_main
 from dfcvae_dist.cli.svm import main as svm_main
 from dfcvae_dist.figures import cell_box, read_layout
-from dfcvae_dist.inference import load_trained, sample
+from dfcvae_dist.inference import GaussianMixtureSampler, load_trained, sample
 from dfcvae_dist.sweeps.report import run_pages
 from tests.conftest import ROOT, ProcessGroups, run_tool
 
@@ -164,6 +164,23 @@ def test_figures_have_a_title_and_a_labelled_row_per_model_from_the_same_z(repor
         model, _, _ = load_trained(sweep_dir / run)
         expected = F.interpolate(sample(model, 8), scale_factor=4, mode="nearest")[3]
         drawn = tile(picture, report["json"]["figures"]["samples"], row, 3)
+        assert np.abs(drawn - (expected.permute(1, 2, 0) * 255).numpy()).max() <= 1.0
+
+
+def test_samples_of_each_vaes_fitted_mixture_beside_its_fid(report, sweep_dir):
+    """Each run's quality step fitted a Gaussian mixture to the train latents its extraction left (same checkpoint,
+    same shards); the report draws from it and shows both FID columns."""
+    layout = report["json"]["figures"]["samples_gmm"]
+    assert layout["rows"] == ["dfcvae", "pvae"] and "![samples from the mixture](samples-gmm.png)" in report["md"]
+    assert "| FID | FID (GMM) | FID samples |" in report["md"]
+    for row, run in enumerate(("dfcvae-seed0", "pvae-seed0")):
+        quality = sweep_dir / run / "eval" / "quality"
+        fitted = next(iter(json.loads((quality / "quality.json").read_text())["models"].values()))["gmm"]
+        assert fitted["fit_on"] == f"{sweep_dir / run / 'eval' / 'latents' / 'latents.npz'} (train partition)"
+        model, _, _ = load_trained(sweep_dir / run)
+        mixture = GaussianMixtureSampler.load(quality / fitted["file"])
+        expected = F.interpolate(sample(model, 8, sampler=mixture), scale_factor=4, mode="nearest")[5]
+        drawn = tile(Image.open(report["out"] / "samples-gmm.png"), layout, row, 5)
         assert np.abs(drawn - (expected.permute(1, 2, 0) * 255).numpy()).max() <= 1.0
 
 

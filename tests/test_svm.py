@@ -56,8 +56,8 @@ def test_cli_writes_report_and_table_beside_the_paper(tmp_path):
     report = json.loads((tmp_path / "out" / "svm_report.json").read_text())
     assert len(report["per_attribute"]) == 40 and {"mean_accuracy", "mean_balanced_accuracy", "mean_majority"} <= set(report)
     table = (tmp_path / "out" / "svm_table.md").read_text()
-    assert "| attribute | accuracy % | balanced % | majority % | C | FaceTracer | PANDA-w | PANDA-l | LNets+ANet | VAE-Z " \
-           "| VGG-FC |" in table
+    assert "| attribute | accuracy % | balanced % | majority % | C | FaceTracer | PANDA-w | PANDA-l | LNets+ANet " \
+           "| VAE-Z | VGG-FC |" in table
     assert "| **mean over 40 attributes** |" in table and "87.30" in table
     assert "- majority %: the test accuracy of always answering the attribute's more common class." in table
     assert "2,000 train, 500 val and 500 test images" in table and "{" not in table  # no Python reprs
@@ -103,8 +103,8 @@ def test_focus_means_cover_only_the_named_attributes(tmp_path):
     linear, noise = report["per_attribute"][0], report["per_attribute"][1]
     assert report["focus"] == ["attr0", "attr1"]
     assert report["focus_mean_balanced_accuracy"] == (linear["balanced_accuracy"] + noise["balanced_accuracy"]) / 2
-    assert f"  over the 2 focus attributes: mean accuracy {report['focus_mean_accuracy']:.4f}, mean balanced accuracy " \
-        f"{report['focus_mean_balanced_accuracy']:.4f}, majority-class baseline" in proc.stdout
+    assert f"  over the 2 focus attributes: mean accuracy {report['focus_mean_accuracy']:.4f}, mean balanced " \
+        f"accuracy {report['focus_mean_balanced_accuracy']:.4f}, majority-class baseline" in proc.stdout
     focus_row = next(line for line in (tmp_path / "out" / "svm_table.md").read_text().splitlines()
                      if line.startswith("| **focus: mean over 2 attributes** |"))
     assert f"| {100 * report['focus_mean_balanced_accuracy']:.2f} |" in focus_row

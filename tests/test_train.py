@@ -91,7 +91,7 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_d
     for name in ("train/kl", "train/rec_perceptual", "train/rec_perceptual/relu1_2", "train/lr", "train/img_per_s",
                  "train/grad_norm", "val/total"):
         assert client.get_metric_history(run.info.run_id, name), name
-    assert image_steps(client, run.info.run_id) == {"reconstructions": [20, 40], "samples": [20, 40]}
+    assert image_steps(client, run.info.run_id) == {"reconstructions": [0, 20, 40], "samples": [0, 20, 40]}
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not (tmp_path / "mlruns").exists()  # the launch directory
     assert run.info.artifact_uri == (tmp_path / "mlartifacts").as_uri() + f"/{run.info.run_id}/artifacts"
@@ -117,13 +117,19 @@ def test_a_run_with_tracking_off_trains_where_mlflow_is_not_installed(tmp_path, 
 
 def test_two_process_ddp_ranks_agree_and_read_disjoint_shards(tmp_path, shard_dir):
     run_dir = tmp_path / "run"
-    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=8", nproc=2)
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=8", "log.trackers=[mlflow, tensorboard]", nproc=2)
     assert "world size 2, global batch 32 = 16 per rank x 2 ranks x 1 accumulation" in proc.stderr
+    console = proc.stdout + proc.stderr  # a quiet console: each warning once per run, the libraries' chatter filtered
+    assert console.count("RANDOM weights") == 1
+    for chatter in ("Setting accelerator to CPU", "system metrics monitoring", "Skip logging GPU metrics",
+                    "Validating input example"):
+        assert chatter not in console, chatter
     ranks = [json.loads((run_dir / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
     assert ranks[0]["first_epoch_shards"] and not set(ranks[0]["first_epoch_shards"]) & set(ranks[1]["first_epoch_shards"])
     run = mlflow_client(tmp_path).get_run(json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"])
     assert run.data.tags["world_size"] == "2" and run.data.tags["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # written by the main process only
 
 
 @pytest.mark.parametrize("workers,accum,every,total", [(1, 1, 10, 40), (2, 2, 3, 8)],
@@ -235,10 +241,10 @@ def test_baselines_train_in_the_same_loop(tmp_path, shard_dir, model):
     assert not {"loss.layers", "loss.network_weights", "loss.feature_scale"} & set(run.data.params)  # no VGG in either
     if model == "pvae":
         assert len(client.get_metric_history(run.info.run_id, "train/rec_pixel")) == 6
-        assert image_steps(client, run.info.run_id) == {"reconstructions": [3, 6], "samples": [3, 6]}
+        assert image_steps(client, run.info.run_id) == {"reconstructions": [0, 3, 6], "samples": [0, 3, 6]}
     else:
         assert not any(k.startswith("loss.") for k in run.data.params)
-        assert image_steps(client, run.info.run_id) == {"samples": [3, 6]}  # a GAN reconstructs nothing
+        assert image_steps(client, run.info.run_id) == {"samples": [0, 3, 6]}  # a GAN reconstructs nothing
     torch.manual_seed(0)  # train.seed: the weights the run started from
     start = get_family(model).build_model(load_config(run_dir / "config.yaml").model).state_dict()
     trained = load_file(run_dir / "checkpoints" / "step-00000006" / "weights.safetensors")

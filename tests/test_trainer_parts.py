@@ -16,6 +16,7 @@ from dfcvae_dist.config import load_config
 from dfcvae_dist.distributed import resolve_precision
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.families import get_family
+from dfcvae_dist.metrics import Metric
 from dfcvae_dist.rundir import STATE_FILE, find_checkpoint
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.recipes import LossHealth, NonFiniteLoss
@@ -62,6 +63,22 @@ def test_trainer_state_reads_the_files_written_before_it_existed():
 def test_checkpointer_is_due_at_its_interval_and_at_the_last_step():
     assert [s for s in range(1, 12) if Checkpointer("run", 4, 2, 11, None).due(s)] == [4, 8, 11]
     assert [s for s in range(1, 12) if Checkpointer("run", 0, 2, 11, None).due(s)] == [11]
+
+
+def test_checkpointer_keeps_the_strictly_best_finite_value_in_the_metrics_direction():
+    def best_steps(metric: Metric, values: list[float]) -> tuple[list[int], int]:
+        """The steps saved as a new best, and the validations since the last one."""
+        checkpointer, state, saved = Checkpointer("run", 0, 1, 100, None, metric), TrainerState(), []
+        for value in values:
+            state.step += 1
+            checkpointer.validated(state, {metric.name: value})
+            saved += [state.step] if checkpointer.due(state.step) else []
+        assert state.best_step == (saved[-1] if saved else 0)
+        return saved, state.validations_since_best
+
+    loss, score = Metric("val/total", "", ""), Metric("val/score", "", "", higher_is_better=True)
+    assert best_steps(loss, [float("nan"), 5.0, 5.0, 4.0, float("inf"), 6.0]) == ([2, 4], 2)
+    assert best_steps(score, [1.0, 3.0, 2.0, 3.0]) == ([1, 2], 2)
 
 
 def fake_checkpoint(run_dir, step):
@@ -192,3 +209,26 @@ def test_torch_threads_follow_the_cpus_the_job_may_use():
                           timeout=120, env={**os.environ, "WORLD_SIZE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_progress_lines_have_one_format_and_the_last_step_is_in_the_last_epoch():
+    """In a job log (not a terminal): step, the epoch the step belongs to, loss, throughput, time left, once
+    each; a 7-epoch run ends in epoch 7, not 8."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from dfcvae_dist.training.progress import ProgressReporter
+
+    log = io.StringIO()
+    progress = ProgressReporter(Console(file=log, width=300), total_steps=14, steps_per_epoch=2, start_step=0,
+                                global_batch=32, every_s=0, enabled=True)
+    for step in range(1, 15):
+        progress.step_done(step)
+        progress.logged(step, loss=1.5, img_per_s=100.0)
+    lines = log.getvalue().splitlines()
+    line_format = r"step \d+/14 epoch \d/7 loss 1\.500 100 img/s \d:\d\d:\d\d left"
+    assert len(lines) == 14 and all(re.fullmatch(line_format, line) for line in lines), lines
+    assert lines[1].startswith("step 2/14 epoch 1/7 ") and lines[2].startswith("step 3/14 epoch 2/7 ")
+    assert lines[-1] == "step 14/14 epoch 7/7 loss 1.500 100 img/s 0:00:00 left"

@@ -1,6 +1,7 @@
 """Image quality of one or more trained models on a split, in one table: MSE, SSIM, MS-SSIM, LPIPS, blur ratio,
-perceptual distance and FID (DCGAN: FID only). Writes quality.json and logs each model's results into its own
-MLflow run (docs/evaluation.md says what each number is and which compare with published ones)."""
+perceptual distance and FID per sampler (DCGAN: FID from N(0, I) only). Writes quality.json and each sampler's
+sample figure, and logs each model's results into its own MLflow run (docs/evaluation.md says what each number is
+and which compare with published ones)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from rich.table import Table
 
 from dfcvae_dist.errors import UserError, cli_main
 from dfcvae_dist.evaluation.quality import QUALITY_FILE, QualityOptions, evaluate_quality
+from dfcvae_dist.evaluation.samplers import DEFAULT_SAMPLERS, parse_samplers, sampler_files
 from dfcvae_dist.losses.feature_networks import BUILTIN_NETWORKS
 from dfcvae_dist.metrics import QUALITY, formatted, metric
 from dfcvae_dist.tracking import resolve_run_id
 
 HEADLINE = [metric(f"eval/quality/{key}") for key in ("ssim", "lpips", "fid")]  # the ones papers report
+
 
 @cli_main
 def main(argv: list[str]) -> int:
@@ -36,16 +39,27 @@ def main(argv: list[str]) -> int:
                         "0: no FID)")
     p.add_argument("--fid-weights", type=Path, help="the FID Inception weights file (default: torch hub's cache)")
     p.add_argument("--fid", action="store_true", help=argparse.SUPPRESS)  # FID is on by default; old command lines
+    p.add_argument("--sampler", action="append", metavar="normal|gmm[:K]",
+                   help="where samples come from (repeat or comma-separate): normal, z ~ N(0, I); gmm[:K], z from a "
+                        "K-component (default 10) Gaussian mixture fitted to the VAE's training latents. Default: both "
+                        "(a model without an encoder: normal only)")
+    p.add_argument("--gmm-fit-images", type=int, default=20_000,
+                   help="training latents the mixture is fitted to (the first of the train split)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log into the models' MLflow runs")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     checkpoints = dict(parse_model(item) for item in args.checkpoint)
     opts = QualityOptions(args.shards, args.split, args.max_images, args.network_weights, args.fid_weights,
-                          args.fid_samples, network=args.network)
+                          args.fid_samples, network=args.network, samplers=tuple(args.sampler or DEFAULT_SAMPLERS),
+                          gmm_fit_images=args.gmm_fit_images)
+    parse_samplers(opts.samplers)  # a bad --sampler fails before the work
     run_ids = {} if args.no_mlflow else tracked_runs(checkpoints)
     quality = evaluate_quality(checkpoints, opts, args.out, run_ids)
     print_table(quality, args.split)
     print(f"wrote {args.out / QUALITY_FILE}")
+    for result in quality["models"].values():
+        for file in sampler_files(result):
+            print(f"wrote {args.out / file}")
     for name, run_id in run_ids.items():
         print(f"MLflow: {name} logged into run {run_id}")
     print(f"headline ({args.split} split; every number in the table above):")

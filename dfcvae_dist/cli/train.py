@@ -3,6 +3,8 @@
     dfcvae-train --config quickstart [section.key=value ...]                      # one process
     accelerate launch [--config_file configs/accelerate/X.yaml] -m dfcvae_dist.train --config dfcvae-123 [k=v ...]
     torchrun --nproc_per_node 2 -m dfcvae_dist.train --config ...                 # also works
+
+The same as `Trainer(load_config(config, overrides)).fit()` in Python (docs/python-api.md).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
-    from dfcvae_dist.training.trainer import train  # after the config is checked: a typo costs no heavy import
+    from dfcvae_dist.training.trainer import Trainer  # after the config is checked: a typo costs no heavy import
 
     try:
-        train(cfg)
+        Trainer(cfg).fit()
     except UserError as err:
         raise UserError(f"[rank {os.environ.get('RANK', '0')}] {message(err)}") from None
     return 0

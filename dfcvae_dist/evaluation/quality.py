@@ -3,7 +3,9 @@
 - SSIM and MS-SSIM: torchmetrics, Gaussian 11x11 window (sigma 1.5), data range 1;
 - LPIPS: the `lpips` package (AlexNet backbone, its learned linear weights), when the ImageNet AlexNet is cached;
 - FID: torchmetrics' `FrechetInceptionDistance` with torch-fidelity's FID Inception weights, uint8 inputs and the
-  TensorFlow-1 bilinear resize of the original FID code, samples from N(0, I) against real images.
+  TensorFlow-1 bilinear resize of the original FID code, samples against real images: one FID per sampler, from
+  N(0, I) and from a Gaussian mixture fitted to a VAE's training latents (evaluation/samplers.py), each sampler's
+  samples also drawn as a figure.
 
 Two numbers are ours and compare only with each other: the blur ratio (variance of the Laplacian of the
 reconstructions over that of the inputs: 1 = as sharp, < 1 = blurrier) and the perceptual distance (our training
@@ -23,6 +25,8 @@ from torchmetrics.functional.image import (multiscale_structural_similarity_inde
                                            structural_similarity_index_measure)
 
 from dfcvae_dist.errors import UserError, one_line
+from dfcvae_dist.evaluation.samplers import (DEFAULT_SAMPLERS, FID_KEYS, model_samplers, parse_samplers,
+                                             sampler_batches, sampler_files, write_sampler_files)
 from dfcvae_dist.metrics import QUALITY, RECONSTRUCTION, keys
 from dfcvae_dist.rundir import atomic_write
 from dfcvae_dist.tracking import mlflow_client
@@ -177,13 +181,6 @@ def add_fid_images(metric, batches, real: bool) -> int:
     return n
 
 
-def sample_batches(model, n: int, batch: int = 250, seed: int = 0):
-    """n samples from N(0, I) through the decoder / generator, a batch at a time, deterministic for `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    for start in range(0, n, batch):
-        yield model.sample(min(batch, n - start), generator)
-
-
 def split_batches(shards: Path, split: str, n: int, batch: int = 250):
     """The first `n` images of a split as [0, 1] batches, streamed (FID reads up to 50,000)."""
     from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader, model_input
@@ -208,6 +205,8 @@ class QualityOptions:
     random_lpips_backbone_not_lpips: bool = False  # tests only
     network: str = "vgg19"  # the perceptual distance's feature network, at its default layers (VGG: '123')
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    samplers: tuple[str, ...] = DEFAULT_SAMPLERS  # normal and/or gmm[:K]: FID and a sample figure for each
+    gmm_fit_images: int = 20_000  # training latents the mixture is fitted to
 
 
 def fixed_notes(perceptual) -> dict[str, str]:
@@ -228,8 +227,8 @@ def evaluate_quality(checkpoints: dict[str, str], opts: QualityOptions, out: Pat
     """OUT/quality.json of the named models (`evaluate_models`); each model named in `run_ids` logged into that
     MLflow run (quality.json under evaluation/, every number as eval/quality/*) through `client` (default: a
     client of MLflow's default store)."""
-    quality = evaluate_models(checkpoints, opts)
     out.mkdir(parents=True, exist_ok=True)
+    quality = evaluate_models(checkpoints, opts, out)
     atomic_write(out / QUALITY_FILE, json.dumps(quality, indent=1))
     if run_ids:
         client = client or mlflow_client()
@@ -239,24 +238,32 @@ def evaluate_quality(checkpoints: dict[str, str], opts: QualityOptions, out: Pat
 
 
 def log_quality(client, run_id: str, name: str, result: dict, quality_json: Path) -> None:
+    """quality.json and the model's sample figures and mixture under evaluation/; its numbers as eval/quality/*,
+    also on the run's logged model of the evaluated checkpoint, where the run logged one
+    (`model_logging.model_link`)."""
+    from dfcvae_dist.model_logging import model_link
+
     try:
-        client.log_artifact(run_id, str(quality_json), "evaluation")
+        link = model_link(client, run_id, result["checkpoint"])
+        for path in [quality_json, *(quality_json.parent / file for file in sampler_files(result))]:
+            client.log_artifact(run_id, str(path), "evaluation")
         for metric in QUALITY:
-            if result[metric.key] is not None and not (metric.key == "fid_samples" and result["fid"] is None):
-                client.log_metric(run_id, metric.name, result[metric.key])
+            if result[metric.key] is not None and not (metric.key == "fid_samples" and not result[metric.key]):
+                client.log_metric(run_id, metric.name, result[metric.key], **link)
     except Exception as err:  # noqa: BLE001 - MLflow raises its own and the store's errors
         raise UserError(f"MLflow run {run_id} ({name}): cannot log the quality results ({one_line(err)})") from None
 
 
-def evaluate_models(checkpoints: dict[str, str], opts: QualityOptions) -> dict:
+def evaluate_models(checkpoints: dict[str, str], opts: QualityOptions, out: Path) -> dict:
     """quality.json's content for the named models (a run directory or checkpoint each): reconstruction
-    metrics for the VAEs, FID for every model."""
+    metrics for the VAEs, FID for every model and sampler; each sampler's figure (and mixture) written into `out`."""
     from dfcvae_dist.data.loader import read_images
     from dfcvae_dist.families import get_family
     from dfcvae_dist.inference import load_trained
     from dfcvae_dist.losses import FeaturePerceptualLoss
     from dfcvae_dist.losses.feature_networks import DEFAULT_LAYERS
 
+    specs = parse_samplers(opts.samplers)  # a bad --sampler fails before the work
     perceptual = FeaturePerceptualLoss(DEFAULT_LAYERS[opts.network], weights=opts.network_weights,
                                        network=opts.network).to(opts.device)
     notes = fixed_notes(perceptual)
@@ -264,42 +271,66 @@ def evaluate_models(checkpoints: dict[str, str], opts: QualityOptions) -> dict:
     lpips_net = lpips_net.to(opts.device) if lpips_net is not None else None
     images = read_images(opts.shards, opts.split, opts.max_images)["image"].to(opts.device)
     scales, notes["ms_ssim"] = ms_ssim_note(images.shape[-1])
-    models, results = {}, {}
+    models, samplers, fitted, results = {}, {}, {}, {}
     for name, path in checkpoints.items():
         model, cfg, checkpoint = load_trained(path, expect=None)
         models[name] = model.to(opts.device)
+        encodes = get_family(cfg.model.name).encodes
         results[name] = {"checkpoint": str(checkpoint), "family": cfg.model.name, "split": opts.split}
-        if get_family(cfg.model.name).encodes:
+        if encodes:
             results[name] |= reconstruction_metrics(model, images.split(200), perceptual, lpips_net, scales)
         else:
             results[name] |= {"images": 0, **dict.fromkeys(RECONSTRUCTION_METRICS)}
+        samplers[name], fitted[name] = model_samplers(name, model, checkpoint, encodes, specs, opts.shards,
+                                                      opts.gmm_fit_images, opts.device)
     no_encoder = sorted(name for name, r in results.items() if not get_family(r["family"]).encodes)
     for key in RECONSTRUCTION_METRICS if no_encoder else ():
         notes[key] += f"; null for {', '.join(no_encoder)}: a GAN has no encoder, so no reconstructions"
-    add_fid(models, results, opts, notes)
+    add_fid(models, samplers, results, opts, notes)
+    fid_sampler_notes(specs, no_encoder, notes)
+    for name, model in models.items():
+        results[name]["gmm"] = fitted[name]
+        results[name]["samples"] = write_sampler_files(name, model, samplers[name], out)
     return {"models": results, "notes": notes}
 
 
-def add_fid(models: dict, results: dict, opts: QualityOptions, notes: dict) -> None:
-    """FID of each model's samples against as many images of the split (at most --fid-samples)."""
+def add_fid(models: dict, samplers: dict, results: dict, opts: QualityOptions, notes: dict) -> None:
+    """FID of each model's samples from each of its samplers against as many images of the split (at most
+    --fid-samples)."""
     weights = find_fid_weights(opts.fid_weights)
     for r in results.values():
-        r["fid"], r["fid_samples"] = None, 0
+        r |= {**dict.fromkeys(FID_KEYS.values()), "fid_samples": 0}
     if opts.fid_samples <= 0 or weights is None:
         notes["fid"] = "n/a: --fid-samples 0" if opts.fid_samples <= 0 else missing_fid_weights_note()
+        notes["fid_gmm"] = "n/a: as fid"
         return
     if not weights.is_file():
         raise UserError(f"--fid-weights {weights}: no such file (the FID Inception weights, {FID_WEIGHTS_URL})")
     metric = fid_metric(weights).to(opts.device)
     real = add_fid_images(metric, split_batches(opts.shards, opts.split, opts.fid_samples), real=True)
     if real < 2:
-        notes["fid"] = f"n/a: the {opts.split} split has {real} image(s); FID needs at least 2"
+        notes["fid"], notes["fid_gmm"] = f"n/a: the {opts.split} split has {real} image(s); FID needs at least 2", \
+            "n/a: as fid"
         return
     for name, model in models.items():
-        metric.reset()  # the fake side only (reset_real_features=False)
-        add_fid_images(metric, sample_batches(model, real), real=False)
-        results[name]["fid"], results[name]["fid_samples"] = float(metric.compute()), real
-    notes["fid"] = (f"FID of {real:,} samples from N(0, I) against {real:,} {opts.split} images"
-                    + (f" ({opts.fid_samples:,} asked; the {opts.split} split has {real:,})"
-                       if real < opts.fid_samples else "")
-                    + f"; torchmetrics FrechetInceptionDistance, FID Inception weights {weights}")
+        for kind, sampler in samplers[name].items():
+            metric.reset()  # the fake side only (reset_real_features=False)
+            add_fid_images(metric, sampler_batches(model, real, sampler), real=False)
+            results[name][FID_KEYS[kind]], results[name]["fid_samples"] = float(metric.compute()), real
+    against = (f"against {real:,} {opts.split} images" + (f" ({opts.fid_samples:,} asked; the {opts.split} split "
+                                                          f"has {real:,})" if real < opts.fid_samples else "")
+               + f"; torchmetrics FrechetInceptionDistance, FID Inception weights {weights}")
+    notes["fid"] = f"FID of {real:,} samples from N(0, I) {against}"
+    notes["fid_gmm"] = (f"FID of {real:,} samples decoded from z drawn from a Gaussian mixture fitted to the model's "
+                        f"training latents (its `gmm` entry says which, and how many components) {against}")
+
+
+def fid_sampler_notes(specs, no_encoder: list[str], notes: dict) -> None:
+    """Why a sampler's FID is null for every model (not asked) or for some (no encoder: no latents to fit)."""
+    asked = {spec.kind for spec in specs}
+    for kind, key in FID_KEYS.items():
+        if kind not in asked:
+            notes[key] = f"n/a: not asked (--sampler {','.join(sorted(asked))})"
+    if "gmm" in asked and no_encoder:
+        notes["fid_gmm"] += (f"; null for {', '.join(no_encoder)}: no encoder, so no training latents to fit a "
+                             "mixture to")

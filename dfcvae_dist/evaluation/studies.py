@@ -15,6 +15,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.figures import labelled_grid, titled, to_bytes
+from dfcvae_dist.inference import attribute_vector, interpolate_latents
 
 ALPHAS = torch.linspace(0, 1, 11)  # the paper's alpha = 0, 0.1, ..., 1
 ALPHA_LABELS = [f"α = {a:.1f}" for a in ALPHAS.tolist()]
@@ -24,13 +25,12 @@ CORRELATION_ATTRIBUTES = ["Attractive", "Bald", "Eyeglasses", "Gray_Hair", "Heav
 
 
 def attribute_vectors(latents: dict) -> tuple[list[str], np.ndarray]:
-    """Per attribute: mean mu of the images that have it minus mean mu of those that do not (all images)."""
-    mu, attrs = latents["mu"].astype(np.float64), latents["attrs"].astype(bool)
+    """Per attribute, `inference.attribute_vector` over all images (zeros where all or none have it)."""
     names = [str(n) for n in latents["attribute_names"]]
-    vectors = np.zeros((len(names), mu.shape[1]))
+    vectors = np.zeros((len(names), latents["mu"].shape[1]))
     for j in range(len(names)):
-        if attrs[:, j].any() and (~attrs[:, j]).any():
-            vectors[j] = mu[attrs[:, j]].mean(0) - mu[~attrs[:, j]].mean(0)
+        if 0 < latents["attrs"][:, j].sum() < len(latents["attrs"]):
+            vectors[j] = attribute_vector(latents["mu"], latents["attrs"], j).numpy()
     return names, vectors
 
 
@@ -60,10 +60,9 @@ def reconstruction_figure(model, images: torch.Tensor, out: Path, n: int = 8) ->
 def interpolation_figure(model, images: torch.Tensor, out: Path, seed: int, pairs: int = 3) -> Path:
     """Rows: (1 - a) z_left + a z_right for encoded pairs, then one pair of random z."""
     mu, _ = model.encode(images[: 2 * pairs])
-    gen = torch.Generator().manual_seed(seed)
-    ends = [(mu[2 * i], mu[2 * i + 1]) for i in range(pairs)]
-    ends.append(tuple(torch.randn(2, mu.shape[1], generator=gen)))
-    z = torch.stack([(1 - a) * left + a * right for left, right in ends for a in ALPHAS])
+    random_pair = torch.randn(2, mu.shape[1], generator=torch.Generator().manual_seed(seed))
+    z = torch.cat([interpolate_latents(mu[0::2], mu[1::2], len(ALPHAS)).flatten(0, 1),
+                   interpolate_latents(random_pair[0], random_pair[1], len(ALPHAS))])
     decoded = model.decode(z).split(len(ALPHAS))
     labels = [f"images {2 * i + 1} → {2 * i + 2}" for i in range(pairs)] + ["random z₁ → z₂"]
     figure = labelled_grid(list(zip(labels, decoded)), "Interpolation in latent space: decode((1 − α)·z₁ + α·z₂)",
@@ -148,9 +147,9 @@ def tsne_figure(mu: np.ndarray, images: torch.Tensor, out: Path, seed: int, cell
             tile[:] = colour(HAS_COLOUR if colour_by[1][i] else LACKS_COLOUR)[:, None, None]
         tile[:, frame:tile.shape[1] - frame, frame:tile.shape[2] - frame] = images[i]
     legend = [(f"frame: {colour_by[0]}", HAS_COLOUR), (f"frame: not {colour_by[0]}", LACKS_COLOUR)] if colour_by else ()
-    picture, _ = titled(to_pil_image(to_bytes(canvas)), f"t-SNE map of {min(len(mu), cells * cells)} images by their latent "
-                        "means: similar latents lie close", legend=legend, caption="Each face sits in the free cell "
-                        f"nearest its 2-D t-SNE position (perplexity 30, seed {seed}).")
+    title = f"t-SNE map of {min(len(mu), cells * cells)} images by their latent means: similar latents lie close"
+    picture, _ = titled(to_pil_image(to_bytes(canvas)), title, legend=legend, caption="Each face sits in the free "
+                        f"cell nearest its 2-D t-SNE position (perplexity 30, seed {seed}).")
     path = out / "tsne.png"
     picture.save(path)
     return path

@@ -55,19 +55,24 @@ def evaluate_svms(latents_file: Path, out: Path, subsample: int = 20_000, jobs: 
     atomic_write(out / REPORT_FILE, json.dumps(report, indent=1))
     atomic_write(out / TABLE_FILE, markdown_table(report))
     if run_id:
-        log_svm_report(client or mlflow_client(), run_id, out, report)
+        log_svm_report(client or mlflow_client(), run_id, out, report, str(latents["checkpoint"]))
     return report
 
 
-def log_svm_report(client, run_id: str, out: Path, report: dict) -> None:
+def log_svm_report(client, run_id: str, out: Path, report: dict, checkpoint: str = "") -> None:
+    """The report's files and metrics into the run; the metrics also on the run's logged model of the
+    encoder's `checkpoint`, where the run logged one (`model_logging.model_link`)."""
+    from dfcvae_dist.model_logging import model_link
+
     try:
+        link = model_link(client, run_id, checkpoint)
         for name in (REPORT_FILE, TABLE_FILE):
             client.log_artifact(run_id, str(out / name), "evaluation")
         for metric in SVM:
             if metric.key in report:
-                client.log_metric(run_id, metric.name, report[metric.key])
+                client.log_metric(run_id, metric.name, report[metric.key], **link)
         for metric in LATENT if "latent" in report else ():
-            client.log_metric(run_id, metric.name, report["latent"][metric.key])
+            client.log_metric(run_id, metric.name, report["latent"][metric.key], **link)
     except Exception as err:  # noqa: BLE001 - MLflow raises its own and the store's errors
         raise UserError(f"MLflow run {run_id}: cannot log the SVM report ({one_line(err)})") from None
 

@@ -2,9 +2,9 @@
 
 Each rank encodes its shards (EvalStream) and writes `parts/part-RANK-of-WORLD.npz` under a temporary
 name, renamed when complete; after a barrier the main process merges the parts, sorted by key, into
-`latents.npz` (keys, mu, logvar, attrs, partition, attribute_names, checkpoint, features, weights; and what
-tells a table whether it may be set beside the paper's: `synthetic`, whether the shards' manifest says the
-images are synthetic faces, and `loss_weights`, the weights of the loss network the model was trained with).
+`latents.npz` (keys, mu, logvar, attrs, partition, attribute_names, checkpoint, features, weights, shards_digest;
+and what tells a table whether it may be set beside the paper's: `synthetic`, whether the shards' manifest says
+the images are synthetic faces, and `loss_weights`, the weights of the loss network the model was trained with).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader, model_input
-from dfcvae_dist.data.shards import manifest_of
+from dfcvae_dist.data.shards import manifest_digest, read_manifest
 from dfcvae_dist.distributed import make_accelerator
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.imagenet import imagenet_normalize
@@ -75,8 +75,8 @@ def extract_latents(shards: Path, out: Path, checkpoint: str | Path | None = Non
         with accelerator.main_process_first():
             encoder = VGGFc7(vgg_weights)
         meta = {"checkpoint": "", "features": "vgg-fc", "weights": encoder.weights_source, "loss_weights": "none"}
-    manifest = manifest_of(shards)
-    meta["synthetic"] = "unknown" if manifest is None else str(bool(manifest.get("synthetic"))).lower()
+    manifest = read_manifest(shards)
+    meta["synthetic"] = str(bool(manifest.get("synthetic"))).lower()
     encoder.to(accelerator.device)
     sources = [SplitSource.from_manifest(shards, split) for split in splits]
     start = time.perf_counter()
@@ -85,7 +85,8 @@ def extract_latents(shards: Path, out: Path, checkpoint: str | Path | None = Non
     accelerator.wait_for_everyone()
     extracted = None
     if accelerator.is_main_process:
-        path = merge_parts(out, world, {**meta, "attribute_names": sources[0].attributes})
+        path = merge_parts(out, world, {**meta, "attribute_names": sources[0].attributes,
+                                        "shards_digest": manifest_digest(manifest)})
         extracted = Extracted(path, meta["features"], meta["weights"], sum(s.num_samples for s in sources), world,
                               time.perf_counter() - start)
     accelerator.wait_for_everyone()

@@ -42,7 +42,7 @@ def tracking_uri_of(sweep: Sweep) -> str | None:
 
 def ensure_parent(sweep: Sweep) -> dict | None:
     """The parent run's record, created if this sweep has none in this tracking store; None when tracking is off."""
-    if not sweep.tasks[0].config.log.enabled:
+    if not sweep.tasks[0].config.log.uses("mlflow"):
         return None
     client = mlflow_client(tracking_uri_of(sweep))
     path = sweep.sweep_dir / PARENT_FILE

@@ -3,7 +3,8 @@ as mean ± std, from the files each finished task left in its run directory:
 
     RUN_DIR/COMPLETED.json                 wall time and img/s
     RUN_DIR/eval/svm/svm_report.json       the 40 attribute SVMs, and its "latent" section (KL, active units)
-    RUN_DIR/eval/quality/quality.json      MSE, SSIM, MS-SSIM, LPIPS, blur ratio, perceptual distance, FID
+    RUN_DIR/eval/quality/quality.json      MSE, SSIM, MS-SSIM, LPIPS, blur ratio, perceptual distance, FID per
+                                           sampler (N(0, I), Gaussian mixture), and the fitted mixture's file
 
 It knows tasks only as `ReportTask`s, so it reports on a sweep file's tasks or on any set of run directories.
 A task that has not finished is listed with its status; a finished one whose file is missing or unreadable
@@ -404,6 +405,10 @@ def figures_section(figures: dict, problems: list[str]) -> list[str]:
     if "samples" in figures:
         lines += ["Figure 3: random samples, one row per run name; every VAE decodes the same z, the DCGAN "
                   "draws its own.", "", "![samples](samples.png)", ""]
+    if "samples_gmm" in figures:
+        lines += ["Figure 3 with the other sampler: each VAE decodes z drawn from the Gaussian mixture its quality "
+                  "step fitted to its training latents (`FID (GMM)` above).", "", "![samples from the mixture]"
+                  "(samples-gmm.png)", ""]
     if "reconstructions" in figures:
         lines += ["Figure 4: the same test faces (top row) through each VAE.", "",
                   "![reconstructions](reconstructions.png)", ""]

@@ -3,13 +3,15 @@
 Every rank writes its part with `accelerator.save_state` into `.tmp-step-N/`; the main process adds the
 trainer state (JSON, no pickle), the consolidated model weights (safetensors with the model config in its
 metadata, loadable without accelerate) and the resolved config, renames the folder to `step-N` (atomic),
-then points `latest` at it and prunes all but the newest `keep`. A folder under a final name is therefore
-always complete, and `latest` never names a half-written one.
+then points `latest` at it (and `best` at the best validated one, with `checkpoint.keep_best`) and prunes all
+but the newest `keep` and the best. A folder under a final name is therefore always complete, and neither
+pointer ever names a half-written one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +21,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from dfcvae_dist.distributed import any_rank
 from dfcvae_dist.errors import UserError, one_line
-from dfcvae_dist.rundir import (CHECKPOINTS, CONFIG_FILE, LATEST, STATE_FILE, WEIGHTS_FILE, atomic_write,
+from dfcvae_dist.metrics import Metric
+from dfcvae_dist.rundir import (BEST, CHECKPOINTS, CONFIG_FILE, LATEST, STATE_FILE, WEIGHTS_FILE, atomic_write,
                                 complete_checkpoints, disk_full, find_checkpoint, step_dir_name)
 from dfcvae_dist.training.state import TrainerState
 
@@ -31,17 +34,36 @@ def weights_bytes(weights: dict[str, torch.Tensor], model_config: dict) -> bytes
 
 
 class Checkpointer:
-    """Decides when the run saves (`due`) and saves (`save`); every rank calls `save`, the main process
-    finishes it."""
+    """Decides when the run saves (`due`: every `every_steps`, at the last step, and at a validated step that
+    betters the `best` metric) and saves (`save`); every rank calls `save`, the main process finishes it."""
 
-    def __init__(self, run_dir: Path, every_steps: int, keep: int, last_step: int, accelerator):
+    def __init__(self, run_dir: Path, every_steps: int, keep: int, last_step: int, accelerator,
+                 best: Metric | None = None):
         self.directory = Path(run_dir) / CHECKPOINTS
         self.every_steps, self.keep, self.last_step = every_steps, keep, last_step
         self.accelerator = accelerator
+        self.best = best
         self.last_saved: int | None = None
+        self.new_best_at: int | None = None
 
     def due(self, step: int) -> bool:
-        return step == self.last_step or bool(self.every_steps and step % self.every_steps == 0)
+        return step in (self.last_step, self.new_best_at) or bool(self.every_steps and step % self.every_steps == 0)
+
+    def validated(self, state: TrainerState, metrics: dict[str, float]) -> None:
+        """A validation at `state.step`: a value that betters the best (strictly) is saved at this step and
+        becomes the best; any other (a non-finite one too) is one more validation without improvement. The same
+        on every rank: validation values are reduced over ranks."""
+        if self.best is None:
+            return
+        value = metrics[self.best.name]
+        if math.isfinite(value) and (state.best_value is None or self.betters(value, state.best_value)):
+            state.best_value, state.best_step, state.validations_since_best = value, state.step, 0
+            self.new_best_at = state.step
+        else:
+            state.validations_since_best += 1
+
+    def betters(self, value: float, best: float) -> bool:
+        return value > best if self.best.higher_is_better else value < best
 
     def save(self, state: TrainerState, weights: dict[str, torch.Tensor], model_config: dict,
              config_text: str) -> Path:
@@ -68,11 +90,24 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             atomic_write(self.directory / LATEST, final.name + "\n")
+            best = self.point_at_best(state)
             for old in complete_checkpoints(self.directory)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != best:
+                    shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         self.last_saved = state.step
         return final
+
+    def point_at_best(self, state: TrainerState) -> Path | None:
+        """`best` names the checkpoint of the state's best step (rewritten at every save, so a kill between a
+        checkpoint and its pointer is mended by the next save); that checkpoint, or None."""
+        if self.best is None or not state.best_step:
+            return None
+        best = self.directory / step_dir_name(state.best_step)
+        if not (best / STATE_FILE).is_file():
+            return None
+        atomic_write(self.directory / BEST, best.name + "\n")
+        return best
 
     def _fail(self, final: Path, tmp: Path, error: Exception | None) -> None:
         reason = _reason(error, self.directory) if error is not None else "failed on another rank"

@@ -1,6 +1,7 @@
-"""`BackgroundSender`: the one thread that talks to the MLflow server, so the training loop never waits on
-the network. MLflow's own async logging keeps an unbounded queue and has no flush deadline, and its exit
-handler ends a run as FINISHED (blocking on a hung server), which is why this exists.
+"""`BackgroundSender`: the one thread that talks to the MLflow server (and one that writes TensorBoard's event
+files), so the training loop never waits on the network or a disk. MLflow's own async logging keeps an
+unbounded queue and has no flush deadline, and its exit handler ends a run as FINISHED (blocking on a hung
+server), which is why this exists.
 
 - The loop only enqueues (`put`); the queue is bounded: past `max_points` metric points the oldest are
   dropped, counted, and reported in one line.
@@ -47,8 +48,10 @@ def item_name(item: Item) -> str:
 
 
 class BackgroundSender:
-    def __init__(self, client, run_id: str, max_points: int = 100_000, max_backoff_s: float = 30.0):
-        self.client, self.run_id = client, run_id
+    def __init__(self, client, run_id: str | None, max_points: int = 100_000, max_backoff_s: float = 30.0,
+                 name: str = "MLflow"):
+        """`client.log_batch(run_id, metrics=[...])` sends metric points; `name` is the tracker in warnings."""
+        self.client, self.run_id, self.name = client, run_id, name
         self.max_points, self.max_backoff_s = max_points, max_backoff_s
         self.queue: collections.deque[Item] = collections.deque()
         self.points = 0  # metric points in the queue
@@ -57,7 +60,7 @@ class BackgroundSender:
         self.sending = ""  # what it is
         self.failing = False
         self.stats = SenderStats()
-        threading.Thread(target=self._run, daemon=True, name="mlflow-sender").start()
+        threading.Thread(target=self._run, daemon=True, name=f"{name.lower()}-sender").start()
 
     def put_metrics(self, metrics: list) -> None:
         with self.cond:
@@ -83,12 +86,12 @@ class BackgroundSender:
             left = len(self.queue) + int(self.busy)
             unsent = ([self.sending] if self.busy else []) + [item_name(i) for i in self.queue]
         if self.stats.dropped:
-            log.warning("MLflow: %d metric point(s) were dropped while the server was unreachable (queue full at "
-                        "%d points)", self.stats.dropped, self.max_points)
+            log.warning("%s: %d metric point(s) were dropped while the server was unreachable (queue full at "
+                        "%d points)", self.name, self.stats.dropped, self.max_points)
         if left:
-            log.warning("MLflow: %d item(s) were not sent within log.flush_timeout_s=%g s (%s); the run in MLflow "
-                        "lacks them: %s", left, deadline_s, self.stats.first_error or "server not answering",
-                        ", ".join(dict.fromkeys(unsent)))
+            log.warning("%s: %d item(s) were not sent within log.flush_timeout_s=%g s (%s); the run in %s "
+                        "lacks them: %s", self.name, left, deadline_s, self.stats.first_error or "server not answering",
+                        self.name, ", ".join(dict.fromkeys(unsent)))
         return left
 
     def _drop_oldest_points(self) -> None:
@@ -136,8 +139,8 @@ class BackgroundSender:
     def _failed(self, batch: list[Item], err: Exception) -> None:
         batch[0].failures += 1
         if batch[0].kind == "call" and batch[0].failures >= MAX_CALL_FAILURES:
-            log.warning("MLflow: gave up on '%s' after %d failures (%s)", batch[0].payload[0], batch[0].failures,
-                        one_line(err, 200))
+            log.warning("%s: gave up on '%s' after %d failures (%s)", self.name, batch[0].payload[0],
+                        batch[0].failures, one_line(err, 200))
             batch = []
         with self.cond:
             self.queue.extendleft(reversed(batch))  # retried first, in order
@@ -148,8 +151,8 @@ class BackgroundSender:
             self.cond.notify_all()
         if not self.failing:
             self.stats.first_error = one_line(err, 200)
-            log.warning("MLflow unreachable (%s); training goes on, up to %d metric points are kept and resent",
-                        self.stats.first_error, self.max_points)
+            log.warning("%s unreachable (%s); training goes on, up to %d metric points are kept and resent",
+                        self.name, self.stats.first_error, self.max_points)
             self.failing = True
 
     def _sent(self, batch: list[Item]) -> None:
@@ -158,6 +161,6 @@ class BackgroundSender:
             self.stats.sent += sum(i.points for i in batch)
             self.cond.notify_all()
         if self.failing:
-            log.warning("MLflow reachable again; sending what was kept (%d point(s) dropped so far)",
+            log.warning("%s reachable again; sending what was kept (%d point(s) dropped so far)", self.name,
                         self.stats.dropped)
             self.failing = False

@@ -31,6 +31,10 @@ class TrainerState:
     feature_weights: str = "none"  # the loss network's weights: imagenet, random(seed=N), file:PATH; none without one
     precision: str = ""  # the resolved mixed precision (no, fp16, bf16); "" in checkpoints that kept it in their config
     wall_time_s: float = 0.0  # seconds of training, over every launch, up to `step` (work lost to a kill not counted)
+    best_metric: str = ""  # checkpoint.keep_best when best_value was recorded
+    best_value: float | None = None  # its best value so far, at validation step `best_step`
+    best_step: int = 0
+    validations_since_best: int = 0  # validations in a row that did not better it (train.early_stop_patience)
 
     def advance(self, skipped: bool, skipped_samples: int = 0) -> None:
         """One optimizer step done: `grad_accum` micro-batches further; a full epoch rolls over to the next."""

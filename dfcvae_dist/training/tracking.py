@@ -1,4 +1,5 @@
-"""MLflow tracking from the main process (system metrics: also from one process per node).
+"""MLflow tracking from the main process (system metrics: also from one process per node), and TensorBoard event
+files beside it (`log.trackers`), both behind one `Tracker`.
 
 - At start the main process checks the tracking server once (a few seconds, not MLflow's 120 s with
   retries), decides (error, or warn and go on untracked) and tells every rank.
@@ -10,6 +11,8 @@
   dfcvae_dist/tracking.py, as everywhere else.
 - MLflow's system-metrics monitor runs in a thread of its own; its `finish()` joins without a timeout, so
   it is stopped through the sender (main process) or a thread joined with the deadline (other nodes).
+- TensorBoard (`RUN_DIR/tensorboard/`) gets the same scalars and images under the same names, written by a
+  sender of its own, so neither tracker can hold up the other or the loop.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dfcvae_dist.training.sender import BackgroundSender
 
 log = logging.getLogger(__name__)
 PROGRESS_METRIC = "train/total"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def tracking_uri(cfg: Config) -> str | None:
@@ -110,22 +114,79 @@ def report_missing_gpu_metrics(monitor) -> None:
     log.warning("MLflow system metrics: no GPU metrics (%s); CPU, memory, disk and network are logged", reason)
 
 
-class Tracker:
-    """The run's MLflow logger on the main process; on other ranks (or disabled, or untracked) every call is
-    a no-op. Start-up talks to the server directly (bounded by short timeouts); everything after goes
-    through the `BackgroundSender`. Runs are created and ended with MlflowClient and an explicit run id, never
-    as MLflow's "active run", whose exit handler would mark a crashed run FINISHED."""
+class TensorBoard:
+    """Event files in `directory` (torch.utils.tensorboard), written by a `BackgroundSender` of their own. A
+    resumed run hides what the interrupted launch logged after its checkpoint (SummaryWriter's `purge_step`:
+    TensorBoard drops the events of those steps), so every step appears once."""
 
-    def __init__(self, cfg: Config, accelerator, run_id: str | None = None):
-        self.active = False
+    def __init__(self, directory: Path, resumed_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(directory), purge_step=resumed_step + 1 if resumed_step else None)
+        self.sender = BackgroundSender(self, None, name="TensorBoard")
+
+    @classmethod
+    def start(cls, cfg: Config, resumed_step: int) -> "TensorBoard | str | None":
+        """The writer; where it cannot start (tensorboard not installed, the folder not writable), an `error:`
+        message (`log.on_unavailable=error`) or, after a warning, None (`warn`)."""
+        directory = Path(cfg.train.run_dir) / TENSORBOARD_DIR
+        try:
+            return cls(directory, resumed_step)
+        except (ImportError, OSError) as err:
+            problem = f"TensorBoard cannot write {directory} ({one_line(err, 300)})"
+        if cfg.log.on_unavailable == "error":
+            return f"error:{problem}; install tensorboard, fix the run directory, set log.trackers without it, or " \
+                   "log.on_unavailable=warn"
+        log.warning("%s: training continues without it (log.on_unavailable=warn)", problem)
+        return None
+
+    def log_batch(self, run_id, metrics: list[tuple[str, float, int]]) -> None:
+        """The sender's call for metric points: (name, value, step) each."""
+        for name, value, step in metrics:
+            self.writer.add_scalar(name, value, step)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.sender.put_metrics([(name, float(value), step) for name, value in metrics.items()])
+
+    def log_image(self, image, key: str, step: int) -> None:
+        import numpy as np
+
+        pixels = np.asarray(image.convert("RGB"))
+        self.sender.put_call(f"image {key}", lambda: self.writer.add_image(key, pixels, step, dataformats="HWC"))
+
+    def flush(self) -> None:
+        self.sender.put_call("flush", self.writer.flush)
+
+    def start_closing(self) -> None:
+        self.sender.put_call("close", self.writer.close)
+
+    def wait_closed(self, deadline_s: float) -> None:
+        self.sender.close(deadline_s)
+
+
+class Tracker:
+    """The run's MLflow logger (and TensorBoard writer) on the main process; on other ranks (or disabled, or
+    untracked) every call is a no-op. Start-up talks to the server directly (bounded by short timeouts);
+    everything after goes through the `BackgroundSender`. Runs are created and ended with MlflowClient and an
+    explicit run id, never as MLflow's "active run", whose exit handler would mark a crashed run FINISHED."""
+
+    def __init__(self, cfg: Config, accelerator, run_id: str | None = None, resumed_step: int = 0):
+        self.active = False  # MLflow logs from this process
         self.run_id = run_id
+        self.run_name = ""
+        self.model_card = None  # a model_logging.ModelCard, set by the trainer: what log_model's models show
         self.last_logged_step = -1
         self.flush_timeout_s = cfg.log.flush_timeout_s
         self.artifact_uri = ""
         self.experiment_id: str | None = None  # known on the main process of a tracked run
         self.system_metrics: SystemMetrics | None = None
+        self.tensorboard: TensorBoard | None = None
         decision = [None, None]
-        if accelerator.is_main_process and cfg.log.enabled:
+        if accelerator.is_main_process and cfg.log.uses("tensorboard"):  # first: a refusal leaves no MLflow run
+            started = TensorBoard.start(cfg, resumed_step)
+            decision[0] = started if isinstance(started, str) else None
+            self.tensorboard = None if isinstance(started, str) else started
+        if accelerator.is_main_process and cfg.log.uses("mlflow") and decision[0] is None:
             decision = [self._start(cfg, run_id), self.run_id]
         broadcast_object_list(decision, from_process=0)
         if isinstance(decision[0], str) and decision[0].startswith("error:"):
@@ -157,7 +218,8 @@ class Tracker:
                 run = self.client.create_run(experiment_id, run_name=cfg.log.run_name or Path(cfg.train.run_dir).name,
                                              tags=run_tags(cfg))
                 self.run_id = run.info.run_id
-            self.artifact_uri, self.experiment_id = run.info.artifact_uri, run.info.experiment_id
+            self.artifact_uri, self.run_name = run.info.artifact_uri, run.info.run_name
+            self.experiment_id = run.info.experiment_id
         except Exception as err:  # noqa: BLE001 - any store error at start is the user's to fix
             return f"error:MLflow at {self.client.tracking_uri} failed at start: {one_line(err, 300)}"
         return "ok"
@@ -186,7 +248,14 @@ class Tracker:
             items = [RunTag(k, str(v)) for k, v in tags.items()]
             self.sender.put_call("tags", lambda: self.client.log_batch(self.run_id, tags=items))
 
+    @property
+    def logging(self) -> bool:
+        """Some tracker logs from this process (what is worth drawing images for)."""
+        return self.active or self.tensorboard is not None
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.log_metrics(metrics, step)
         if not self.active or step <= self.last_logged_step:
             return
         from mlflow.entities import Metric
@@ -196,6 +265,8 @@ class Tracker:
 
     def log_image(self, image, key: str, step: int) -> None:
         """`image`: a PIL image, one entry of the run's image `key` at `step` (the UI's step slider)."""
+        if self.tensorboard is not None:
+            self.tensorboard.log_image(image, key, step)
         if self.active:
             self.sender.put_call(f"image {key}", lambda: self.client.log_image(self.run_id, image, key=key, step=step,
                                                                                 synchronous=True))
@@ -209,27 +280,39 @@ class Tracker:
         if self.active:
             self.sender.put_call("text", lambda: self.client.log_text(self.run_id, text, name))
 
+    def checkpointed(self) -> None:
+        """A checkpoint was written: what TensorBoard holds up to it goes to disk (a kill loses no more)."""
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
     def end(self, status: str = "FINISHED") -> None:
-        """End the run as it really ended (FINISHED, KILLED or FAILED), waiting at most log.flush_timeout_s."""
+        """End the run as it really ended (FINISHED, KILLED or FAILED), waiting at most log.flush_timeout_s in
+        all."""
+        deadline = time.monotonic() + self.flush_timeout_s
+        tensorboard, self.tensorboard = self.tensorboard, None
+        if tensorboard is not None:  # closes beside MLflow's sending: a hung disk costs MLflow no time
+            tensorboard.start_closing()
         if self.system_metrics is not None:
-            self.system_metrics.stop(self.sender if self.active else None, self.flush_timeout_s)
+            self.system_metrics.stop(self.sender if self.active else None, max(0.0, deadline - time.monotonic()))
             self.system_metrics = None
         if self.active:
             self.active = False
             # first: with a backlog at the deadline, the run's real status matters more than its last points
             self.sender.put_call("end", lambda: self.client.set_terminated(self.run_id, status), first=True)
-            self.sender.close(self.flush_timeout_s)
+            self.sender.close(max(0.0, deadline - time.monotonic()))
+        if tensorboard is not None:
+            tensorboard.wait_closed(max(0.0, deadline - time.monotonic()))
 
     def log_model(self, checkpoint: Path, step: int, final: bool, which: str) -> None:
         """The checkpoint as an MLflow LoggedModel of this run at `step`, uploaded by the sender; `which`
-        (log.model): the final model, every checkpoint, or none. The final one is named `model`, others by
-        their checkpoint folder."""
+        (log.model): the final model, every checkpoint, or none. Named and described by `model_card`: the final
+        one `<family>-<run name>`, others with their checkpoint folder's name added."""
         if self.active and (which == "checkpoints" or (final and which == "final")):
-            from dfcvae_dist.model_logging import FINAL_MODEL, ModelUpload
+            from dfcvae_dist.model_logging import ModelCard, ModelUpload
 
             try:
                 upload = ModelUpload(self.client, self.run_id, checkpoint, step,
-                                     FINAL_MODEL if final else checkpoint.name)
+                                     self.model_card or ModelCard(self.run_name), final)
             except OSError as err:  # tracking never stops training
                 log.warning("MLflow: the model of %s is not logged (%s)", checkpoint, err)
                 return

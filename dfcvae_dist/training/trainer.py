@@ -1,6 +1,9 @@
 """The trainer. `Trainer(cfg)` sets up its parts (accelerator, data, recipe, checkpointer, state, tracker);
-`fit()` is the loop, top to bottom. Which model is trained is the recipe's business, when to save is the
-checkpointer's, and the counters a resume needs live in `TrainerState`."""
+`fit()` is the loop, top to bottom. Which model is trained is the recipe's business, when to save (and which
+checkpoint is the best) is the checkpointer's, and the counters a resume needs live in `TrainerState`.
+
+It is the Python API (`from dfcvae_dist import Trainer`, docs/python-api.md) and what `dfcvae-train` runs: in
+the calling process, alone or as one rank under `accelerate launch` / `torchrun`."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import json
 import os
 import pickle
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,30 +28,42 @@ from rich.console import Console
 from dfcvae_dist.config import Config, load_config, resume_changes
 from dfcvae_dist.data.loader import (SplitSource, TrainStream, batches_per_epoch, make_loader, model_input,
                                      resolve_split)
-from dfcvae_dist.distributed import make_accelerator, set_determinism
+from dfcvae_dist.distributed import make_accelerator, release, set_determinism
 from dfcvae_dist.data.shards import MANIFEST, manifest_of
 from dfcvae_dist.errors import UserError, message, one_line
 from dfcvae_dist.families import get_family
-from dfcvae_dist.rundir import CONFIG_FILE, DONE_MARKER, RunLock, atomic_write, find_checkpoint, write_end_marker
+from dfcvae_dist.quiet import held_back
+from dfcvae_dist.rundir import (CONFIG_FILE, DONE_MARKER, RunLock, atomic_write, best_checkpoint, find_checkpoint,
+                                write_end_marker)
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
 from dfcvae_dist.training.recipes import LossHealth, StepResult, set_lr
 from dfcvae_dist.training.run_page import (dataset_inputs, family_params, fixed_batch, labelled_rows,
-                                           run_description)
+                                           model_card, run_description)
 from dfcvae_dist.training.state import TrainerState
 from dfcvae_dist.training.tracking import Tracker, code_version
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT (what torchrun and accelerate forward to ranks); ranks agree on it at sync steps."""
+    """Set by SIGTERM/SIGINT (what torchrun and accelerate forward to ranks; a notebook's interrupt) while a
+    `fit()` runs; ranks agree on it at sync steps. `restore()` gives the signals back to their earlier handlers.
+    Off the main thread, where Python cannot take signals, it stays unset."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.earlier = {}
+        if threading.current_thread() is threading.main_thread():
+            self.earlier = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.earlier.items():
+            signal.signal(sig, handler)
+        self.earlier = {}
 
 
 @dataclass
@@ -95,6 +111,10 @@ class TrainData:
 
 
 class Trainer:
+    """`Trainer(cfg).fit()` trains as `cfg` says: it takes the run directory, resumes from its newest checkpoint
+    (`train.resume`), and returns the summary that COMPLETED.json / RESUME_ME.json also holds. A Trainer trains
+    once; a new one on the same config resumes."""
+
     def __init__(self, cfg: Config):
         self.cfg, self.family = cfg, get_family(cfg.model.name)
         train = cfg.train
@@ -105,13 +125,27 @@ class Trainer:
         self.run_dir = Path(train.run_dir)
         self.lock = RunLock(self.run_dir)
         self.hold_run_dir()
+        self.tracker: Tracker | None = None
+        self.progress: ProgressReporter | None = None
+        self.fitted = False
+        try:
+            self.set_up()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def set_up(self) -> None:
+        """Everything after the run directory is ours: data, recipe, checkpointer, state, tracker."""
+        cfg, train, acc = self.cfg, self.cfg.train, self.accelerator
         set_seed(train.seed)
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
         self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, self.family.validates)
         self.health = LossHealth(acc, train.on_nonfinite)
-        self.recipe = self.family.build_recipe(cfg, acc, self.health, self.memory_format)
+        with held_back("dfcvae_dist.losses.feature_networks"):  # random weights: said once, in start_tracking
+            self.recipe = self.family.build_recipe(cfg, acc, self.health, self.memory_format)
+        best = next((m for m in self.family.metrics(cfg) if m.name == cfg.checkpoint.keep_best), None)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
-                                         self.data.total_steps, acc)
+                                         self.data.total_steps, acc, best)
         self.changed: list[tuple[str, object, object]] = []  # resume-safe keys changed since the checkpoint
         self.state = self.resume()
         if acc.is_main_process:
@@ -121,43 +155,81 @@ class Trainer:
         self.tracker = self.start_tracking()
         self.fixed_z = torch.randn(16, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
         self.fixed_images = None  # the same faces at every image step, read once (DCGAN reconstructs nothing)
-        if self.tracker.active and self.family.encodes:
+        if self.tracker.logging and self.family.encodes:
             with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global generator
                 self.fixed_images = fixed_batch(cfg)
         self.images_logged_at = -1
         self.last_losses: dict[str, tuple[int, float]] = {}  # name: (step, value) as last logged, for the summary
-        self.stop = StopFlag()
         self.launched = (time.perf_counter(), self.state.wall_time_s)
         self.describe()
 
+    def abandon(self, status: str = "FAILED") -> None:
+        """After an error: the tracked run ends as FAILED, and the run directory and accelerate are free for the
+        next launch (also in this process)."""
+        if self.tracker is not None:
+            self.tracker.end(status)  # as it really ended, within log.flush_timeout_s
+        self.lock.release()
+        if self.accelerator.num_processes == 1:  # ranks that may still wait in a collective keep their group
+            release(self.accelerator)
+
     def fit(self) -> dict:
+        """Train to the last step, an early stop or a stop signal (SIGTERM/SIGINT: a checkpoint, then RESUME_ME.json);
+        the summary. An error ends the tracked run as FAILED, frees the run directory and is raised."""
+        if self.fitted:
+            raise UserError(f"this Trainer has trained {self.run_dir} already: make a new one (it resumes)")
+        self.fitted, self.stop = True, StopFlag()
+        try:
+            return self.loop()
+        except BaseException:
+            self.abandon()
+            raise
+        finally:
+            self.stop.restore()
+            if self.progress is not None:
+                self.progress.stop()  # a notebook keeps no live bar behind an error
+
+    def loop(self) -> dict:
         s, data, acc = self.state, self.data, self.accelerator
-        self.progress = ProgressReporter(self.console, data.total_steps, s.step, data.global_batch,
-                                         self.cfg.log.progress_every_s, acc.is_main_process)
-        stopping = False
-        while s.step < data.total_steps and not stopping:
+        self.progress = ProgressReporter(self.console, data.total_steps, data.steps_per_epoch, s.step,
+                                         data.global_batch, self.cfg.log.progress_every_s, acc.is_main_process)
+        if s.step == 0:  # the image history starts with the untrained model, so the UI's cards open on content
+            self.log_images()
+        stopping, early = False, self.patience_exhausted()  # a resumed run that had stopped early stays stopped
+        while s.step < data.total_steps and not (stopping or early):
             set_lr(self.recipe.optimizers, self.cfg.optim.lr * self.cfg.optim.lr_decay_per_epoch ** s.epoch)
             for micro_batches, damaged in data.steps(s.epoch, s.batch_in_epoch, acc.device, self.memory_format):
                 result = self.recipe.train_step(micro_batches, s.step + 1)
                 s.advance(result.skipped, damaged)  # only the first epoch of a launch may start mid-way
                 self.log_step(result)
                 if data.val is not None and s.step % self.cfg.train.val_every_steps == 0:
-                    val = self.recipe.validation_loss(data.val, self.cfg.train.batch_size, self.cfg.train.val_batches,
-                                                      self.cfg.data.skip_corrupt)
-                    self.tracker.log_metrics({"val/total": val}, s.step)
-                    self.last_losses["val/total"] = (s.step, val)
+                    early = self.validate()
                 if s.step % self.cfg.train.sync_every_steps == 0 or self.checkpointer.due(s.step):
                     stopping = self.health.agree(self.stop.requested)  # the step's only collective (with logging)
-                if stopping or self.checkpointer.due(s.step):
+                if (stopping or self.checkpointer.due(s.step)) and not early:  # an early stop saves in finish()
                     self.save()
-                if stopping or s.step == data.total_steps:
+                if stopping or early or s.step == data.total_steps:
                     break
         self.progress.stop()
-        return self.finish(stopped_early=stopping and s.step < data.total_steps)
+        reason = "early_stop" if early else "stop_requested" if stopping and s.step < data.total_steps else "completed"
+        return self.finish(reason)
+
+    def validate(self) -> bool:
+        """The validation loss, logged and shown to the checkpointer; True when early stopping's patience ran out."""
+        train = self.cfg.train
+        metrics = {"val/total": self.recipe.validation_loss(self.data.val, train.batch_size, train.val_batches,
+                                                            self.cfg.data.skip_corrupt)}
+        self.tracker.log_metrics(metrics, self.state.step)
+        self.last_losses["val/total"] = (self.state.step, metrics["val/total"])
+        self.checkpointer.validated(self.state, metrics)
+        return self.patience_exhausted()
+
+    def patience_exhausted(self) -> bool:
+        patience = self.cfg.train.early_stop_patience
+        return patience is not None and self.state.validations_since_best >= patience
 
     def log_step(self, result: StepResult) -> None:
         s, log = self.state, self.cfg.log
-        self.progress.step_done(s.step, s.epoch)
+        self.progress.step_done(s.step)
         if result.skipped:
             return
         if s.step % log.every_steps == 0 or s.step == self.data.total_steps:
@@ -171,25 +243,30 @@ class Trainer:
                             "train/skipped_steps": s.skipped_steps})
             self.tracker.log_metrics(metrics, s.step)
             self.last_losses["train/total"] = (s.step, metrics["train/total"])
-            self.progress.logged(s.step, s.epoch, metrics["train/total"], metrics["train/img_per_s"])
+            self.progress.logged(s.step, metrics["train/total"], metrics["train/img_per_s"])
         if log.image_every_steps and s.step % log.image_every_steps == 0:
             self.log_images()
 
-    def save(self) -> Path:
-        """Every rank; the checkpoint's state holds the damaged samples of all ranks (the main one resumes with them)."""
+    def save(self, final: bool = False) -> Path:
+        """Every rank; the checkpoint's state holds the damaged samples of all ranks (the main one resumes with them).
+        `final`: the run's last checkpoint (also at the last step), logged as its final model."""
         state = dataclasses.replace(self.state, wall_time_s=self.wall_time_s())
         state.skipped_samples = self.skipped_samples_all_ranks()
         checkpoint = self.checkpointer.save(state, self.recipe.weights(), self.recipe.model_config, self.cfg.to_yaml())
-        self.tracker.log_model(checkpoint, state.step, state.step == self.data.total_steps, self.cfg.log.model)
+        self.tracker.checkpointed()
+        self.tracker.log_model(checkpoint, state.step, final or state.step == self.data.total_steps, self.cfg.log.model)
         return checkpoint
 
-    def finish(self, stopped_early: bool) -> dict:
+    def finish(self, reason: str) -> dict:
+        """`reason`: completed (every step), early_stop (COMPLETED.json too) or stop_requested (RESUME_ME.json)."""
         s, acc = self.state, self.accelerator
+        stopped_early = reason == "stop_requested"
         if self.checkpointer.last_saved != s.step:
             self.health.agree(self.stop.requested)
-            self.save()
+            self.save(final=not stopped_early)
         damaged = self.skipped_samples_all_ranks()
         summary = {"step": s.step, "total_steps": self.data.total_steps, "stopped_early": stopped_early,
+                   "reason": reason, **self.best_summary(),
                    "mlflow_run_id": s.mlflow_run_id, "checkpoint": str(find_checkpoint(self.run_dir, "auto")),
                    "feature_weights": s.feature_weights, "skipped_steps": s.skipped_steps,
                    "skipped_samples": damaged,
@@ -204,9 +281,18 @@ class Trainer:
         self.tracker.end("KILLED" if stopped_early else "FINISHED")
         for line in end_of_run_lines(summary, s, self.last_losses, self.tracker.run_page()):
             self.console.print(line, markup=False, highlight=False)
-        acc.end_training()
+        release(acc)
         self.lock.release()
         return summary
+
+    def best_summary(self) -> dict:
+        """With checkpoint.keep_best: the metric, its best value, that step and its checkpoint."""
+        s = self.state
+        if self.checkpointer.best is None:
+            return {}
+        return {"best_metric": s.best_metric, "best_value": s.best_value, "best_step": s.best_step,
+                "best_checkpoint": str(best_checkpoint(self.run_dir)),
+                "validations_since_best": s.validations_since_best}
 
     def skipped_samples_all_ranks(self) -> int:
         """Damaged samples passed over, summed over ranks (a collective: every rank calls it)."""
@@ -229,7 +315,7 @@ class Trainer:
         state = TrainerState(batches_per_epoch=self.data.batches_per_epoch, grad_accum=cfg.train.grad_accum,
                              model=cfg.model.name, world_size=acc.num_processes, config_digest=cfg.digest(),
                              feature_weights=network.weights_source if network is not None else "none",
-                             precision=acc.mixed_precision)
+                             precision=acc.mixed_precision, best_metric=cfg.checkpoint.keep_best or "")
         choice = on_main_then_all(acc, lambda: str(find_checkpoint(self.run_dir, cfg.train.resume) or ""))
         if not choice:
             return state
@@ -244,6 +330,9 @@ class Trainer:
         except (pickle.UnpicklingError, RuntimeError, OSError) as err:
             raise UserError(f"{checkpoint}: checkpoint refused or unreadable ({one_line(err, 300)})") from None
         saved.config_digest, saved.feature_weights = state.config_digest, state.feature_weights
+        if saved.best_metric != state.best_metric:  # checkpoint.keep_best changed: its best starts anew
+            saved.best_metric, saved.best_value, saved.best_step, saved.validations_since_best = \
+                state.best_metric, None, 0, 0
         saved.skipped_samples = saved.skipped_samples if acc.is_main_process else 0  # a sum over ranks
         self.checkpointer.last_saved = saved.step
         self.console.print(f"resumed from {checkpoint} at step {saved.step}")
@@ -264,7 +353,7 @@ class Trainer:
 
     def start_tracking(self) -> Tracker:
         cfg, s, acc = self.cfg, self.state, self.accelerator
-        tracker = Tracker(cfg, acc, s.mlflow_run_id)
+        tracker = Tracker(cfg, acc, s.mlflow_run_id, resumed_step=s.step)
         manifest = manifest_of(cfg.data.shards) if tracker.active else None
         if not s.mlflow_run_id:
             tracker.log_params(family_params(cfg))
@@ -274,6 +363,7 @@ class Trainer:
         if tracker.active:
             self.console.print(f"MLflow: run {tracker.run_id} in {tracker.client.tracking_uri}; artifacts in "
                                f"{tracker.artifact_uri}")
+        tracker.model_card = model_card(cfg, s.feature_weights, manifest, tracker.run_name)
         tracker.set_tags({"mlflow.note.content": run_description(cfg, s.feature_weights, manifest),
                           "world_size": acc.num_processes, "precision": acc.mixed_precision,
                           **feature_network_tags(self.recipe.feature_network), "code_version": code_version(),
@@ -295,7 +385,7 @@ class Trainer:
         """The fixed batch above its reconstructions, and samples of the fixed z: one entry per image step of
         the keys `reconstructions` and `samples`. Decoded in eval mode from the mean of z, so no training
         random stream is drawn from (a resumed run stays bit-exact)."""
-        if not self.tracker.active:
+        if not self.tracker.logging:
             return
         step = self.images_logged_at = self.state.step
         if self.fixed_images is not None:
@@ -314,12 +404,15 @@ def end_of_run_lines(summary: dict, state: TrainerState, losses: dict[str, tuple
     epochs = f"{state.step * state.grad_accum / state.batches_per_epoch:.2f}".rstrip("0").rstrip(".")  # completed
     img_per_s = "n/a" if summary["img_per_s"] is None else f"{summary['img_per_s']:.0f}"
     wall = datetime.timedelta(seconds=round(summary["wall_time_s"]))
-    lines = [f"{'stopped at' if summary['stopped_early'] else 'finished'} step {state.step} of {summary['total_steps']} "
-             f"({epochs} epochs), {img_per_s} img/s, wall time {wall} (all launches)"]
+    ended = {"completed": "finished", "early_stop": "stopped early (train.early_stop_patience) at",
+             "stop_requested": "stopped at"}[summary["reason"]]
+    lines = [f"{ended} step {state.step} of {summary['total_steps']} ({epochs} epochs), {img_per_s} img/s, wall time "
+             f"{wall} (all launches)"]
     if losses:
         lines.append("final losses: " + ", ".join(f"{name} {value:.4g} (step {step})"
                                                   for name, (step, value) in losses.items()))
-    lines.append(f"checkpoint: {summary['checkpoint']}")
+    best = f"; best {summary['best_checkpoint']}" if "best_checkpoint" in summary else ""
+    lines.append(f"checkpoint: {summary['checkpoint']}{best}")
     if run_page:
         lines.append(f"MLflow run page: {run_page}")
     return lines
@@ -393,12 +486,3 @@ def record_rank(run_dir: Path, rank: int, module: torch.nn.Module, stream: Train
     atomic_write(run_dir / "ranks" / f"rank-{rank}.json", json.dumps(
         {"rank": rank, "params_sha256": digest.hexdigest(), "first_epoch_shards": stream.rank_shards(0)}))
 
-
-def train(cfg: Config) -> dict:
-    """Train as `cfg` says; the summary that COMPLETED.json / RESUME_ME.json also holds."""
-    trainer = Trainer(cfg)
-    try:
-        return trainer.fit()
-    except BaseException:
-        trainer.tracker.end("FAILED")  # as it really ended, within log.flush_timeout_s
-        raise
