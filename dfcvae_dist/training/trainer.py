@@ -406,8 +406,8 @@ def end_of_run_lines(summary: dict, state: TrainerState, losses: dict[str, tuple
     wall = datetime.timedelta(seconds=round(summary["wall_time_s"]))
     ended = {"completed": "finished", "early_stop": "stopped early (train.early_stop_patience) at",
              "stop_requested": "stopped at"}[summary["reason"]]
-    lines = [f"{ended} step {state.step} of {summary['total_steps']} ({epochs} epochs), {img_per_s} img/s, wall time "
-             f"{wall} (all launches)"]
+    lines = [f"{ended} step {state.step} of {summary['total_steps']} ({epochs} epoch{'' if epochs == '1' else 's'}), "
+             f"{img_per_s} img/s, wall time {wall} (all launches)"]
     if losses:
         lines.append("final losses: " + ", ".join(f"{name} {value:.4g} (step {step})"
                                                   for name, (step, value) in losses.items()))
