@@ -42,7 +42,8 @@ LAUNCH_CPU2 := $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_mach
 QS_MLFLOW := MLFLOW_TRACKING_URI=sqlite:///$(QS)/mlflow.db
 # synthetic CelebA -> landmark-crop shards -> DFC-VAE and PVAE (2 processes each) -> latents (2 processes)
 # -> per model: latents, SVM table, quality table (into RUN_DIR/eval/ and the model's MLflow run) -> latent-space
-# figures. Offline; about 10 minutes on 2 cores.
+# figures -> the two models' report, ending with their headline numbers and MLflow run pages. Offline; 20-50
+# minutes on 2 cores (21 measured beside other work, 46 under a heavy load).
 quickstart: $(STAMP)
 	$(BIN)/python tools/make_synthetic_celeba.py --out $(QS)/celeba --num 16000 --seed 0
 	$(BIN)/python tools/make_shards.py --celeba-root $(QS)/celeba --out $(QS)/shards/landmarks-32 --image-size 32 --crop landmarks --shard-size 500
@@ -60,15 +61,14 @@ quickstart: $(STAMP)
 		--shards $(QS)/shards/landmarks-32 --split train --out $(QS)/results/studies --attributes Smiling,Eyeglasses,Male \
 		--mlflow-run $(QS)/runs/dfcvae
 	@echo
-	@echo "Results (random VGG19 weights: a demo of the pipeline, not the paper's numbers):"
+	@echo "Results (synthetic faces, random VGG19 weights: a demo of the pipeline, not the paper's numbers):"
 	@echo "  checkpoints   $(QS)/runs/dfcvae, $(QS)/runs/pvae"
 	@echo "  SVM tables    $(QS)/runs/{dfcvae,pvae}/eval/svm/svm_table.md  (KL per image, active units: svm_report.json)"
 	@echo "  quality       $(QS)/runs/{dfcvae,pvae}/eval/quality/quality.json  (samples per sampler: samples-{normal,gmm}-*.png)"
 	@echo "  figures       $(QS)/results/studies/*.png"
-	@echo "  MLflow        $(BIN)/mlflow ui --backend-store-uri sqlite:///$(QS)/mlflow.db   (artifacts: $(QS)/mlartifacts)"
-	@echo "                then open the model-training view: http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c \
-		"import mlflow; print(mlflow.MlflowClient('sqlite:///$(QS)/mlflow.db').get_experiment_by_name('quickstart').experiment_id)" \
-		2>/dev/null)?workflowType=machine_learning"
+	@echo "  report        $(QS)/results/report/report.md  (both models side by side; samples.png, reconstructions.png)"
+	@$(QS_MLFLOW) $(BIN)/python tools/report.py --runs dfcvae=$(QS)/runs/dfcvae --runs pvae=$(QS)/runs/pvae \
+		--out $(QS)/results/report
 
 clean-quickstart:
 	rm -rf $(QS)

@@ -73,6 +73,8 @@ SVM = [
            "synthetic data the attributes the drawing shows)", "fraction", "focus: mean accuracy", ".4f"),
     Metric("eval/svm/focus_mean_balanced_accuracy", "the mean balanced accuracy over the focus attributes only",
            "fraction", "focus: mean balanced accuracy", ".4f"),
+    Metric("eval/svm/focus_mean_majority", "the majority-class baseline averaged over the focus attributes only",
+           "fraction", "focus: majority-class baseline", ".4f"),
 ]
 
 # dfcvae-svm: svm_report.json's `latent` section (the test split's posteriors).
@@ -112,6 +114,15 @@ COST = [
     Metric("wall_time_s", "training wall time summed over launches (COMPLETED.json)", "s", "wall time (s)", ".0f"),
     Metric("img_per_s", "training images per second (COMPLETED.json)", "images / s", "img/s", ".1f"),
 ]
+
+
+def metric(name: str) -> Metric:
+    return next(m for m in SVM + LATENT + QUALITY + COST if m.name == name)
+
+
+# A run's numbers in one line each: the end of `make quickstart` and of dfcvae-report, and the report's first table.
+HEADLINE = [metric("eval/svm/focus_mean_balanced_accuracy"), metric("eval/svm/mean_balanced_accuracy"),
+            metric("eval/latent/kl_per_image"), metric("eval/quality/ssim")]
 
 
 def report_names() -> list[tuple[str, str]]:

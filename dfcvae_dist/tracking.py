@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 SHORT_TIMEOUTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
@@ -116,13 +118,41 @@ def artifact_root(uri: str) -> str | None:
 
 def server_reachable(uri: str, timeout: float = 5.0) -> str | None:
     """None if reachable (or not a server), else the reason."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return None
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
             return None if response.status == 200 else f"HTTP {response.status}"
     except OSError as err:
         return str(getattr(err, "reason", err))
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def ui_address(uri: str) -> str:
+    """Where a store's pages are: the server's own address, else `mlflow ui`'s default on this machine."""
+    return uri.rstrip("/") if is_server(uri) else LOCAL_UI
+
+
+def ui_command(uri: str) -> str | None:
+    """The command that serves a local store's pages (sqlite, files); None for a server, which serves its own."""
+    if is_server(uri):
+        return None
+    mlflow = Path(sys.executable).parent / "mlflow"  # this environment's, e.g. .venv/bin/mlflow
+    program = (os.path.relpath(mlflow) if mlflow.is_relative_to(Path.cwd()) else str(mlflow)) if mlflow.is_file() \
+        else "mlflow"
+    return f"{program} ui --backend-store-uri {uri}"
+
+
+def run_page_url(uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_address(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def experiment_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow's model-training view (MLflow 3 opens an experiment in its GenAI view)."""
+    return f"{ui_address(uri)}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def resolve_run_id(value: str) -> str:

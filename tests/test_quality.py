@@ -207,6 +207,10 @@ def test_quality_json_in_the_shared_schema_logged_into_each_tracked_models_run(
     assert "null for gan: a GAN has no encoder" in notes["ssim"] and "below the 44 px" in notes["ms_ssim"]
     assert LPIPS_BACKBONE_FILE in notes["lpips"] and "not comparable" in notes["perceptual_distance"]
     assert f"MLflow: vae logged into run {run_id}" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-3:] == [  # it ends with each model's headline numbers
+        "headline (test split; every number in the table above):",
+        f"  vae: SSIM {vae['ssim']:.4f}, LPIPS n/a, FID {vae['fid']:.2f}",
+        f"  gan: SSIM n/a, LPIPS n/a, FID {gan['fid']:.2f}"]
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval/quality/mse"] == pytest.approx(vae["mse"]) and metrics["eval/quality/fid_samples"] == 3
     assert metrics["eval/quality/fid"] == pytest.approx(vae["fid"]) and "eval/quality/lpips" not in metrics

@@ -7,6 +7,7 @@ import re
 import shutil
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ from PIL import Image
 from dfcvae_dist.cli.quality import main as quality_main
 from dfcvae_dist.cli.report import main as report_main
 from dfcvae_dist.cli.svm import main as svm_main
+from dfcvae_dist.figures import cell_box, read_layout
 from dfcvae_dist.inference import GaussianMixtureSampler, load_trained, sample
+from dfcvae_dist.sweeps.report import run_pages
 from tests.conftest import ROOT, ProcessGroups, run_tool
 
 pytestmark = pytest.mark.slow
@@ -95,6 +98,44 @@ def test_one_column_per_run_name_with_its_seeds_as_mean_and_std(report, sweep_di
     assert runs["pvae"]["quality"]["mse"]["n"] == 1 and "| MSE | SSIM | MS-SSIM |" in report["md"]
 
 
+def test_headline_numbers_first_in_the_report_and_last_in_its_output(report):
+    runs = report["json"]["runs"]
+    md = report["md"].splitlines()
+    assert md.index("## Headline numbers") < next(i for i, line in enumerate(md) if line.startswith("## Attribute"))
+    header = next(line for line in md if line.startswith("| run | seeds |"))
+    assert header == "| run | seeds | focus: mean balanced accuracy | mean balanced accuracy | KL per image | SSIM |"
+    kl = runs["pvae"]["latent"]["kl_per_image"]["mean"]
+    assert f"| pvae | 1 | n/a | {runs['pvae']['svm']['mean_balanced_accuracy']['mean']:.4f} | {kl:.2f} | " in \
+        report["md"]  # no --focus in this sweep's SVMs: n/a
+    tail = report["stdout"].strip().splitlines()[-8:]  # these runs were not tracked: no MLflow run pages follow
+    assert any("Headline numbers" in line for line in tail) and tail[-1].startswith("└")
+    assert any(line.startswith("│ dfcvae │ 2 ") for line in tail) and any(line.startswith("│ pvae ") for line in tail)
+
+
+def test_run_pages_name_each_tracked_run_and_how_to_serve_a_local_store(sweep_dir):
+    parent = json.loads((sweep_dir / "parent.json").read_text())
+    uri, run_id, experiment = parent["tracking_uri"], parent["run_id"], parent["experiment_id"]
+    lines = run_pages({"dfcvae": {"mlflow_run_ids": [run_id, None]}, "pvae": {"mlflow_run_ids": ["0" * 32]}}, uri)
+    program = lines[0].removeprefix(f"MLflow ({uri}; serve it: ").removesuffix(f" ui --backend-store-uri {uri})")
+    assert Path(program).name == "mlflow" and Path(program).is_file()  # this environment's, runnable from here
+    assert lines[1] == f"  dfcvae: http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
+    assert lines[2].startswith(f"  pvae: run {'0' * 32} is not in this store (")
+    assert lines[3:] == [f"  every run of experiment {experiment}: http://127.0.0.1:5000/#/experiments/{experiment}"
+                         "?workflowType=machine_learning"]
+
+
+def test_an_svm_table_from_synthetic_faces_and_random_loss_weights_says_so_first(report, sweep_dir):
+    """Extraction records what the images and the loss network were; the SVM table and the report say it first."""
+    table = (sweep_dir / "dfcvae-seed0" / "eval" / "svm" / "svm_table.md").read_text().splitlines()
+    assert table[2] == ("**Not comparable with the paper's Table 1**: the images are synthetic faces drawn by "
+                        "dfcvae-synthetic, not CelebA; the model was trained with a loss network of random weights "
+                        "(random(seed=0)), not the paper's feature perceptual loss. The paper's columns are shown "
+                        "for their layout only; no attribute is marked as beating them.")
+    section = report["md"].split("## Attribute prediction")[1].splitlines()
+    assert section[2].startswith("**Not comparable with the paper's Table 1**: dfcvae: the images are synthetic faces")
+    assert "pvae: the images are synthetic faces drawn by dfcvae-synthetic, not CelebA." in section[2]
+
+
 def test_a_task_that_has_not_finished_is_listed_not_dropped(report, sweep_dir):
     dcgan = [t for t in report["json"]["tasks"] if t["run_name"] == "dcgan"]
     assert [t["status"] for t in dcgan] == ["not started"] and "dcgan" not in report["json"]["runs"]
@@ -103,25 +144,26 @@ def test_a_task_that_has_not_finished_is_listed_not_dropped(report, sweep_dir):
 
 
 def tile(picture: Image.Image, layout: dict, row: int, column: int) -> np.ndarray:
-    step = layout["cell_px"] + layout["padding_px"]
-    left, top = layout["label_px"] + layout["padding_px"] + column * step, layout["padding_px"] + row * step
-    return np.asarray(picture.crop((left, top, left + layout["cell_px"], top + layout["cell_px"]))).astype(int)
+    return np.asarray(picture.crop(cell_box(layout, row, column))).astype(int)
 
 
-def test_figures_have_a_labelled_row_per_model_from_the_same_z(report, sweep_dir):
+def test_figures_have_a_title_and_a_labelled_row_per_model_from_the_same_z(report, sweep_dir):
     figures = report["json"]["figures"]
     assert figures["samples"]["rows"] == ["dfcvae", "pvae"]
     assert figures["reconstructions"]["rows"] == ["test faces", "dfcvae", "pvae"]
+    assert figures["samples"]["title"].startswith("Figure 3: ") and figures["reconstructions"]["title"].startswith(
+        "Figure 4: ")
     for name, rows in (("samples", 2), ("reconstructions", 3)):
         layout = figures[name]
         picture = Image.open(report["out"] / layout["file"])
-        step = layout["cell_px"] + layout["padding_px"]
-        assert layout["columns"] == 8 and layout["cell_px"] == 64  # 32x32 images, upscaled twice
-        assert picture.size == (layout["label_px"] + 8 * step + layout["padding_px"], rows * step + layout["padding_px"])
-    picture = Image.open(report["out"] / "samples.png")
+        assert layout["columns"] == 8 and layout["cell_px"] == 128  # 32x32 images, each pixel drawn 4 x 4
+        assert picture.size == tuple(layout["size"]) and read_layout(report["out"] / layout["file"])["rows"] == \
+            layout["rows"]
+        assert cell_box(layout, rows - 1, 7)[3] < picture.size[1] and cell_box(layout, 0, 7)[2] < picture.size[0]
+    picture = Image.open(report["out"] / "samples.png").convert("RGB")
     for row, run in enumerate(("dfcvae-seed0", "pvae-seed0")):  # each VAE decodes z of seed 0, upscaled nearest
         model, _, _ = load_trained(sweep_dir / run)
-        expected = F.interpolate(sample(model, 8), scale_factor=2, mode="nearest")[3]
+        expected = F.interpolate(sample(model, 8), scale_factor=4, mode="nearest")[3]
         drawn = tile(picture, report["json"]["figures"]["samples"], row, 3)
         assert np.abs(drawn - (expected.permute(1, 2, 0) * 255).numpy()).max() <= 1.0
 
@@ -138,7 +180,7 @@ def test_samples_of_each_vaes_fitted_mixture_beside_its_fid(report, sweep_dir):
         assert fitted["fit_on"] == f"{sweep_dir / run / 'eval' / 'latents' / 'latents.npz'} (train partition)"
         model, _, _ = load_trained(sweep_dir / run)
         mixture = GaussianMixtureSampler.load(quality / fitted["file"])
-        expected = F.interpolate(sample(model, 8, sampler=mixture), scale_factor=2, mode="nearest")[5]
+        expected = F.interpolate(sample(model, 8, sampler=mixture), scale_factor=4, mode="nearest")[5]
         drawn = tile(Image.open(report["out"] / "samples-gmm.png"), layout, row, 5)
         assert np.abs(drawn - (expected.permute(1, 2, 0) * 255).numpy()).max() <= 1.0
 

@@ -1,11 +1,14 @@
-"""Latent-space studies: every figure is written with the expected grid; unknown attributes are refused."""
+"""Latent-space studies: every figure reads without the code (a title, labelled rows and columns, faces upscaled
+by nearest neighbour to at least 128 px, a legend where colour means something); unknown attributes are refused."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dfcvae_dist.evaluation.studies import ALPHAS, interpolation_figure, samples_figure
+from dfcvae_dist.evaluation.studies import (ALPHA_LABELS, ALPHAS, HAS_COLOUR, LACKS_COLOUR, interpolation_figure,
+                                            samples_figure)
+from dfcvae_dist.figures import cell_box, read_layout
 from dfcvae_dist.models import VAE
 
 from tests.conftest import run_tool
@@ -20,17 +23,25 @@ def latents(trained_run, shard_dir, tmp_path_factory):
     return out / "latents.npz"
 
 
-def test_every_figure_with_its_grid(tmp_path, trained_run, shard_dir, latents):
+def test_every_figure_is_titled_labelled_and_upscaled(tmp_path, trained_run, shard_dir, latents):
     run_tool("explore_latents.py", "--checkpoint", trained_run, "--latents", latents, "--shards", shard_dir,
              "--split", "train", "--tsne-images", "300", "--out", tmp_path, "--attributes", "Smiling,Eyeglasses")
-    cell = 32 + 2  # image + padding
-    sizes = {name: Image.open(tmp_path / name).size for name in
-             ("samples.png", "reconstructions.png", "interpolation.png", "arithmetic.png", "tsne.png")}
-    assert sizes["samples.png"] == (8 * cell + 2, 8 * cell + 2)
-    assert sizes["reconstructions.png"] == (8 * cell + 2, 2 * cell + 2)
-    assert sizes["interpolation.png"] == (11 * cell + 2, 4 * cell + 2)  # 3 encoded pairs + 1 random pair
-    assert sizes["arithmetic.png"] == (11 * cell + 2, 4 * cell + 2)  # +v and -v rows per attribute
-    assert sizes["tsne.png"] == (40 * 32, 40 * 32)
+    layouts = {name: read_layout(tmp_path / f"{name}.png") for name in
+               ("samples", "reconstructions", "interpolation", "arithmetic")}
+    for name, layout in layouts.items():
+        assert layout["cell_px"] == 128 and layout["title"], name  # 32x32 faces, 4 x 4 pixels each
+        assert Image.open(tmp_path / f"{name}.png").size == tuple(layout["size"])
+    assert (layouts["samples"]["rows"], layouts["samples"]["columns"]) == ([""] * 8, 8)
+    assert layouts["reconstructions"]["rows"] == ["input", "reconstruction"]
+    assert layouts["interpolation"]["rows"] == ["images 1 → 2", "images 3 → 4", "images 5 → 6", "random z₁ → z₂"]
+    assert layouts["arithmetic"]["rows"] == ["Smiling: without, + α·v", "Smiling: with, − α·v",
+                                             "Eyeglasses: without, + α·v", "Eyeglasses: with, − α·v"]
+    assert layouts["interpolation"]["column_labels"] == layouts["arithmetic"]["column_labels"] == ALPHA_LABELS
+    assert ALPHA_LABELS[0] == "α = 0.0" and ALPHA_LABELS[-1] == "α = 1.0"
+    tsne = np.asarray(Image.open(tmp_path / "tsne.png").convert("RGB"))
+    assert tsne.shape[0] > 40 * 40 and tsne.shape[1] == 40 * 40  # 32 px faces in a 3 px frame and 1 px of white
+    for colour in (HAS_COLOUR, LACKS_COLOUR):  # the frames (Smiling or not) and their legend
+        assert (tsne == [int(colour[k:k + 2], 16) for k in (1, 3, 5)]).all(-1).sum() > 1000, colour
     assert Image.open(tmp_path / "attribute_correlation.png").size[0] >= 600
 
 
@@ -51,14 +62,13 @@ class PixelAutoencoder:
 
 
 def as_saved(images):
-    """What torchvision's save_image writes for images in [0, 1]: N x H x W x 3 ints."""
+    """What a figure shows of images in [0, 1]: N x H x W x 3 ints, each pixel drawn as 4 x 4 (32 px -> 128 px)."""
+    images = torch.nn.functional.interpolate(images, scale_factor=4, mode="nearest")
     return (images * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy().astype(int)
 
 
-def grid_cell(path, row, col, size=32, padding=2):
-    grid = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    top, left = padding + row * (size + padding), padding + col * (size + padding)
-    return grid[top:top + size, left:left + size]
+def grid_cell(path, row, col):
+    return np.asarray(Image.open(path).convert("RGB").crop(cell_box(read_layout(path), row, col))).astype(int)
 
 
 def test_interpolation_rows_go_linearly_from_one_encoded_image_to_the_other(tmp_path):

@@ -65,8 +65,8 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_d
     """Also: with a sqlite store, artifacts go beside it (mlartifacts/), never to ./mlruns of the launch directory."""
     os.umask(0o022)
     run_dir = tmp_path / "run"
-    train(tmp_path, shard_dir, run_dir, "train.max_steps=40", "checkpoint.every_steps=20", "log.image_every_steps=20",
-          "train.val_every_steps=20")
+    proc = train(tmp_path, shard_dir, run_dir, "train.epochs=2", "checkpoint.every_steps=20",  # 20 steps per epoch
+                 "log.image_every_steps=20", "train.val_every_steps=20")
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
     assert summary["step"] == 40 and summary["feature_weights"] == "random(seed=0)"
     ckpt = run_dir / "checkpoints" / "step-00000040"
@@ -96,6 +96,14 @@ def test_one_process_run_learns_checkpoints_and_logs_to_mlflow(tmp_path, shard_d
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not (tmp_path / "mlruns").exists()  # the launch directory
     assert run.info.artifact_uri == (tmp_path / "mlartifacts").as_uri() + f"/{run.info.run_id}/artifacts"
+    last = proc.stderr.strip().splitlines()[-4:]  # the run's summary: 2 epochs done, not "epoch 3"
+    assert last[0].startswith("finished step 40 of 40 (2 epochs), ") and " img/s, wall time 0:" in last[0], last
+    assert last[1] == (f"final losses: train/total {history[-1]:.4g} (step 40), val/total "
+                       f"{client.get_metric_history(run.info.run_id, 'val/total')[-1].value:.4g} (step 40)")
+    assert last[2] == f"checkpoint: {ckpt}"
+    assert last[3] == (f"MLflow run page: http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/"
+                       f"{run.info.run_id} (serve it: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
+                       f"sqlite:///{tmp_path}/mlflow.db)")
 
 
 def test_a_run_with_tracking_off_trains_where_mlflow_is_not_installed(tmp_path, shard_dir):

@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--attributes", default="Smiling,Eyeglasses", help="attributes for the arithmetic figure")
     p.add_argument("--correlate", default=",".join(studies.CORRELATION_ATTRIBUTES),
                    help="13 or more attributes for the correlation heatmap")
+    p.add_argument("--tsne-attribute", help="frame the t-SNE map's faces by this attribute (default: the first of "
+                                            "--attributes)")
     p.add_argument("--tsne-images", type=int, default=1600,
                    help="images placed on the t-SNE map (at most what the split holds)")
     p.add_argument("--seed", type=int, default=0)
@@ -39,7 +41,8 @@ def main(argv: list[str]) -> int:
     names, vectors = studies.attribute_vectors(load_latents(args.latents))
     arithmetic = [a.strip() for a in args.attributes.split(",") if a.strip()]
     correlate = [a.strip() for a in args.correlate.split(",") if a.strip()]
-    studies.check_attributes(arithmetic + correlate, names)
+    tsne_attribute = args.tsne_attribute or next(iter(arithmetic), None)
+    studies.check_attributes(arithmetic + correlate + [tsne_attribute] * bool(tsne_attribute), names)
     sample = read_images(args.shards, args.split, args.tsne_images)
     images, attrs = sample["image"], sample["attrs"]
     if len(images) < args.tsne_images:
@@ -54,7 +57,8 @@ def main(argv: list[str]) -> int:
         studies.interpolation_figure(model, images, args.out, args.seed),
         studies.arithmetic_figure(model, images, attrs, names, vectors, arithmetic, args.out),
         studies.correlation_figure(names, vectors, correlate, args.out),
-        studies.tsne_figure(mu, images, args.out, args.seed),
+        studies.tsne_figure(mu, images, args.out, args.seed, colour_by=tsne_attribute and (
+            tsne_attribute, attrs[:, names.index(tsne_attribute)])),
     ]
     for path in paths:
         print(f"wrote {path}")

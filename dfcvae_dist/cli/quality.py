@@ -16,9 +16,10 @@ from dfcvae_dist.errors import UserError, cli_main
 from dfcvae_dist.evaluation.quality import QUALITY_FILE, QualityOptions, evaluate_quality
 from dfcvae_dist.evaluation.samplers import DEFAULT_SAMPLERS, parse_samplers, sampler_files
 from dfcvae_dist.losses.feature_networks import BUILTIN_NETWORKS
-from dfcvae_dist.metrics import QUALITY, formatted
+from dfcvae_dist.metrics import QUALITY, formatted, metric
 from dfcvae_dist.tracking import resolve_run_id
 
+HEADLINE = [metric(f"eval/quality/{key}") for key in ("ssim", "lpips", "fid")]  # the ones papers report
 
 
 @cli_main
@@ -61,6 +62,9 @@ def main(argv: list[str]) -> int:
             print(f"wrote {args.out / file}")
     for name, run_id in run_ids.items():
         print(f"MLflow: {name} logged into run {run_id}")
+    print(f"headline ({args.split} split; every number in the table above):")
+    for name, r in quality["models"].items():
+        print(f"  {name}: " + ", ".join(f"{m.label} {formatted(m, r[m.key])}" for m in HEADLINE))
     return 0
 
 

@@ -1,6 +1,6 @@
 """The comparison report of a sweep: the 40-attribute SVM table (one column per run name, seeds pooled as
 mean ± std, beside the paper's Table 1), quality, latent and cost tables, Figures 3 and 4; logged into the
-sweep's parent MLflow run.
+sweep's parent MLflow run. Ends with each run name's headline numbers and its MLflow run pages.
 
     dfcvae-report --sweep sweeps/paper.yaml --out results/paper
     dfcvae-report --runs dfcvae=runs/a --runs dfcvae=runs/b --runs pvae=runs/c --out results/mine
@@ -12,8 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from dfcvae_dist.errors import UserError, cli_main
-from dfcvae_dist.sweeps.report import build_report, read_json, sweep_tasks, tasks_from_runs
+from dfcvae_dist.sweeps.report import build_report, headline_table, read_json, run_pages, sweep_tasks, tasks_from_runs
 
 
 @cli_main
@@ -46,7 +49,20 @@ def main(argv: list[str]) -> int:
     print(report["mlflow"])
     print(f"wrote {args.out / 'report.md'} ({len(report['runs'])} run name(s), {len(tasks)} task(s)), "
           f"report.json, {', '.join(f['file'] for f in report['figures'].values()) or 'no figures'}")
+    if report["runs"]:
+        print_headline(report["runs"], (sweep["parent"] or {}).get("tracking_uri"))
     return 0
+
+
+def print_headline(runs: dict, tracking_uri: str | None) -> None:
+    """The last lines: the headline numbers of each run name, then where their MLflow runs are."""
+    header, rows = headline_table(runs)
+    table = Table(*header, title="Headline numbers (mean ± std over seeds; every number: report.md)")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=160).print(table)
+    for line in run_pages(runs, tracking_uri):
+        print(line)
 
 
 if __name__ == "__main__":

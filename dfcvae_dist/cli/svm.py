@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dfcvae_dist.errors import cli_main
-from dfcvae_dist.evaluation.svm import REPORT_FILE, evaluate_svms, table_rows
+from dfcvae_dist.evaluation.svm import (REPORT_FILE, TABLE_FILE, evaluate_svms, footer_lines, header_lines,
+                                        headline_lines, table_rows)
 from dfcvae_dist.tracking import resolve_run_id
 
 
@@ -36,21 +37,17 @@ def main(argv: list[str]) -> int:
 
 def print_report(report: dict, out: Path) -> None:
     header, rows = table_rows(report)
-    table = Table(*header, title=f"Attribute prediction, {report['features']} ({report['weights']})")
+    console = Console(width=220)
+    for line in header_lines(report):
+        console.print(line, highlight=False, markup=False)
+    table = Table(*header)
     for row in rows:
-        table.add_row(*row)
-    Console(width=220).print(table)
-    print(f"mean accuracy {report['mean_accuracy']:.4f}, mean balanced accuracy "
-          f"{report['mean_balanced_accuracy']:.4f}, majority {report['mean_majority']:.4f}; "
-          f"{report['seconds']:.1f}s; wrote {out / REPORT_FILE}"
-          + (f"; {len(report['left_out'])} attribute(s) left out of the means" if report.get("left_out") else ""))
-    if "focus" in report:
-        print(f"over the {len(report['focus'])} focus attributes: mean accuracy {report['focus_mean_accuracy']:.4f}, "
-              f"mean balanced accuracy {report['focus_mean_balanced_accuracy']:.4f}")
-    if "latent" in report:
-        latent = report["latent"]
-        print(f"latents ({latent['split']} split): KL per image {latent['kl_per_image']:.2f} nats, "
-              f"{latent['active_units']} of {latent['units']} units active")
+        table.add_row(*(cell.replace("**", "") for cell in row))
+    console.print(table)
+    for line in footer_lines(report):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    print(f"wrote {out / REPORT_FILE} and {out / TABLE_FILE} ({report['seconds']:.1f} s)")
+    print("\n".join(headline_lines(report)))
 
 
 if __name__ == "__main__":

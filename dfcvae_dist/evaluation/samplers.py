@@ -107,15 +107,17 @@ def write_sampler_files(name: str, model, chosen: dict[str, GaussianMixtureSampl
                         n: int = 64) -> dict[str, str]:
     """OUT/samples-KIND-NAME.png (8 x 8 samples, seed 0) for each sampler, and the mixture as gmm-NAME.safetensors
     (`GaussianMixtureSampler.load`); {kind: its figure's file name}."""
-    import torchvision
-
+    from dfcvae_dist.figures import labelled_grid
     from dfcvae_dist.inference import sample
 
     figures = {}
     for kind, sampler in chosen.items():
         figures[kind] = f"samples-{kind}-{name}.png"
-        torchvision.utils.save_image(sample(model, n, 0, sampler).float().clamp(0, 1).cpu(), out / figures[kind],
-                                     nrow=8, padding=2)
+        faces = sample(model, n, 0, sampler)
+        source = "N(0, I)" if sampler is None else \
+            f"a Gaussian mixture of {sampler.n_components} components fitted to the training latents"
+        labelled_grid([("", faces[i:i + 8]) for i in range(0, n, 8)],
+                      f"{name}: {n} samples, z drawn from {source} (seed 0)").save(out / figures[kind])
         if sampler is not None:
             sampler.save(out / mixture_file(name))
     return figures

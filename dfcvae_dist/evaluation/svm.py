@@ -24,7 +24,7 @@ from dfcvae_dist.errors import UserError, one_line
 from dfcvae_dist.evaluation.latent_stats import latent_statistics
 from dfcvae_dist.evaluation.paper_table import PAPER_AVERAGES, PAPER_TABLE1
 from dfcvae_dist.extraction.latents import load_latents
-from dfcvae_dist.metrics import LATENT, SVM
+from dfcvae_dist.metrics import LATENT, SVM, formatted
 from dfcvae_dist.rundir import atomic_write
 from dfcvae_dist.tracking import mlflow_client
 
@@ -131,7 +131,7 @@ def evaluate(latents: dict, c_grid=C_GRID, subsample: int = 20_000, n_jobs: int 
                         f"train, {int(test.sum())} test images): no mean to report; extract more images")
     return {
         "features": str(latents["features"]), "checkpoint": str(latents["checkpoint"]),
-        "weights": str(latents["weights"]),
+        "weights": str(latents["weights"]), **provenance(latents),
         "counts": {"train": int(train.sum()), "val": int(val.sum()), "test": int(test.sum())},
         "c_grid": list(c_grid),
         "c_chosen_on": c_chosen_on,
@@ -141,6 +141,34 @@ def evaluate(latents: dict, c_grid=C_GRID, subsample: int = 20_000, n_jobs: int 
         **{f"mean_{key}": float(np.mean([r[key] for r in counted])) for key in ("accuracy", "balanced_accuracy",
                                                                                  "majority")},
     }
+
+
+def provenance(latents: dict) -> dict:
+    """Whether the images were synthetic (None: the latents file does not say) and the weights of the loss
+    network the model was trained with, as extraction recorded them."""
+    synthetic = {"true": True, "false": False}.get(str(latents.get("synthetic", "unknown")))
+    return {"synthetic": synthetic, "loss_weights": str(latents.get("loss_weights", "unknown"))}
+
+
+def comparison_caveats(report: dict) -> list[str]:
+    """Why this report's numbers do not compare with the paper's Table 1, one clause each (none: they do)."""
+    caveats = []
+    if report.get("synthetic") is None:
+        caveats.append("the latents do not record whether the images are CelebA (an extraction older than that "
+                       "record)")
+    elif report["synthetic"]:
+        caveats.append("the images are synthetic faces drawn by dfcvae-synthetic, not CelebA")
+    if report["features"] == "vgg-fc" and report["weights"].startswith("random"):
+        caveats.append(f"the VGG19 features have random weights ({report['weights']})")
+    loss_weights = report.get("loss_weights", "unknown")
+    if report["features"] == "latent" and loss_weights.startswith("random"):
+        caveats.append(f"the model was trained with a loss network of random weights ({loss_weights}), not the "
+                       "paper's feature perceptual loss")
+    elif report["features"] == "latent" and loss_weights == "unknown":
+        caveats.append("the weights of the model's loss network are not recorded")
+    if len(report["per_attribute"]) != len(next(iter(PAPER_TABLE1.values()))):
+        caveats.append(f"{len(report['per_attribute'])} attributes, not CelebA's 40")
+    return caveats
 
 
 def focus_attributes(spec: str, known: list[str]) -> list[str]:
@@ -165,40 +193,106 @@ def add_focus_means(report: dict, focus: list[str]) -> None:
     if not counted:
         raise UserError("--focus: every focus attribute has one class in its train or test split: no mean to report")
     report["focus"] = focus
-    for key in ("accuracy", "balanced_accuracy"):
+    for key in ("accuracy", "balanced_accuracy", "majority"):
         report[f"focus_mean_{key}"] = float(np.mean([rows[name][key] for name in counted]))
 
 
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: ours (accuracy %, balanced %, majority %) beside Table 1; '*' marks where we beat a
-    column (only meaningful on the 40 real CelebA attributes), '†' an attribute left out of the means."""
-    header = ["attribute", "ours acc", "ours bal", "majority", "C", *PAPER_TABLE1]
-    rows = []
+    """Header and rows: ours (accuracy %, balanced %, majority %) beside Table 1, then the mean over the counted
+    attributes and over the focus ones. '*' marks where we beat a column, only where the numbers compare with the
+    paper's (`comparison_caveats`); '†' an attribute left out of the means."""
+    header = ["attribute", "accuracy %", "balanced %", "majority %", "C", *PAPER_TABLE1]
     paper_order = len(report["per_attribute"]) == 40
+    comparable = not comparison_caveats(report)
+    rows = []
     for i, r in enumerate(report["per_attribute"]):
         ours = 100 * r["accuracy"]
-        paper = [f"{v[i]}{'*' if ours > v[i] else ''}" if paper_order else "-" for v in PAPER_TABLE1.values()]
-        balanced = "-" if r["balanced_accuracy"] is None else f"{100 * r['balanced_accuracy']:.1f}"
-        rows.append([r["attribute"] + (LEFT_OUT_MARK if r["left_out"] else ""), f"{ours:.1f}", balanced,
-                     f"{100 * r['majority']:.1f}", str(r["C"]), *paper])
+        paper = [f"{v[i]}{'*' if comparable and ours > v[i] else ''}" if paper_order else "-"
+                 for v in PAPER_TABLE1.values()]
+        rows.append([r["attribute"] + (LEFT_OUT_MARK if r["left_out"] else ""), f"{ours:.1f}",
+                     percent(r["balanced_accuracy"], ".1f"), f"{100 * r['majority']:.1f}",
+                     "-" if r["C"] is None else f"{r['C']:g}", *paper])
+    counted = len(report["per_attribute"]) - len(report["left_out"])
+    left_out = f"; {len(report['left_out'])}{LEFT_OUT_MARK} left out" if report["left_out"] else ""
     mean = 100 * report["mean_accuracy"]
-    left_out = len(report["left_out"])
-    rows.append([f"Average ({left_out}{LEFT_OUT_MARK} left out)" if left_out else "Average", f"{mean:.2f}",
-                 f"{100 * report['mean_balanced_accuracy']:.2f}",
-                 f"{100 * report['mean_majority']:.2f}", "",
-                 *[f"{v:.2f}{'*' if mean > v else ''}" for v in PAPER_AVERAGES.values()]])
+    rows.append([f"**mean over {counted} attributes{left_out}**", *mean_cells(report, "mean"), "",
+                 *[f"{v:.2f}{'*' if comparable and mean > v else ''}" for v in PAPER_AVERAGES.values()]])
+    if "focus" in report:
+        focus = [name for name in report["focus"] if name not in report["left_out"]]
+        rows.append([f"**focus: mean over {len(focus)} attributes**", *mean_cells(report, "focus_mean"), "",
+                     *["-"] * len(PAPER_AVERAGES)])
     return header, rows
+
+
+def percent(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(100 * value, spec)
+
+
+def mean_cells(report: dict, prefix: str) -> list[str]:
+    return [percent(report.get(f"{prefix}_{key}"), ".2f") for key in ("accuracy", "balanced_accuracy", "majority")]
+
+
+def features_source(report: dict, short: bool = False) -> str:
+    if report["features"] == "latent":
+        return "the model's latent means" + ("" if short else f" (checkpoint {report['checkpoint'] or '-'})")
+    return f"{report['features']} features ({report['weights']})"
+
+
+def header_lines(report: dict) -> list[str]:
+    """The table's first lines: what it is and, where it applies, why it does not compare with the paper."""
+    lines = [f"# Attribute prediction from {features_source(report, short=True)}: one linear SVM per attribute, "
+             "test split"]
+    caveats = comparison_caveats(report)
+    if caveats:
+        lines += ["", f"**Not comparable with the paper's Table 1**: {'; '.join(caveats)}. The paper's columns are "
+                  "shown for their layout only; no attribute is marked as beating them."]
+    return lines
+
+
+def footer_lines(report: dict) -> list[str]:
+    counts = report["counts"]
+    lines = ["- majority %: the test accuracy of always answering the attribute's more common class. "
+             + ("With balanced class weights (as here) an SVM trades accuracy on a rare attribute for finding it, so "
+                "its accuracy can fall below this while its balanced accuracy (50 = chance) rises."
+                if report["class_weight"] == "balanced" else
+                "An accuracy at or below it says the features tell nothing about the attribute; balanced accuracy "
+                "(50 = chance) shows it directly."),
+             f"- features: {features_source(report)}; "
+             f"{counts['train']:,} train, {counts['val']:,} val and {counts['test']:,} test images; C chosen on "
+             f"{report['c_chosen_on']}; class weights {report['class_weight']}."]
+    if not comparison_caveats(report):
+        lines.append("- `*`: our accuracy is higher than that column's.")
+    if report["left_out"]:
+        reasons = ", ".join(f"{r['attribute']} ({r['left_out']})" for r in report["per_attribute"] if r["left_out"])
+        lines.append(f"- `{LEFT_OUT_MARK}`: {len(report['left_out'])} attribute(s) left out of the means, their "
+                     f"balanced accuracy being undefined: {reasons}.")
+    return lines
 
 
 def markdown_table(report: dict) -> str:
     header, rows = table_rows(report)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [*header_lines(report), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    note = (f"\nFeatures: {report['features']} ({report['weights']}); checkpoint {report['checkpoint'] or '-'}; "
-            f"images: {report['counts']}; C chosen on {report['c_chosen_on']}. `*`: our accuracy is higher than that "
-            "column's.\n")
-    if report["left_out"]:
-        reasons = ", ".join(f"{r['attribute']} ({r['left_out']})" for r in report["per_attribute"] if r["left_out"])
-        note += (f"`{LEFT_OUT_MARK}`: {len(report['left_out'])} attribute(s) left out of the means, their balanced "
-                 f"accuracy being undefined: {reasons}.\n")
-    return "\n".join(lines) + "\n" + note
+    return "\n".join([*lines, "", *footer_lines(report)]) + "\n"
+
+
+def headline_lines(report: dict) -> list[str]:
+    """The report's numbers in a few lines: the means over the focus attributes and over all counted ones, the
+    latents' KL and active units; first, whether they compare with the paper's."""
+    caveats = comparison_caveats(report)
+    means = SVM[:3]  # mean accuracy, mean balanced accuracy, majority-class baseline
+    counted = len(report["per_attribute"]) - len(report["left_out"])
+    lines = [f"headline (not comparable with the paper's Table 1: {len(caveats)} reason(s) in the table's first "
+             "lines):" if caveats else "headline:"]
+    if "focus" in report:
+        focus = [name for name in report["focus"] if name not in report["left_out"]]
+        lines.append(f"  over the {len(focus)} focus attributes: " + ", ".join(
+            f"{m.label} {formatted(m, report.get('focus_' + m.key))}" for m in means))
+    lines.append(f"  over all {counted} attributes: " + ", ".join(f"{m.label} {formatted(m, report[m.key])}"
+                                                                 for m in means))
+    if "latent" in report:
+        latent = report["latent"]
+        kl, active = LATENT
+        lines.append(f"  latents ({latent['split']} split): {kl.label} {formatted(kl, latent[kl.key])} {kl.unit}, "
+                     f"{active.label} {latent[active.key]} of {latent['units']}")
+    return lines

@@ -2,7 +2,9 @@
 
 Each rank encodes its shards (EvalStream) and writes `parts/part-RANK-of-WORLD.npz` under a temporary
 name, renamed when complete; after a barrier the main process merges the parts, sorted by key, into
-`latents.npz` (keys, mu, logvar, attrs, partition, attribute_names, checkpoint, features, weights, shards_digest).
+`latents.npz` (keys, mu, logvar, attrs, partition, attribute_names, checkpoint, features, weights, shards_digest;
+and what tells a table whether it may be set beside the paper's: `synthetic`, whether the shards' manifest says
+the images are synthetic faces, and `loss_weights`, the weights of the loss network the model was trained with).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dfcvae_dist.imagenet import imagenet_normalize
 from dfcvae_dist.inference import load_trained
 from dfcvae_dist.losses.feature_networks import load_network
 from dfcvae_dist.rundir import atomic_path
+from dfcvae_dist.training.state import TrainerState
 
 ARRAYS = ("keys", "mu", "logvar", "attrs", "partition")
 
@@ -66,11 +69,14 @@ def extract_latents(shards: Path, out: Path, checkpoint: str | Path | None = Non
         if checkpoint is None:
             raise ValueError("features='latent' needs a checkpoint")
         encoder, _, folder = load_trained(checkpoint)
-        meta = {"checkpoint": str(folder), "features": "latent", "weights": "trained"}
+        meta = {"checkpoint": str(folder), "features": "latent", "weights": "trained",
+                "loss_weights": trained_with(folder)}
     else:
         with accelerator.main_process_first():
             encoder = VGGFc7(vgg_weights)
-        meta = {"checkpoint": "", "features": "vgg-fc", "weights": encoder.weights_source}
+        meta = {"checkpoint": "", "features": "vgg-fc", "weights": encoder.weights_source, "loss_weights": "none"}
+    manifest = read_manifest(shards)
+    meta["synthetic"] = str(bool(manifest.get("synthetic"))).lower()
     encoder.to(accelerator.device)
     sources = [SplitSource.from_manifest(shards, split) for split in splits]
     start = time.perf_counter()
@@ -80,11 +86,20 @@ def extract_latents(shards: Path, out: Path, checkpoint: str | Path | None = Non
     extracted = None
     if accelerator.is_main_process:
         path = merge_parts(out, world, {**meta, "attribute_names": sources[0].attributes,
-                                        "shards_digest": manifest_digest(read_manifest(shards))})
+                                        "shards_digest": manifest_digest(manifest)})
         extracted = Extracted(path, meta["features"], meta["weights"], sum(s.num_samples for s in sources), world,
                               time.perf_counter() - start)
     accelerator.wait_for_everyone()
     return extracted
+
+
+def trained_with(checkpoint: Path) -> str:
+    """The weights of the loss network the checkpoint's model was trained with (`random(seed=0)`, `imagenet`,
+    `none` for a family without one), or `unknown` where the folder keeps no trainer state."""
+    try:
+        return TrainerState.read(checkpoint).feature_weights
+    except UserError:
+        return "unknown"
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """The paper's Figures 3 and 4 for a comparison: one labelled row per model, small images upscaled with
-nearest neighbours so their pixels stay visible.
+nearest neighbours so their pixels stay visible (dfcvae_dist/figures.py).
 
 samples.png          random samples; every VAE decodes the SAME z (one seed, one latent size), a GAN's
                      generator draws its own z from the same seed (a different latent space)
@@ -14,38 +14,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from torchvision.transforms.functional import to_pil_image
-from torchvision.utils import make_grid
 
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.families import get_family
+from dfcvae_dist.figures import labelled_grid
 from dfcvae_dist.inference import GaussianMixtureSampler, decode, encode, load_trained, sample
 
-MIN_CELL_PX = 64
-PADDING_PX = 2
-FONT_PX = 14
 COLUMNS = 8
-
-
-def labelled_grid(rows: list[tuple[str, torch.Tensor]], path: Path) -> dict:
-    """Rows of images (N, 3, h, w) in [0, 1], each labelled on its left, as one PNG; its layout."""
-    cell = max(MIN_CELL_PX, *(images.shape[-1] for _, images in rows))
-    columns = len(rows[0][1])
-    tiles = torch.cat([F.interpolate(images.float().clamp(0, 1).cpu(), size=(cell, cell), mode="nearest")
-                       for _, images in rows])
-    picture = to_pil_image(make_grid(tiles, nrow=columns, padding=PADDING_PX, pad_value=1.0))
-    font = ImageFont.load_default(size=FONT_PX)
-    label_px = int(max(font.getlength(label) for label, _ in rows)) + 3 * PADDING_PX
-    canvas = Image.new("RGB", (label_px + picture.width, picture.height), "white")
-    canvas.paste(picture, (label_px, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, (label, _) in enumerate(rows):
-        draw.text((PADDING_PX, PADDING_PX + i * (cell + PADDING_PX) + cell // 2), label, fill="black", font=font,
-                  anchor="lm")
-    canvas.save(path)
-    return {"file": path.name, "rows": [label for label, _ in rows], "columns": columns, "cell_px": cell,
-            "padding_px": PADDING_PX, "label_px": label_px, "size": list(canvas.size)}
+SAMPLES_TITLE = "Figure 3: random samples, one row per model"
+SAMPLES_CAPTION = "Every VAE decodes the same z ~ N(0, I) (seed {seed}); a GAN draws its own z from that seed."
+SAMPLES_GMM_TITLE = "Samples from a Gaussian mixture fitted to each VAE's training latents"
+SAMPLES_GMM_CAPTION = ("Each row: decode(z), z drawn (seed {seed}) from the mixture the model's quality step fitted "
+                       "to the latent means of its training images, instead of N(0, I).")
+RECONSTRUCTIONS_TITLE = "Figure 4: the same test faces (top row) through each model"
+RECONSTRUCTIONS_CAPTION = "Each model encodes the faces and decodes the mean of q(z|x)."
 
 
 def first_models(tasks, problems: list[str]) -> list[tuple[str, torch.nn.Module, object, object]]:
@@ -113,7 +95,8 @@ def comparison_figures(tasks, out: Path, shards: str | None, seed: int = 0) -> t
     models = first_models(tasks, problems)
     figures = {}
     if models:
-        figures["samples"] = labelled_grid(samples_rows(models, seed), out / "samples.png")
+        figures["samples"] = labelled_grid(samples_rows(models, seed), SAMPLES_TITLE,
+                                           caption=SAMPLES_CAPTION.format(seed=seed)).save(out / "samples.png")
     vaes = [m for m in models if get_family(m[2].model.name).encodes]
     if vaes:
         shards = shards or vaes[0][2].data.shards
@@ -122,7 +105,11 @@ def comparison_figures(tasks, out: Path, shards: str | None, seed: int = 0) -> t
         except UserError as err:
             problems.append(f"figures: reconstructions.png not drawn: {err}")
         else:
-            figures["reconstructions"] = labelled_grid(reconstruction_rows(vaes, faces), out / "reconstructions.png")
+            figures["reconstructions"] = labelled_grid(
+                reconstruction_rows(vaes, faces), RECONSTRUCTIONS_TITLE, caption=RECONSTRUCTIONS_CAPTION).save(
+                out / "reconstructions.png")
         if mixtures := mixture_rows(vaes, seed, problems):
-            figures["samples_gmm"] = labelled_grid(mixtures, out / "samples-gmm.png")
+            figures["samples_gmm"] = labelled_grid(mixtures, SAMPLES_GMM_TITLE,
+                                                   caption=SAMPLES_GMM_CAPTION.format(seed=seed)).save(
+                out / "samples-gmm.png")
     return figures, problems

@@ -24,10 +24,12 @@ import yaml
 
 from dfcvae_dist.errors import UserError, one_line
 from dfcvae_dist.evaluation.paper_table import PAPER_AVERAGES, PAPER_TABLE1
+from dfcvae_dist.evaluation.svm import comparison_caveats
 from dfcvae_dist.families import family_names, get_family
-from dfcvae_dist.metrics import COST, LATENT, QUALITY, SVM, keys
+from dfcvae_dist.metrics import COST, HEADLINE, LATENT, QUALITY, SVM, keys
 from dfcvae_dist.rundir import DONE_MARKER, RESUME_MARKER, atomic_write
-from dfcvae_dist.tracking import mlflow_client, server_reachable
+from dfcvae_dist.tracking import (experiment_url, mlflow_client, run_page_url, server_reachable,
+                                  ui_command)
 
 SVM_FILE = Path("eval/svm/svm_report.json")
 QUALITY_FILE = Path("eval/quality/quality.json")
@@ -176,7 +178,8 @@ def svm_summary(reports: list[dict]) -> dict | None:
     per_attribute = {name: {**(mean_std([row[name]["accuracy"] for row in rows if name in row]) or {}),
                             "left_out": any(row.get(name, {}).get("left_out") for row in rows)} for name in names}
     means = {key: mean_std([r.get(key) for r in reports]) for key in SVM_MEANS}
-    return {"n": len(reports), "per_attribute": per_attribute, **means}
+    caveats = list(dict.fromkeys(c for report in reports for c in comparison_caveats(report)))
+    return {"n": len(reports), "per_attribute": per_attribute, **means, "caveats": caveats}
 
 
 def summarise_run(files: list[TaskFiles]) -> dict:
@@ -195,6 +198,7 @@ def summarise_run(files: list[TaskFiles]) -> dict:
         "quality": {key: mean_std([entry.get(key) for entry in quality]) for key in QUALITY_METRICS},
         "quality_notes": notes,
         "cost": {key: mean_std([(f.completed or {}).get(key) for f in files]) for key in COST_KEYS},
+        "mlflow_run_ids": [(f.completed or {}).get("mlflow_run_id") for f in files],
     }
 
 
@@ -233,6 +237,42 @@ def report_metrics(runs: dict) -> dict[str, float]:
                  **{f"quality_{key}": value for key, value in run["quality"].items()}, **run["cost"]}
         metrics.update({f"report/{name}/{key}": stat["mean"] for key, stat in picks.items() if stat})
     return metrics
+
+
+def headline_table(runs: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per run name: the HEADLINE numbers (metrics.py), mean ± std over its seeds."""
+    rows = []
+    for name, run in runs.items():
+        sections = {"svm": run["svm"] or {}, "latent": run["latent"], "quality": run["quality"]}
+        stats = [sections[m.name.split("/")[1]].get(m.key) for m in HEADLINE]
+        rows.append([name, str(seeds(run)), *(cell(stat, spec=m.spec, column_n=seeds(run))
+                                              for stat, m in zip(stats, HEADLINE))])
+    return ["run", "seeds", *(m.label for m in HEADLINE)], rows
+
+
+def run_pages(runs: dict, uri: str | None = None) -> list[str]:
+    """Where each finished task's MLflow run is, and how to serve a local store; one line per problem. `uri`:
+    the runs' tracking URI (default: MLflow's, from MLFLOW_TRACKING_URI)."""
+    ids = [(name, run_id) for name, run in runs.items() for run_id in run.get("mlflow_run_ids", []) if run_id]
+    if not ids:
+        return []
+    client = mlflow_client(uri)
+    uri = client.tracking_uri
+    problem = server_reachable(uri)
+    if problem:
+        return [f"MLflow at {uri}: {problem}; no run pages"]
+    command = ui_command(uri)
+    lines, experiments = [f"MLflow ({uri}" + (f"; serve it: {command})" if command else ")")], {}
+    for name, run_id in ids:
+        try:
+            experiment_id = client.get_run(run_id).info.experiment_id
+        except Exception as err:  # noqa: BLE001 - a run from another store: say so, list the others
+            lines.append(f"  {name}: run {run_id} is not in this store ({one_line(err, 200)})")
+            continue
+        experiments.setdefault(experiment_id, None)
+        lines.append(f"  {name}: {run_page_url(uri, experiment_id, run_id)}")
+    lines += [f"  every run of experiment {e}: {experiment_url(uri, e)}" for e in experiments]
+    return lines
 
 
 def log_to_parent(parent: dict | None, out: Path, metrics: dict[str, float]) -> str:
@@ -323,11 +363,22 @@ def tasks_section(task_rows: list[dict]) -> list[str]:
             "", *table(["task", "run name", "family", "status", "problems"], rows), ""]
 
 
+def headline_section(runs: dict) -> list[str]:
+    return ["## Headline numbers", "", *table(*headline_table(runs)), "",
+            "Focus: the attributes the images are known to show (for synthetic faces, those drawn); the means "
+            "are balanced accuracies (0.5 = chance). Sections below: every number and what it means.", ""]
+
+
 def svm_section(runs: dict) -> list[str]:
     columns = {name: run["svm"] for name, run in runs.items() if run["svm"]}
     lines = ["## Attribute prediction: 40 linear SVMs on the latents (accuracy %, mean ± std over seeds)", ""]
     if not columns:
         return lines + ["No finished VAE task has an SVM report.", ""]
+    caveats = {name: svm.get("caveats", []) for name, svm in columns.items() if svm.get("caveats")}
+    if caveats:
+        lines += ["**Not comparable with the paper's Table 1**: " + "; ".join(
+            f"{name}: {', '.join(reasons)}" for name, reasons in caveats.items()) + ". The paper's columns are "
+            "shown for their layout only.", ""]
     names = list(next(iter(columns.values()))["per_attribute"])
     paper = PAPER_TABLE1 if len(names) == 40 else {}  # the paper's columns are in CelebA's 40-attribute order
     extras = {name for name in columns if not in_paper(runs[name]["family"])}
@@ -342,15 +393,19 @@ def svm_section(runs: dict) -> list[str]:
                      *(str(v[i]) for v in paper.values())])
     for key, label in (("mean_accuracy", "Average accuracy"), ("mean_balanced_accuracy", "Average balanced accuracy"),
                        ("mean_majority", "Majority-class baseline"), ("focus_mean_accuracy", "Focus: accuracy"),
-                       ("focus_mean_balanced_accuracy", "Focus: balanced accuracy")):
-        if any(svm[key] for svm in columns.values()):
+                       ("focus_mean_balanced_accuracy", "Focus: balanced accuracy"),
+                       ("focus_mean_majority", "Focus: majority-class baseline")):
+        if any(svm.get(key) for svm in columns.values()):
             averages = [f"{v:.2f}" for v in PAPER_AVERAGES.values()] if paper and key == "mean_accuracy" else \
                 ["-"] * len(paper)
-            cells = (cell(svm[key], 100, ".2f", svm["n"]) for svm in columns.values())
+            cells = (cell(svm.get(key), 100, ".2f", svm["n"]) for svm in columns.values())
             rows.append([f"**{label}**", *cells, *averages])
     note = ("Beside the paper's Table 1 (FaceTracer, PANDA-w, PANDA-l, LNets+ANet, VAE-Z, VGG-FC); the comparison "
-            "means something only on real CelebA with ImageNet VGG19 weights. `†`: left out of the means in at least "
-            "one seed (one class in its train or test split). Averages are over the attributes each seed counted.")
+            "means something only on real CelebA with ImageNet VGG19 weights. Majority-class baseline: the test "
+            "accuracy of always answering an attribute's more common class (an SVM trained with balanced class "
+            "weights may score below it while finding the rare class; balanced accuracy, 50 = chance, does not "
+            "hide that). `†`: left out of the means in at least one seed (one class in its train or test split). "
+            "Averages are over the attributes each seed counted.")
     if extras:
         note += " `‡`: a model family the paper did not train (an extra run beside its comparison)."
     return lines + table(header, rows) + ["", note, ""]
@@ -406,6 +461,7 @@ def report_markdown(report: dict) -> str:
              "n = the number of seeds.", "", *(f"**Warning:** {w}" for w in report["warnings"]),
              *([""] if report["warnings"] else []), *tasks_section(report["tasks"])]
     if runs:
-        lines += [*svm_section(runs), *latent_section(runs), *quality_section(runs), *cost_section(runs)]
+        lines += [*headline_section(runs), *svm_section(runs), *latent_section(runs), *quality_section(runs),
+                  *cost_section(runs)]
     lines += figures_section(report["figures"], report["figure_problems"])
     return "\n".join(lines)

@@ -9,19 +9,15 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from torchvision.transforms.functional import to_pil_image
-from torchvision.utils import make_grid
+from PIL import Image
 
 from dfcvae_dist.config import Config
 from dfcvae_dist.data.loader import EvalStream, make_loader, model_input, resolve_split
 from dfcvae_dist.data.shards import manifest_digest, manifest_of
 from dfcvae_dist.families import get_family
+from dfcvae_dist.figures import labelled_grid
 from dfcvae_dist.metrics import TRAINING
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "evaluation"}
-MIN_DISPLAY_PX = 128  # small images are upscaled (nearest neighbour) to at least this for the UI
-LABEL_WIDTH_PX = 150
 
 
 # Settings that change neither the trained weights nor the metrics (where, how often and whether a run logs,
@@ -140,16 +136,7 @@ def fixed_batch(cfg: Config, n: int = 8) -> torch.Tensor | None:
     return model_input(torch.cat(images)[order], "cpu")
 
 
-def labelled_rows(rows: list[tuple[str, torch.Tensor]]) -> Image.Image:
-    """Rows of images ((N, 3, H, W) in [0, 1], N equal) as one picture: upscaled by nearest neighbour to at
-    least MIN_DISPLAY_PX, so pixels stay honest, each row labelled on its left."""
-    images = torch.cat([row for _, row in rows]).detach().float().cpu().clamp(0, 1)
-    scale = -(-MIN_DISPLAY_PX // images.shape[-1])
-    images = F.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
-    grid = to_pil_image(make_grid(images, nrow=rows[0][1].shape[0], padding=2, pad_value=1.0))
-    canvas = Image.new("RGB", (grid.width + LABEL_WIDTH_PX, grid.height), "white")
-    canvas.paste(grid, (LABEL_WIDTH_PX, 0))
-    draw, font, cell = ImageDraw.Draw(canvas), ImageFont.load_default(size=16), images.shape[-2] + 2
-    for i, (label, _) in enumerate(rows):
-        draw.text((8, 2 + i * cell + cell // 2), label, fill="black", font=font, anchor="lm")
-    return canvas
+def labelled_rows(rows: list[tuple[str, torch.Tensor]], title: str = "") -> Image.Image:
+    """Rows of images ((N, 3, H, W) in [0, 1], N equal) as one picture, each row labelled on its left, upscaled
+    by nearest neighbour (dfcvae_dist/figures.py)."""
+    return labelled_grid(rows, title).picture

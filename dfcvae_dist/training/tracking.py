@@ -28,7 +28,8 @@ from accelerate.utils import broadcast_object_list
 
 from dfcvae_dist.config import Config
 from dfcvae_dist.errors import UserError, one_line
-from dfcvae_dist.tracking import get_or_create_experiment, mlflow_client, server_reachable, use_short_timeouts
+from dfcvae_dist.tracking import (get_or_create_experiment, mlflow_client, run_page_url, server_reachable, ui_command,
+                                  use_short_timeouts)
 from dfcvae_dist.training.sender import BackgroundSender
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class Tracker:
         self.last_logged_step = -1
         self.flush_timeout_s = cfg.log.flush_timeout_s
         self.artifact_uri = ""
+        self.experiment_id: str | None = None  # known on the main process of a tracked run
         self.system_metrics: SystemMetrics | None = None
         self.tensorboard: TensorBoard | None = None
         decision = [None, None]
@@ -220,9 +222,18 @@ class Tracker:
                                              tags=run_tags(cfg))
                 self.run_id = run.info.run_id
             self.artifact_uri, self.run_name = run.info.artifact_uri, run.info.run_name
+            self.experiment_id = run.info.experiment_id
         except Exception as err:  # noqa: BLE001 - any store error at start is the user's to fix
             return f"error:MLflow at {self.client.tracking_uri} failed at start: {one_line(err, 300)}"
         return "ok"
+
+    def run_page(self) -> str | None:
+        """The run's page in MLflow's UI, and how to serve it for a local store (None where not tracked)."""
+        if self.experiment_id is None:
+            return None
+        uri = self.client.tracking_uri
+        command = ui_command(uri)
+        return run_page_url(uri, self.experiment_id, self.run_id) + (f" (serve it: {command})" if command else "")
 
     def log_params(self, params: dict) -> None:
         if self.active:

@@ -8,6 +8,7 @@ the calling process, alone or as one rank under `accelerate launch` / `torchrun`
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import itertools
 import json
@@ -158,6 +159,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global generator
                 self.fixed_images = fixed_batch(cfg)
         self.images_logged_at = -1
+        self.last_losses: dict[str, tuple[int, float]] = {}  # name: (step, value) as last logged, for the summary
         self.launched = (time.perf_counter(), self.state.wall_time_s)
         self.describe()
 
@@ -217,6 +219,7 @@ class Trainer:
         metrics = {"val/total": self.recipe.validation_loss(self.data.val, train.batch_size, train.val_batches,
                                                             self.cfg.data.skip_corrupt)}
         self.tracker.log_metrics(metrics, self.state.step)
+        self.last_losses["val/total"] = (self.state.step, metrics["val/total"])
         self.checkpointer.validated(self.state, metrics)
         return self.patience_exhausted()
 
@@ -239,6 +242,7 @@ class Trainer:
                             "train/img_per_s": self.progress.img_per_s_since_last_log(s.step),
                             "train/skipped_steps": s.skipped_steps})
             self.tracker.log_metrics(metrics, s.step)
+            self.last_losses["train/total"] = (s.step, metrics["train/total"])
             self.progress.logged(s.step, metrics["train/total"], metrics["train/img_per_s"])
         if log.image_every_steps and s.step % log.image_every_steps == 0:
             self.log_images()
@@ -275,10 +279,8 @@ class Trainer:
         if self.images_logged_at != s.step:
             self.log_images()
         self.tracker.end("KILLED" if stopped_early else "FINISHED")
-        ended = {"completed": "finished", "early_stop": "stopped early (train.early_stop_patience) at",
-                 "stop_requested": "stopped at"}[reason]
-        best = f"; best {summary['best_checkpoint']}" if "best_checkpoint" in summary else ""
-        self.console.print(f"{ended} step {s.step}; checkpoint {summary['checkpoint']}{best}")
+        for line in end_of_run_lines(summary, s, self.last_losses, self.tracker.run_page()):
+            self.console.print(line, markup=False, highlight=False)
         release(acc)
         self.lock.release()
         return summary
@@ -391,9 +393,32 @@ class Trainer:
         step = self.images_logged_at = self.state.step
         if self.fixed_images is not None:
             rows = [("input", self.fixed_images), ("reconstruction", self.recipe.reconstruct(self.fixed_images))]
-            self.tracker.log_image(labelled_rows(rows), "reconstructions", step)
+            title = f"Step {step}: fixed faces above their reconstructions (decoded from the mean of q(z|x))"
+            self.tracker.log_image(labelled_rows(rows, title), "reconstructions", step)
         samples = self.recipe.decode(self.fixed_z)  # a fixed z: no random stream is drawn from
-        self.tracker.log_image(labelled_rows([("samples", samples[:8]), ("(fixed z)", samples[8:])]), "samples", step)
+        rows = [("z 1–8", samples[:8]), ("z 9–16", samples[8:])]
+        self.tracker.log_image(labelled_rows(rows, f"Step {step}: samples of 16 fixed z ~ N(0, I)"), "samples", step)
+
+
+def end_of_run_lines(summary: dict, state: TrainerState, losses: dict[str, tuple[int, float]],
+                     run_page: str | None) -> list[str]:
+    """A run's last lines: how far it got, its final losses, speed and wall time, where its checkpoint and
+    its MLflow page are."""
+    epochs = f"{state.step * state.grad_accum / state.batches_per_epoch:.2f}".rstrip("0").rstrip(".")  # completed
+    img_per_s = "n/a" if summary["img_per_s"] is None else f"{summary['img_per_s']:.0f}"
+    wall = datetime.timedelta(seconds=round(summary["wall_time_s"]))
+    ended = {"completed": "finished", "early_stop": "stopped early (train.early_stop_patience) at",
+             "stop_requested": "stopped at"}[summary["reason"]]
+    lines = [f"{ended} step {state.step} of {summary['total_steps']} ({epochs} epoch{'' if epochs == '1' else 's'}), "
+             f"{img_per_s} img/s, wall time {wall} (all launches)"]
+    if losses:
+        lines.append("final losses: " + ", ".join(f"{name} {value:.4g} (step {step})"
+                                                  for name, (step, value) in losses.items()))
+    best = f"; best {summary['best_checkpoint']}" if "best_checkpoint" in summary else ""
+    lines.append(f"checkpoint: {summary['checkpoint']}{best}")
+    if run_page:
+        lines.append(f"MLflow run page: {run_page}")
+    return lines
 
 
 def on_main_then_all(accelerator, fn):
