@@ -154,6 +154,10 @@ class TrainConfig:
     early_stop_patience: int | None = opt(None, "Stop after N validations in a row without a better "
                                           "checkpoint.keep_best metric (the run is complete: COMPLETED.json says "
                                           "why; null: never stop early).", min=1, resume_safe=True)
+    lock_stale_s: float = opt(120.0, "Seconds without a heartbeat in RUN_DIR/.lock after which a launch on another "
+                              "host takes the run directory over (its owner's node died or hangs; written into the "
+                              "lock, which the owner refreshes every twelfth of it). An owner alive on the same host "
+                              "is never taken over.", min=1.0, resume_safe=True)
 
 
 @dataclass
