@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from dfcvae_dist.errors import UserError, message
+from dfcvae_dist.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "trainer_state.json"
@@ -42,6 +42,7 @@ LATEST = "latest"
 BEST = "best"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 LOCK_LOST_EXIT = 2  # as for any error: one line on stderr
+LOCK_BYTES = 1024  # a lock record padded to this size, so that a heartbeat rewrites it in place at the same length
 log = logging.getLogger(__name__)
 
 
@@ -133,8 +134,10 @@ DEFAULT_STALE_S = 120.0
 class RunLock:
     """One owner per run directory, also across the nodes of a shared filesystem: `RUN_DIR/.lock` holds
     {host, pid, process, slurm_job_id, heartbeat_at, stale_s, token}, is created whole or not at all (a hard
-    link of a written file), and its heartbeat is refreshed every `stale_s / 12` by a thread of the owner. A
-    heartbeat that cannot be written (a full disk, a filesystem hiccup) is warned about once and retried.
+    link of a written file), and its heartbeat is refreshed every `stale_s / 12` by a thread of the owner. The
+    heartbeat rewrites the owner's own file in place (no new blocks: a full disk cannot stop it), never a lock
+    another launch has made since; one that cannot be written (a read-only or failing filesystem) is warned
+    about once and retried.
 
     A second launch stops at once, naming the owner, unless the lock is the owner's no more: its process is
     gone from this host (a SIGKILL), it belongs to this same Slurm job (a requeue), or it was written on another
@@ -152,11 +155,13 @@ class RunLock:
         self.stopped = threading.Event()
         self.writing = threading.Lock()  # a heartbeat never rewrites a lock that release() just removed
         self.held = False
+        self.own_file: int | None = None  # read-only descriptor of the lock file this process created
 
-    def owner_record(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "process": process_identity(os.getpid()),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "heartbeat_at": time.time(),
-                "stale_s": self.stale_s, "token": self.token}
+    def owner_record(self) -> bytes:
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "process": process_identity(os.getpid()),
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "heartbeat_at": time.time(),
+                  "stale_s": self.stale_s, "token": self.token}
+        return json.dumps(record).encode().ljust(LOCK_BYTES)
 
     def acquire(self) -> str:
         """Take the lock (main process); its token, which the launch's other processes `follow`."""
@@ -198,17 +203,21 @@ class RunLock:
         with self.writing:
             if self._read().get("token") == self.token:
                 self.path.unlink(missing_ok=True)
+            os.close(self.own_file)
 
     def _create(self) -> bool:
         tmp = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
-        atomic_write(tmp, json.dumps(self.owner_record()))
+        atomic_write(tmp, self.owner_record())
+        own_file = os.open(tmp, os.O_RDONLY)  # held open, so that its inode number is never another file's
         try:
             os.link(tmp, self.path)  # fails if the lock exists: creation and content are one step
-            return True
         except FileExistsError:
+            os.close(own_file)
             return False
         finally:
             tmp.unlink(missing_ok=True)
+        self.own_file = own_file
+        return True
 
     def live_owner(self) -> dict | None:
         """The record of a live process holding this lock, else None. Read-only: taking the lock to test it
@@ -217,10 +226,14 @@ class RunLock:
         return owner if owner and self._takeover_reason(owner) is None else None
 
     def _read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        for _ in range(3):  # a heartbeat rewrites the file in place: a read may meet it half-written
+            try:
+                return json.loads(self.path.read_text())
+            except OSError:
+                return {}
+            except ValueError:
+                time.sleep(0.01)
+        return {}
 
     def _takeover_reason(self, owner: dict) -> str | None:
         if not owner:  # being replaced, or damaged: only an old file is stale
@@ -250,16 +263,28 @@ class RunLock:
                 if not beat or not owner:  # unreadable for a moment (NFS): beat next time
                     continue
                 try:
-                    atomic_write(self.path, json.dumps(self.owner_record()))
-                except (OSError, UserError) as err:
+                    self._beat()
+                except OSError as err:
                     if not failing:
                         log.warning("%s: the heartbeat cannot be written (%s); retrying every %g s", self.path,
-                                    message(err), self.heartbeat_s)
+                                    err.strerror or err, self.heartbeat_s)
                     failing = True
                     continue
                 if failing:
                     log.warning("%s: the heartbeat is written again", self.path)
                     failing = False
+
+    def _beat(self) -> None:
+        """The heartbeat, written into the file this process created, whatever has happened to the lock's name
+        since it was read: a launch that took it over in between (while this one was stopped) is never written."""
+        lock = os.open(self.path, os.O_WRONLY)
+        try:
+            if not os.path.sameopenfile(lock, self.own_file):
+                self._taken_over(self._read())
+            os.pwrite(lock, self.owner_record(), 0)
+            os.fsync(lock)
+        finally:
+            os.close(lock)
 
     def _taken_over(self, owner: dict) -> None:
         """Another launch owns the run directory now (this process stopped or hung past the stale limit): one line,

@@ -292,8 +292,9 @@ def test_damaged_samples_are_skipped_counted_and_a_resume_after_them_is_bit_exac
     assert history and history[-1].value == summary["skipped_samples"]
 
 
-def on_another_host(cmd: list, host: str = "node-a") -> list:
-    """`cmd` run as if on another node of a shared filesystem: in a UTS namespace of its own, named `host`."""
+def on_another_host(cmd: list, host: str = "localhost") -> list:
+    """`cmd` run as if on another node of a shared filesystem: in a UTS namespace of its own, named `host` (a
+    name that resolves: the launcher's rendezvous connects to its own host name)."""
     if os.geteuid() != 0 or subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode:
         pytest.skip("needs root and unshare to give a launch another host name")
     return ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *cmd]
@@ -386,21 +387,29 @@ def fill(path: Path) -> None:
 
 
 def heartbeat_at(run_dir: Path) -> float:
-    return json.loads((run_dir / ".lock").read_text())["heartbeat_at"]
+    try:
+        return json.loads((run_dir / ".lock").read_text())["heartbeat_at"]
+    except ValueError:  # met half-rewritten
+        return 0.0
 
 
-def test_the_heartbeat_outlives_a_full_disk_and_a_live_owner_is_never_taken_over(tmp_path, shard_dir, small_disk,
-                                                                                  processes):
+def test_the_heartbeat_outlives_full_and_read_only_disks_and_a_live_owner_is_never_taken_over(tmp_path, shard_dir,
+                                                                                              small_disk, processes):
     run_dir, log = small_disk / "run", tmp_path / "owner.err"
     common = ["checkpoint.every_steps=0", "log.progress_every_s=0", "train.lock_stale_s=2", "model.base_channels=8"]
     owner = processes.popen([*launch_cmd(1), *base_args(shard_dir, run_dir, "train.max_steps=400", *common)],
                             cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=log.open("w"))
     wait_until(lambda: "\nstep 2/400" in log.read_text(), 300, "the owner's second step")
     fill(small_disk / "filler")
-    wait_until(lambda: "the heartbeat cannot be written" in log.read_text(), 30, "the heartbeat to meet the full disk")
+    full = time.time()
+    wait_until(lambda: heartbeat_at(run_dir) > full, 10, "a heartbeat on the full disk")
     (small_disk / "filler").unlink()
-    freed = time.time()
-    wait_until(lambda: heartbeat_at(run_dir) > freed, 30, "the heartbeat to be written again")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)  # read-only for a few seconds
+    wait_until(lambda: "the heartbeat cannot be written (Read-only file system)" in log.read_text(), 10,
+               "the heartbeat to meet the read-only filesystem")
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    writable = time.time()
+    wait_until(lambda: heartbeat_at(run_dir) > writable, 10, "the heartbeat to be written again")
     assert f"{run_dir}/.lock: the heartbeat is written again" in log.read_text() and "Traceback" not in log.read_text()
     os.killpg(owner.pid, signal.SIGSTOP)  # alive on this host, silent past its stale limit
     time.sleep(3)
