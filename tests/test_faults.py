@@ -317,11 +317,24 @@ def process_tree(pid: int) -> list[int]:
 
 
 def signal_tree(pid: int, sig: int) -> None:
-    for member in process_tree(pid):
+    """`sig` to `pid` and its descendants; a SIGSTOP returns once every thread of them has stopped (a write under
+    way when it arrived has ended)."""
+    members = process_tree(pid)
+    for member in members:
         try:
             os.kill(member, sig)
         except ProcessLookupError:
             pass
+    if sig == signal.SIGSTOP:
+        wait_until(lambda: all(thread_state(t) in ("T", "Z", None) for m in members
+                               for t in Path(f"/proc/{m}/task").glob("*")), 30, f"process {pid} to stop", 0.01)
+
+
+def thread_state(task: Path) -> str | None:
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def snapshot(directory: Path) -> dict:
