@@ -169,6 +169,10 @@ class TrainConfig:
                                           "checkpoint.keep_best metric (the run is complete: COMPLETED.json says "
                                           "why; null: never stop early).", min=1, max=1_000_000,
                                           resume_safe=True)
+    lock_stale_s: float = opt(120.0, "Seconds without a heartbeat in RUN_DIR/.lock after which a launch on another "
+                              "host takes the run directory over (its owner's node died or hangs; written into the "
+                              "lock, which the owner refreshes every twelfth of it). An owner alive on the same host "
+                              "is never taken over.", min=1.0, max=WEEK_S, resume_safe=True)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -41,6 +42,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+LOCK_LOST_EXIT = 2  # as for any error: one line on stderr
+LOCK_BYTES = 1024  # a lock record padded to this size, so that a heartbeat rewrites it in place at the same length
 log = logging.getLogger(__name__)
 
 
@@ -139,30 +142,43 @@ def best_checkpoint(run_dir: Path) -> Path | None:
         return None
     named = pointer.parent / pointer.read_text().strip()
     return named if (named / STATE_FILE).is_file() else None
+DEFAULT_STALE_S = 120.0
 
 
 class RunLock:
     """One owner per run directory, also across the nodes of a shared filesystem: `RUN_DIR/.lock` holds
-    {host, pid, slurm_job_id, heartbeat_at, token}, is created whole or not at all (a hard link of a written
-    file), and its heartbeat is refreshed every `heartbeat_s` by a thread of the owner.
+    {host, pid, process, slurm_job_id, heartbeat_at, stale_s, token}, is created whole or not at all (a hard
+    link of a written file), and its heartbeat is refreshed every `stale_s / 12` by a thread of the owner. The
+    heartbeat rewrites the owner's own file in place (no new blocks: a full disk cannot stop it), never a lock
+    another launch has made since; one that cannot be written (a read-only or failing filesystem) is warned
+    about once and retried.
 
-    A second launch stops at once, naming the owner, unless the lock is the owner's no more: its heartbeat
-    is older than `stale_s` (the owner's node died), its process is gone from this host (a SIGKILL), or it
-    belongs to this same Slurm job (a requeue). Those are taken over with a warning."""
+    A second launch stops at once, naming the owner, unless the lock is the owner's no more: its process is
+    gone from this host (a SIGKILL), it belongs to this same Slurm job (a requeue), or it was written on another
+    host and its heartbeat is older than the owner's `stale_s` (that node died or hangs). Those are taken over
+    with a warning. A process alive on this host is never taken over, however old its heartbeat: stopped or
+    hung, it still owns its run.
 
-    def __init__(self, run_dir: Path, heartbeat_s: float = 10.0, stale_s: float = 120.0):
+    Every process of a launch watches the lock (`acquire` on the main one, `follow` on the others): one that
+    finds it taken over by another launch ends at once (`check`), printing one line and writing nothing more."""
+
+    def __init__(self, run_dir: Path, stale_s: float = DEFAULT_STALE_S):
         self.path = Path(run_dir) / LOCK_FILE
-        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.stale_s, self.heartbeat_s = stale_s, stale_s / 12
         self.token = uuid.uuid4().hex
         self.stopped = threading.Event()
         self.writing = threading.Lock()  # a heartbeat never rewrites a lock that release() just removed
         self.held = False
+        self.own_file: int | None = None  # read-only descriptor of the lock file this process created
 
-    def owner_record(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "heartbeat_at": time.time(), "token": self.token}
+    def owner_record(self) -> bytes:
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "process": process_identity(os.getpid()),
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "heartbeat_at": time.time(),
+                  "stale_s": self.stale_s, "token": self.token}
+        return json.dumps(record).encode().ljust(LOCK_BYTES)
 
-    def acquire(self) -> None:
+    def acquire(self) -> str:
+        """Take the lock (main process); its token, which the launch's other processes `follow`."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while not self._create():
             owner = self._read()
@@ -178,28 +194,44 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
         self.held = True
         atexit.register(self.release)
-        threading.Thread(target=self._beat, daemon=True, name="run-lock-heartbeat").start()
+        threading.Thread(target=self._watch, args=(True,), daemon=True, name="run-lock-heartbeat").start()
+        return self.token
+
+    def follow(self, token: str) -> None:
+        """Watch the lock another process of this launch holds (`token`), ending this one if it is taken over."""
+        self.token = token
+        threading.Thread(target=self._watch, args=(False,), daemon=True, name="run-lock-watch").start()
+
+    def check(self) -> None:
+        """Before a write: if another launch holds the lock now, end this process at once."""
+        owner = self._read()
+        if owner.get("token") not in (None, self.token):
+            self._taken_over(owner)
 
     def release(self) -> None:
-        """Remove the lock if it is still ours (a stale-lock taker may have replaced it)."""
+        """Stop watching; remove the lock if it is still ours (a stale-lock taker may have replaced it)."""
+        self.stopped.set()
         if not self.held:
             return
         self.held = False
-        self.stopped.set()
         with self.writing:
             if self._read().get("token") == self.token:
                 self.path.unlink(missing_ok=True)
+            os.close(self.own_file)
 
     def _create(self) -> bool:
         tmp = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
-        atomic_write(tmp, json.dumps(self.owner_record()))
+        atomic_write(tmp, self.owner_record())
+        own_file = os.open(tmp, os.O_RDONLY)  # held open, so that its inode number is never another file's
         try:
             os.link(tmp, self.path)  # fails if the lock exists: creation and content are one step
-            return True
         except FileExistsError:
+            os.close(own_file)
             return False
         finally:
             tmp.unlink(missing_ok=True)
+        self.own_file = own_file
+        return True
 
     def live_owner(self) -> dict | None:
         """The record of a live process holding this lock, else None. Read-only: taking the lock to test it
@@ -208,10 +240,14 @@ class RunLock:
         return owner if owner and self._takeover_reason(owner) is None else None
 
     def _read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        for _ in range(3):  # a heartbeat rewrites the file in place: a read may meet it half-written
+            try:
+                return json.loads(self.path.read_text())
+            except OSError:
+                return {}
+            except ValueError:
+                time.sleep(0.01)
+        return {}
 
     def _takeover_reason(self, owner: dict) -> str | None:
         if not owner:  # being replaced, or damaged: only an old file is stale
@@ -220,30 +256,82 @@ class RunLock:
         job = os.environ.get("SLURM_JOB_ID")
         if job and owner.get("slurm_job_id") == job:
             return f"it belongs to this Slurm job ({job}), restarted"
-        if owner.get("host") == socket.gethostname() and not _alive(owner.get("pid")):
-            return f"its process {owner.get('pid')} is gone"
+        if owner.get("host") == socket.gethostname():
+            return None if _alive(owner) else f"its process {owner.get('pid')} is gone"
         age = time.time() - owner.get("heartbeat_at", 0)
-        if age > self.stale_s:
+        if age > owner.get("stale_s", DEFAULT_STALE_S):
             return f"its heartbeat is {age:.0f} s old (host {owner.get('host')}, pid {owner.get('pid')})"
         return None
 
-    def _beat(self) -> None:
+    def _watch(self, beat: bool) -> None:
+        """Every `heartbeat_s`: end this process if another launch holds the lock; else, on the owner, write the
+        heartbeat, surviving write errors (each outage warned about once, and its end)."""
+        failing = False
         while not self.stopped.wait(self.heartbeat_s):
             with self.writing:
-                token = self._read().get("token")
-                if token is None or self.stopped.is_set():  # unreadable for a moment (NFS): beat next time
-                    continue
-                if token != self.token:
-                    log.warning("%s was taken over by another launch", self.path)
+                if self.stopped.is_set():
                     return
-                atomic_write(self.path, json.dumps(self.owner_record()))
+                owner = self._read()
+                if owner.get("token") not in (None, self.token):
+                    self._taken_over(owner)
+                if not beat or not owner:  # unreadable for a moment (NFS): beat next time
+                    continue
+                try:
+                    self._beat()
+                except OSError as err:
+                    if not failing:
+                        log.warning("%s: the heartbeat cannot be written (%s); retrying every %g s", self.path,
+                                    err.strerror or err, self.heartbeat_s)
+                    failing = True
+                    continue
+                if failing:
+                    log.warning("%s: the heartbeat is written again", self.path)
+                    failing = False
+
+    def _beat(self) -> None:
+        """The heartbeat, written into the file this process created, whatever has happened to the lock's name
+        since it was read: a launch that took it over in between (while this one was stopped) is never written."""
+        lock = os.open(self.path, os.O_WRONLY)
+        try:
+            if not os.path.sameopenfile(lock, self.own_file):
+                self._taken_over(self._read())
+            os.pwrite(lock, self.owner_record(), 0)
+            os.fsync(lock)
+        finally:
+            os.close(lock)
+
+    def _taken_over(self, owner: dict) -> None:
+        """Another launch owns the run directory now (this process stopped or hung past the stale limit): one line,
+        then exit at once, without cleanup, so that nothing more is written (no checkpoint, marker, status or
+        metric) and no other rank is waited for."""
+        rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        sys.stderr.write(f"error: {rank}{self.path} was taken over by another launch (host {owner.get('host')}, pid "
+                         f"{owner.get('pid')}): this launch stops here and writes nothing more\n")
+        sys.stderr.flush()
+        os._exit(LOCK_LOST_EXIT)
 
 
-def _alive(pid) -> bool:
+def _alive(owner: dict) -> bool:
+    """Whether the lock's process still runs on this host: its pid exists, is no zombie, and is the same
+    process (a pid reused after the owner ended, or after a reboot, is not the owner)."""
+    pid = owner.get("pid")
     try:
         os.kill(int(pid), 0)
     except (ProcessLookupError, TypeError, ValueError):
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    recorded, now = owner.get("process"), process_identity(pid)
+    return now != "zombie" and (recorded is None or now is None or now == recorded)
+
+
+def process_identity(pid) -> str | None:
+    """The boot and start time of process `pid` (Linux /proc), "zombie" for one that has exited, None where
+    unknown: with the pid, it names one process for good."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, TypeError, ValueError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return "zombie" if fields[0] == "Z" else f"{boot}:{fields[19]}"

@@ -1,6 +1,7 @@
 """Faults injected for real into training runs: the user gets a clear message and loses nothing beyond
 the last checkpoint interval."""
 
+import errno
 import json
 import os
 import re
@@ -289,3 +290,166 @@ def test_damaged_samples_are_skipped_counted_and_a_resume_after_them_is_bit_exac
     history = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(summary["mlflow_run_id"],
                                                                                        "train/skipped_samples")
     assert history and history[-1].value == summary["skipped_samples"]
+
+
+def on_another_host(cmd: list, host: str = "localhost") -> list:
+    """`cmd` run as if on another node of a shared filesystem: in a UTS namespace of its own, named `host` (a
+    name that resolves: the launcher's rendezvous connects to its own host name)."""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode:
+        pytest.skip("needs root and unshare to give a launch another host name")
+    return ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *cmd]
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants: a launcher, its ranks (each in a session of its own) and their loader workers."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            parent, child = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), int(proc.name)
+        except (OSError, ValueError, IndexError):  # gone, or not a process (/proc/self)
+            continue
+        children.setdefault(parent, []).append(child)
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """`sig` to `pid` and its descendants; a SIGSTOP returns once every thread of them has stopped (a write under
+    way when it arrived has ended)."""
+    members = process_tree(pid)
+    for member in members:
+        try:
+            os.kill(member, sig)
+        except ProcessLookupError:
+            pass
+    if sig == signal.SIGSTOP:
+        wait_until(lambda: all(thread_state(t) in ("T", "Z", None) for m in members
+                               for t in Path(f"/proc/{m}/task").glob("*")), 30, f"process {pid} to stop", 0.01)
+
+
+def thread_state(task: Path) -> str | None:
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file and folder under `directory` with its size and modification time."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def last_step(log: Path) -> int:
+    return max(int(m) for m in re.findall(r"^step (\d+)/", log.read_text(), re.M))
+
+
+def test_an_owner_whose_lock_was_taken_over_stops_at_once_and_writes_nothing_more(tmp_path, shard_dir, mlflow_server,
+                                                                                  processes):
+    """A 2-rank owner on another host hangs (SIGSTOP) past its stale limit; a launch here takes the run directory
+    over. When the owner wakes up, each of its ranks ends at once: no checkpoint, marker, status or metric."""
+    import mlflow
+
+    run_dir, owner_log, taker_log = tmp_path / "run", tmp_path / "owner.err", tmp_path / "taker.err"
+    common = ["checkpoint.every_steps=5", "log.progress_every_s=0", "train.lock_stale_s=2",
+              f"log.tracking_uri={mlflow_server}", "log.system_metrics_interval_s=0.5", "model.base_channels=8"]
+    owner = processes.popen(on_another_host([*launch_cmd(2), *base_args(shard_dir, run_dir, "train.max_steps=400",
+                                                                        *common)]),
+                            cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=owner_log.open("w"))
+    wait_until(lambda: "\nstep 2/400" in owner_log.read_text(), 300, "the owner's second step")
+    signal_tree(owner.pid, signal.SIGSTOP)  # its node hangs
+    owner_steps = last_step(owner_log)
+    time.sleep(2.5)  # past the stale limit
+    taker = processes.popen([*launch_cmd(1), *base_args(shard_dir, run_dir, "train.max_steps=400", "train.resume=none",
+                                                        *common)],
+                            cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=taker_log.open("w"))
+    wait_until(lambda: "\nstep 2/400" in taker_log.read_text(), 300, "the taker's second step")
+    signal_tree(taker.pid, signal.SIGSTOP)  # held still: whatever changes now is the owner's doing
+    assert f"taking over the lock of {run_dir}: its heartbeat is " in taker_log.read_text()
+    before = snapshot(run_dir)
+    signal_tree(owner.pid, signal.SIGCONT)
+    wait_until(lambda: owner.poll() is not None, 30, "the owner to end", interval=0.1)  # no rank hangs in a collective
+    assert snapshot(run_dir) == before
+    log = owner_log.read_text()
+    for rank in (0, 1):
+        assert f"error: [rank {rank}] {run_dir}/.lock was taken over by another launch (host {os.uname().nodename}, " \
+               f"pid {taker.pid}): this launch stops here and writes nothing more" in log
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    owner_run = client.get_run(re.search(r"MLflow: run (\w+) in", log).group(1))
+    assert owner_run.info.status == "RUNNING"  # no status written after the takeover
+    assert max(m.step for m in client.get_metric_history(owner_run.info.run_id, "train/total")) <= owner_steps + 1
+    signal_tree(taker.pid, signal.SIGCONT)
+    taker.send_signal(signal.SIGTERM)
+    assert taker.wait(timeout=120) == 0, taker_log.read_text()[-3000:]
+    assert json.loads((run_dir / "RESUME_ME.json").read_text())["mlflow_run_id"] != owner_run.info.run_id
+    assert not (run_dir / ".lock").exists()
+
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until its filesystem is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 65536):
+            pass
+    except OSError as err:
+        assert err.errno == errno.ENOSPC, err
+    finally:
+        os.close(fd)
+
+
+def heartbeat_at(run_dir: Path) -> float:
+    try:
+        return json.loads((run_dir / ".lock").read_text())["heartbeat_at"]
+    except ValueError:  # met half-rewritten
+        return 0.0
+
+
+def test_the_heartbeat_outlives_full_and_read_only_disks_and_a_live_owner_is_never_taken_over(tmp_path, shard_dir,
+                                                                                              small_disk, processes):
+    run_dir, log = small_disk / "run", tmp_path / "owner.err"
+    common = ["checkpoint.every_steps=0", "log.progress_every_s=0", "train.lock_stale_s=2", "model.base_channels=8"]
+    owner = processes.popen([*launch_cmd(1), *base_args(shard_dir, run_dir, "train.max_steps=400", *common)],
+                            cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    wait_until(lambda: "\nstep 2/400" in log.read_text(), 300, "the owner's second step")
+    fill(small_disk / "filler")
+    full = time.time()
+    wait_until(lambda: heartbeat_at(run_dir) > full, 10, "a heartbeat on the full disk")
+    (small_disk / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)  # read-only for a few seconds
+    wait_until(lambda: "the heartbeat cannot be written (Read-only file system)" in log.read_text(), 10,
+               "the heartbeat to meet the read-only filesystem")
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    writable = time.time()
+    wait_until(lambda: heartbeat_at(run_dir) > writable, 10, "the heartbeat to be written again")
+    assert f"{run_dir}/.lock: the heartbeat is written again" in log.read_text() and "Traceback" not in log.read_text()
+    os.killpg(owner.pid, signal.SIGSTOP)  # alive on this host, silent past its stale limit
+    time.sleep(3)
+    second = train(tmp_path, shard_dir, run_dir, "train.max_steps=2", *common, check=False)
+    os.killpg(owner.pid, signal.SIGCONT)
+    owner.send_signal(signal.SIGTERM)
+    assert owner.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert second.returncode == 2
+    assert re.fullmatch(rf"error: \[rank 0\] {re.escape(str(run_dir))} is in use by another run \(host "
+                        rf"{re.escape(os.uname().nodename)}, pid {owner.pid}, heartbeat \d+ s ago\): .*",
+                        second.stderr.strip().splitlines()[-1])
+    assert json.loads((run_dir / "RESUME_ME.json").read_text())["step"] > 2  # the owner was not disturbed
+    assert not (run_dir / ".lock").exists()
+
+
+def test_a_stop_ends_a_one_process_run_waiting_on_a_hung_read(tmp_path, shard_dir, processes):
+    """Its shards come through a pipe that never closes (a hung network filesystem): after the first shard's two
+    batches the run waits for data. SIGTERM stops it there, after its last whole step, as any stop does."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.err"
+    hung = f"pipe:cat {shard_dir}/train-{{000000..000007}}.tar && sleep 600"
+    cmd = [*launch_cmd(1), *base_args(shard_dir, run_dir, f"data.shards={hung}", "data.num_samples=320",
+                                      "data.shuffle_buffer=0", "log.enabled=false", "log.progress_every_s=0",
+                                      "train.max_steps=400", "checkpoint.every_steps=0", "model.base_channels=8")]
+    proc = processes.popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    wait_until(lambda: "\nstep 2/400" in log.read_text(), 300, "the run's second step")
+    time.sleep(1)  # waiting for the third batch, which never comes
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    assert json.loads((run_dir / "RESUME_ME.json").read_text())["step"] == 2
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000002"

@@ -13,7 +13,7 @@ import torch
 
 from dfcvae_dist.data.loader import (EvalStream, SplitSource, TrainStream, batches_per_epoch, make_loader,
                                      model_input)
-from dfcvae_dist.errors import UserError
+from dfcvae_dist.errors import UserError, message
 
 
 def keys_of(loader):
@@ -134,6 +134,27 @@ def test_skipping_more_corrupt_samples_than_a_batch_keeps_the_batch_count(tmp_pa
     batches = list(make_loader(stream, 0))
     assert len(batches) == 7 and all(len(b["key"]) == 4 for b in batches)  # 10 corrupt > one batch of 4
     assert not {k for b in batches for k in b["key"]} & {f"{i:04d}" for i in range(0, 20, 2)}
+
+
+@pytest.mark.timeout(60)  # the code before the fix read such shards forever
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skipping_data_without_one_good_sample_stops_after_a_whole_pass_with_one_line(tmp_path, caplog, workers):
+    import webdataset as wds
+
+    for name in ("a", "b"):  # real tar files whose every image member is damaged bytes
+        with wds.TarWriter(str(tmp_path / f"{name}.tar")) as sink:
+            for i in range(10):
+                sink.write({"__key__": f"{name}{i:03d}", "png": b"\x89PNG\r\n\x1a\n" + b"\xde\xad" * 30, "json": b"{}"})
+    source = SplitSource([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], 20, [])
+    stream = TrainStream(source, 4, 5, 0, 1, workers, seed=0, shuffle_buffer=8, skip_corrupt=True)
+    with pytest.raises(UserError) as raised:
+        list(make_loader(stream, workers))
+    assert message(raised.value) == (f"{tmp_path / 'a.tar'} and 1 more shard(s): not one of their 20 samples decodes "
+                                     "(data.skip_corrupt passed over them all); training stops instead of reading "
+                                     "them again and again")
+    if not workers:  # a worker warns in its own process; here the warnings are this one's
+        skipped = [r for r in caplog.records if r.getMessage().startswith("skipped: ")]
+        assert 20 <= len(skipped) < 2 * 20  # one pass, and some of the next that the shuffle buffer mixed in
 
 
 def write_shard_with_every_damage(path, n: int = 24) -> set[str]:

@@ -2,8 +2,12 @@
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +155,55 @@ def test_a_run_that_fails_ends_failed_in_mlflow(tmp_path, shard_dir, mlflow_serv
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="attributes.run_name = 'nan-run'")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_every_exit_after_the_run_was_created_ends_it_failed_or_killed(tmp_path, shard_dir, mlflow_server, processes):
+    """Setup goes on after the MLflow run exists: it reads the fixed image batch from the val split. Here from a
+    damaged shard (an error), and from a shard on a hung filesystem (a FIFO nobody writes), left by SIGTERM."""
+    import mlflow
+
+    damaged, hung = tmp_path / "damaged", tmp_path / "hung"
+    for copy in (damaged, hung):
+        shutil.copytree(shard_dir, copy)
+    val = damaged / "val-000000.tar"
+    val.write_bytes(val.read_bytes()[: val.stat().st_size // 3])
+    (hung / "val-000000.tar").unlink()
+    os.mkfifo(hung / "val-000000.tar")
+    tracked = ["train.max_steps=2", f"log.tracking_uri={mlflow_server}", "model.base_channels=8"]
+    failed = train(tmp_path, damaged, tmp_path / "setup-error", *tracked, check=False)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1].startswith(f"error: [rank 0] {damaged}/val-000000.tar: ")
+    log = tmp_path / "stopped.err"
+    stopped = processes.popen([*launch_cmd(1), *base_args(hung, tmp_path / "setup-stop", *tracked)], cwd=tmp_path,
+                              env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    wait_until(lambda: "MLflow: run " in log.read_text(), 300, "the MLflow run to be created")
+    time.sleep(1)  # blocked opening the FIFO by now
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=60) == 2, log.read_text()[-3000:]
+    assert log.read_text().strip().splitlines()[-1] == (
+        f"error: [rank 0] stopped by SIGTERM while setting up, before the first step of this launch; "
+        f"{tmp_path / 'setup-stop' / 'RESUME_ME.json'} says where to resume")
+    marker = json.loads((tmp_path / "setup-stop" / "RESUME_ME.json").read_text())
+    assert marker["step"] == 0 and marker["checkpoint"] == "None"  # a Slurm job would be requeued, to start afresh
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    assert client.get_run(re.search(r"MLflow: run (\w+) in", failed.stderr).group(1)).info.status == "FAILED"
+    assert client.get_run(marker["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_a_run_started_from_another_run_directorys_checkpoint_is_a_new_mlflow_run(tmp_path, shard_dir, mlflow_server):
+    import mlflow
+
+    source, resumed = tmp_path / "resume-source", tmp_path / "resumed-elsewhere"
+    tracked = [f"log.tracking_uri={mlflow_server}", "model.base_channels=8"]
+    train(tmp_path, shard_dir, source, "train.max_steps=2", *tracked)
+    train(tmp_path, shard_dir, resumed, "train.max_steps=4", f"train.resume={source}", *tracked)
+    source_id = json.loads((source / "COMPLETED.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((resumed / "COMPLETED.json").read_text())["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(run_id)
+    assert run_id != source_id and run.info.run_name == "resumed-elsewhere" and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from"] == str(source / "checkpoints" / "step-00000002")
+    assert run.data.tags["resumed_from_run_id"] == source_id and run.data.params["train.resume"] == str(source)
+    assert [m.step for m in client.get_metric_history(run_id, "train/total")] == [3, 4]
+    assert [m.step for m in client.get_metric_history(source_id, "train/total")] == [1, 2]  # the source's, untouched
+    assert "resumed_from" not in client.get_run(source_id).data.tags

@@ -147,17 +147,61 @@ def collate(samples: list[dict], skipped: int = 0) -> dict:
     }
 
 
-def decoded(raw, skip_corrupt: bool, counter: list[int]):
+def decoded(raw, skip_corrupt: bool, counter: list[int], passes: "ShardPasses | None" = None):
     """Decoded samples; a damaged one (undecodable image, missing image, invalid JSON) raises, or under
-    `skip_corrupt` is passed over with a warning naming shard and key, and counted in `counter[0]`."""
+    `skip_corrupt` is passed over with a warning naming shard and key, and counted in `counter[0]`. `passes`:
+    told of every sample, when `raw` reads shards over and over."""
     for sample in raw:
         try:
-            yield decode_sample(sample)
+            good = decode_sample(sample)
         except CorruptSample as err:
             if not skip_corrupt:
                 raise
             log.warning("skipped: %s", err)
             counter[0] += 1
+            good = None
+        if passes is not None:
+            passes.decoded(sample, good is not None)
+        if good is not None:
+            yield good
+
+
+class ShardPasses:
+    """A training worker's shards, read over and over, each raw sample tagged with its pass. Told which samples
+    decode, it ends the run (one line) when a whole pass gave none, or held no sample at all: skipping damaged
+    samples would otherwise read on forever."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+        self.sizes: dict[int, int] = {}  # samples per finished pass
+        self.seen: dict[int, list[int]] = {}  # pass -> [samples decoded or skipped, good ones]
+
+    def __iter__(self):
+        for n in itertools.count():
+            size = 0
+            for url in self.urls:
+                for sample in iter_shard(url):
+                    sample["__pass__"] = n
+                    size += 1
+                    yield sample
+            if not size:
+                raise UserError(f"{self.named()}: no samples")
+            self.sizes[n] = size
+
+    def decoded(self, sample: dict, good: bool) -> None:
+        counts = self.seen.setdefault(sample["__pass__"], [0, 0])
+        counts[0] += 1
+        counts[1] += good
+        for n, (done, good_ones) in list(self.seen.items()):  # a shuffle buffer mixes passes: any may end here
+            if done == self.sizes.get(n):
+                if not good_ones:
+                    raise UserError(f"{self.named()}: not one of their {done} samples decodes (data.skip_corrupt "
+                                    "passed over them all); training stops instead of reading them again and again")
+                del self.seen[n]
+
+    def named(self) -> str:
+        more = f" and {len(self.urls) - 1} more shard(s)" if len(self.urls) > 1 else ""
+        return f"{self.urls[0]}{more}"
 
 
 def _worker() -> tuple[int, int]:
@@ -198,8 +242,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         worker = (_worker()[0] + self.start_batch) % workers
         own = len(range(worker, self.batches_per_epoch, workers))
         done = len(range(worker, self.start_batch, workers))
-        shards = self.worker_shards(worker)
-        raw = itertools.chain.from_iterable(iter_shard(u) for u in itertools.cycle(shards))
+        passes = ShardPasses(self.worker_shards(worker))
+        raw = iter(passes)
         if self.shuffle_buffer > 1:
             seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).generate_state(1)[0])
             raw = wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(raw)
@@ -208,7 +252,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             return
         skipped = [0]
         if self.skip_corrupt:  # positions count good samples, so the way to batch `done` is to decode up to it
-            samples = decoded(raw, True, skipped)
+            samples = decoded(raw, True, skipped, passes)
             for _ in itertools.islice(samples, done * self.batch_size):
                 pass
             skipped[0] = 0  # counted before the checkpoint

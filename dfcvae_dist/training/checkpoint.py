@@ -5,7 +5,8 @@ trainer state (JSON, no pickle), the consolidated model weights (safetensors wit
 metadata, loadable without accelerate) and the resolved config, renames the folder to `step-N` (atomic),
 then points `latest` at it (and `best` at the best validated one, with `checkpoint.keep_best`) and prunes all
 but the newest `keep` and the best. A folder under a final name is therefore always complete, and neither
-pointer ever names a half-written one.
+pointer ever names a half-written one. `guard` (the run lock's check) is called before each of these stages:
+a launch whose run directory was taken over writes no further.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -38,10 +40,10 @@ class Checkpointer:
     betters the `best` metric) and saves (`save`); every rank calls `save`, the main process finishes it."""
 
     def __init__(self, run_dir: Path, every_steps: int, keep: int, last_step: int, accelerator,
-                 best: Metric | None = None):
+                 best: Metric | None = None, guard: Callable[[], None] = lambda: None):
         self.directory = Path(run_dir) / CHECKPOINTS
         self.every_steps, self.keep, self.last_step = every_steps, keep, last_step
-        self.accelerator = accelerator
+        self.accelerator, self.guard = accelerator, guard
         self.best = best
         self.last_saved: int | None = None
         self.new_best_at: int | None = None
@@ -70,6 +72,7 @@ class Checkpointer:
         acc = self.accelerator
         final = self.directory / step_dir_name(state.step)
         tmp = self.directory / f".tmp-{final.name}"
+        self.guard()
         if acc.is_main_process:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -86,6 +89,7 @@ class Checkpointer:
         if any_rank(acc, error is not None):
             self._fail(final, tmp, error)
         if acc.is_main_process:
+            self.guard()
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -111,6 +115,7 @@ class Checkpointer:
 
     def _fail(self, final: Path, tmp: Path, error: Exception | None) -> None:
         reason = _reason(error, self.directory) if error is not None else "failed on another rank"
+        self.guard()  # the folder may be another launch's now
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         latest = find_checkpoint(self.directory.parent, "auto")

@@ -9,6 +9,8 @@ server), which is why this exists.
   outage and the recovery are each reported in one line.
 - `close(deadline_s)` waits at most `deadline_s` for the queue to drain (the tracker queues the run's end
   first): a hung server costs a finished run that much, never more, and one line names what was left unsent.
+- `guard` (the run lock's check) is called before every send: a launch whose run directory was taken over
+  sends nothing more.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ def item_name(item: Item) -> str:
 
 class BackgroundSender:
     def __init__(self, client, run_id: str | None, max_points: int = 100_000, max_backoff_s: float = 30.0,
-                 name: str = "MLflow"):
+                 name: str = "MLflow", guard: Callable[[], None] = lambda: None):
         """`client.log_batch(run_id, metrics=[...])` sends metric points; `name` is the tracker in warnings."""
-        self.client, self.run_id, self.name = client, run_id, name
+        self.client, self.run_id, self.name, self.guard = client, run_id, name, guard
         self.max_points, self.max_backoff_s = max_points, max_backoff_s
         self.queue: collections.deque[Item] = collections.deque()
         self.points = 0  # metric points in the queue
@@ -118,6 +120,7 @@ class BackgroundSender:
             return batch
 
     def _send(self, batch: list[Item]) -> None:
+        self.guard()
         if batch[0].kind == "metrics":
             self.client.log_batch(self.run_id, metrics=[m for item in batch for m in item.payload])
         else:

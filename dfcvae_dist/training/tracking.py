@@ -3,8 +3,9 @@ files beside it (`log.trackers`), both behind one `Tracker`.
 
 - At start the main process checks the tracking server once (a few seconds, not MLflow's 120 s with
   retries), decides (error, or warn and go on untracked) and tells every rank.
-- A resumed run logs into the same MLflow run (its id is in the checkpoint) and skips steps that run had
-  already logged, so every step appears once.
+- A run resumed in its own run directory logs into the same MLflow run (its id is in the checkpoint) and skips
+  steps that run had already logged, so every step appears once; one started from another run directory's
+  checkpoint is a new MLflow run (the trainer tags it `resumed_from`).
 - After that the loop never waits on the network: one background sender (training/sender.py) sends, with
   a bounded queue, backoff after a failure, and a deadline at the end (log.flush_timeout_s).
 - The client, the experiment (artifacts beside a sqlite store) and the server check come from
@@ -13,6 +14,8 @@ files beside it (`log.trackers`), both behind one `Tracker`.
   it is stopped through the sender (main process) or a thread joined with the deadline (other nodes).
 - TensorBoard (`RUN_DIR/tensorboard/`) gets the same scalars and images under the same names, written by a
   sender of its own, so neither tracker can hold up the other or the loop.
+- A launch whose run directory was taken over sends and writes nothing more: `guard` (the run lock's check) runs
+  before every send of both senders and of the system metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from accelerate.utils import broadcast_object_list
 
@@ -67,7 +71,8 @@ class SystemMetrics:
         self.monitor = monitor
 
     @classmethod
-    def start_where_due(cls, cfg: Config, accelerator, run_id: str, resumed: bool) -> "SystemMetrics | None":
+    def start_where_due(cls, cfg: Config, accelerator, run_id: str, resumed: bool,
+                        guard: Callable[[], None]) -> "SystemMetrics | None":
         from mlflow import get_tracking_uri
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -82,6 +87,12 @@ class SystemMetrics:
         monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.log.system_metrics_interval_s,
                                        resume_logging=resumed, node_id=node_id, tracking_uri=uri)
         report_missing_gpu_metrics(monitor)
+
+        def publish_unless_taken_over(metrics, publish=monitor.publish_metrics):
+            guard()
+            publish(metrics)
+
+        monitor.publish_metrics = publish_unless_taken_over
         monitor.start()
         return cls(monitor)
 
@@ -119,19 +130,19 @@ class TensorBoard:
     resumed run hides what the interrupted launch logged after its checkpoint (SummaryWriter's `purge_step`:
     TensorBoard drops the events of those steps), so every step appears once."""
 
-    def __init__(self, directory: Path, resumed_step: int):
+    def __init__(self, directory: Path, resumed_step: int, guard: Callable[[], None] = lambda: None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(directory), purge_step=resumed_step + 1 if resumed_step else None)
-        self.sender = BackgroundSender(self, None, name="TensorBoard")
+        self.sender = BackgroundSender(self, None, name="TensorBoard", guard=guard)
 
     @classmethod
-    def start(cls, cfg: Config, resumed_step: int) -> "TensorBoard | str | None":
+    def start(cls, cfg: Config, resumed_step: int, guard: Callable[[], None]) -> "TensorBoard | str | None":
         """The writer; where it cannot start (tensorboard not installed, the folder not writable), an `error:`
         message (`log.on_unavailable=error`) or, after a warning, None (`warn`)."""
         directory = Path(cfg.train.run_dir) / TENSORBOARD_DIR
         try:
-            return cls(directory, resumed_step)
+            return cls(directory, resumed_step, guard)
         except (ImportError, OSError) as err:
             problem = f"TensorBoard cannot write {directory} ({one_line(err, 300)})"
         if cfg.log.on_unavailable == "error":
@@ -170,7 +181,8 @@ class Tracker:
     everything after goes through the `BackgroundSender`. Runs are created and ended with MlflowClient and an
     explicit run id, never as MLflow's "active run", whose exit handler would mark a crashed run FINISHED."""
 
-    def __init__(self, cfg: Config, accelerator, run_id: str | None = None, resumed_step: int = 0):
+    def __init__(self, cfg: Config, accelerator, run_id: str | None = None, resumed_step: int = 0,
+                 guard: Callable[[], None] = lambda: None):
         self.active = False  # MLflow logs from this process
         self.run_id = run_id
         self.run_name = ""
@@ -183,7 +195,7 @@ class Tracker:
         self.tensorboard: TensorBoard | None = None
         decision = [None, None]
         if accelerator.is_main_process and cfg.log.uses("tensorboard"):  # first: a refusal leaves no MLflow run
-            started = TensorBoard.start(cfg, resumed_step)
+            started = TensorBoard.start(cfg, resumed_step, guard)
             decision[0] = started if isinstance(started, str) else None
             self.tensorboard = None if isinstance(started, str) else started
         if accelerator.is_main_process and cfg.log.uses("mlflow") and decision[0] is None:
@@ -193,9 +205,14 @@ class Tracker:
             raise UserError(decision[0][len("error:"):])
         if accelerator.is_main_process and decision[0] == "ok":
             self.active = True
-            self.sender = BackgroundSender(self.client, self.run_id)
-        if decision[0] == "ok" and cfg.log.system_metrics:
-            self.system_metrics = SystemMetrics.start_where_due(cfg, accelerator, decision[1], resumed=bool(run_id))
+            self.sender = BackgroundSender(self.client, self.run_id, guard=guard)
+        try:
+            if decision[0] == "ok" and cfg.log.system_metrics:
+                self.system_metrics = SystemMetrics.start_where_due(cfg, accelerator, decision[1],
+                                                                    resumed=bool(run_id), guard=guard)
+        except BaseException:  # the run exists: it ends as it really ended
+            self.end("FAILED")
+            raise
 
     def _start(self, cfg: Config, run_id: str | None) -> str:
         uri = tracking_uri(cfg)

@@ -7,6 +7,7 @@ the calling process, alone or as one rank under `accelerate launch` / `torchrun`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -33,8 +34,8 @@ from dfcvae_dist.data.shards import MANIFEST, manifest_digest, manifest_of
 from dfcvae_dist.errors import UserError, message, one_line
 from dfcvae_dist.families import get_family
 from dfcvae_dist.quiet import held_back
-from dfcvae_dist.rundir import (CONFIG_FILE, DONE_MARKER, RunLock, atomic_write, best_checkpoint, find_checkpoint,
-                                write_end_marker)
+from dfcvae_dist.rundir import (CONFIG_FILE, DONE_MARKER, RESUME_MARKER, RunLock, atomic_write, best_checkpoint,
+                                find_checkpoint, write_end_marker)
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
 from dfcvae_dist.training.recipes import LossHealth, StepResult, set_lr
@@ -44,21 +45,52 @@ from dfcvae_dist.training.state import TrainerState
 from dfcvae_dist.training.tracking import Tracker, code_version
 
 
+class StopRequested(BaseException):
+    """A stop signal where the trainer stops at once (`StopFlag.interrupting`); not an Exception, so that no
+    library's error handling swallows it."""
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT (what torchrun and accelerate forward to ranks; a notebook's interrupt) while a
-    `fit()` runs; ranks agree on it at sync steps. `restore()` gives the signals back to their earlier handlers.
-    Off the main thread, where Python cannot take signals, it stays unset."""
+    `Trainer` sets up or a `fit()` runs; ranks agree on it at sync steps. Inside `interrupting()` a stop request,
+    already there or arriving, raises StopRequested instead, which also ends a read blocked on a hung
+    filesystem. `restore()` gives the signals back to their earlier handlers. Off the main thread, where
+    Python cannot take signals, it stays unset."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.raising, self.signal = False, False, ""
         self.earlier = {}
         if threading.current_thread() is threading.main_thread():
             self.earlier = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested, self.signal = True, signal.Signals(signum).name
+        if self.raising:
+            self.raising = False
+            raise StopRequested(self.signal)
+
+    @contextlib.contextmanager
+    def interrupting(self) -> Iterator[None]:
+        try:
+            self.raising = True
+            if self.requested:
+                raise StopRequested(self.signal)
+            yield
+        finally:
+            self.raising = False
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Inside `interrupting()`: what must not be cut off in the middle; a stop request raises after it."""
+        raising, self.raising = self.raising, False
+        try:
+            yield
+        finally:
+            self.raising = raising
+        if raising and self.requested:
+            raise StopRequested(self.signal)
 
     def restore(self) -> None:
         for sig, handler in self.earlier.items():
@@ -123,16 +155,24 @@ class Trainer:
                                                   train.threads)
         self.console = Console(stderr=True, quiet=not acc.is_main_process, soft_wrap=True)  # no breaks in paths
         self.run_dir = Path(train.run_dir)
-        self.lock = RunLock(self.run_dir)
+        self.lock = RunLock(self.run_dir, train.lock_stale_s)
         self.hold_run_dir()
         self.tracker: Tracker | None = None
         self.progress: ProgressReporter | None = None
         self.fitted = False
+        self.stop = StopFlag()  # a stop request ends setup at once
         try:
-            self.set_up()
+            with self.stop.interrupting():
+                self.set_up()
+        except StopRequested:
+            self.abandon("KILLED")
+            raise UserError(f"stopped by {self.stop.signal} while setting up, before the first step of this launch; "
+                            f"{self.run_dir / RESUME_MARKER} says where to resume") from None
         except BaseException:
             self.abandon()
             raise
+        finally:
+            self.stop.restore()
 
     def set_up(self) -> None:
         """Everything after the run directory is ours: data, recipe, checkpointer, state, tracker."""
@@ -145,14 +185,15 @@ class Trainer:
             self.recipe = self.family.build_recipe(cfg, acc, self.health, self.memory_format)
         best = next((m for m in self.family.metrics(cfg) if m.name == cfg.checkpoint.keep_best), None)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep,
-                                         self.data.total_steps, acc, best)
+                                         self.data.total_steps, acc, best, guard=self.lock.check)
         self.changed: list[tuple[str, object, object]] = []  # resume-safe keys changed since the checkpoint
+        self.resumed_from: tuple[Path, str | None] | None = None  # another run directory's checkpoint, its MLflow run
         self.state = self.resume()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / DONE_MARKER).unlink(missing_ok=True)  # an earlier launch's: this one is not done yet
             atomic_write(self.run_dir / CONFIG_FILE, cfg.to_yaml())
-        self.tracker = self.start_tracking()
+        self.start_tracking()
         self.fixed_z = torch.randn(16, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234))
         self.fixed_images = None  # the same faces at every image step, read once (DCGAN reconstructs nothing)
         if self.tracker.logging and self.family.encodes:
@@ -164,8 +205,16 @@ class Trainer:
         self.describe()
 
     def abandon(self, status: str = "FAILED") -> None:
-        """After an error: the tracked run ends as FAILED, and the run directory and accelerate are free for the
-        next launch (also in this process)."""
+        """After an error (FAILED) or a stop request during setup (KILLED, and RESUME_ME.json naming the newest
+        checkpoint, so that a preempted Slurm job is requeued): the tracked run ends so, and the run directory and
+        accelerate are free for the next launch (also in this process)."""
+        if status == "KILLED" and self.accelerator.is_main_process and self.lock.held:
+            self.lock.check()
+            state = getattr(self, "state", None)
+            write_end_marker(self.run_dir, True, {
+                "step": state.step if state else None, "stopped_early": True, "reason": "stop_requested",
+                "mlflow_run_id": state.mlflow_run_id if state else None,
+                "checkpoint": str(find_checkpoint(self.run_dir, "auto"))})
         if self.tracker is not None:
             self.tracker.end(status)  # as it really ended, within log.flush_timeout_s
         self.lock.release()
@@ -197,21 +246,39 @@ class Trainer:
         stopping, early = False, self.patience_exhausted()  # a resumed run that had stopped early stays stopped
         while s.step < data.total_steps and not (stopping or early):
             set_lr(self.recipe.optimizers, self.cfg.optim.lr * self.cfg.optim.lr_decay_per_epoch ** s.epoch)
-            for micro_batches, damaged in data.steps(s.epoch, s.batch_in_epoch, acc.device, self.memory_format):
-                result = self.recipe.train_step(micro_batches, s.step + 1)
-                s.advance(result.skipped, damaged)  # only the first epoch of a launch may start mid-way
-                self.log_step(result)
-                if data.val is not None and s.step % self.cfg.train.val_every_steps == 0:
-                    early = self.validate()
-                if s.step % self.cfg.train.sync_every_steps == 0 or self.checkpointer.due(s.step):
-                    stopping = self.health.agree(self.stop.requested)  # the step's only collective (with logging)
-                if (stopping or self.checkpointer.due(s.step)) and not early:  # an early stop saves in finish()
-                    self.save()
-                if stopping or early or s.step == data.total_steps:
-                    break
+            try:
+                for micro_batches, damaged in self.batches(data.steps(s.epoch, s.batch_in_epoch, acc.device,
+                                                                      self.memory_format)):
+                    result = self.recipe.train_step(micro_batches, s.step + 1)
+                    s.advance(result.skipped, damaged)  # only the first epoch of a launch may start mid-way
+                    self.log_step(result)
+                    if data.val is not None and s.step % self.cfg.train.val_every_steps == 0:
+                        early = self.validate()
+                    if s.step % self.cfg.train.sync_every_steps == 0 or self.checkpointer.due(s.step):
+                        stopping = self.health.agree(self.stop.requested)  # the step's only collective (with logging)
+                    if (stopping or self.checkpointer.due(s.step)) and not early:  # an early stop saves in finish()
+                        self.save()
+                    if stopping or early or s.step == data.total_steps:
+                        break
+            except StopRequested:  # one process, waiting for its next batch: it stops after its last whole step
+                stopping = True
         self.progress.stop()
         reason = "early_stop" if early else "stop_requested" if stopping and s.step < data.total_steps else "completed"
         return self.finish(reason)
+
+    def batches(self, steps: Iterator) -> Iterator:
+        """`steps`; in a one-process run a stop request ends the wait for the next one at once (a hung read, or a
+        long search for good samples) with StopRequested. Several ranks wait for the agreed step instead: the
+        others may already be inside the next step's collectives, which a rank leaving now would hang."""
+        if self.accelerator.num_processes > 1:
+            yield from steps
+            return
+        while True:
+            with self.stop.interrupting():
+                item = next(steps, None)
+            if item is None:
+                return
+            yield item
 
     def validate(self) -> bool:
         """The validation loss, logged and shown to the checkpointer; True when early stopping's patience ran out."""
@@ -272,6 +339,7 @@ class Trainer:
                    "skipped_samples": damaged,
                    "img_per_s": self.progress.img_per_s(s.step), "wall_time_s": round(self.wall_time_s(), 3),
                    "config_digest": s.config_digest}
+        self.lock.check()
         record_rank(self.run_dir, acc.process_index, self.recipe.module, self.data.stream)
         if acc.is_main_process:  # before any final tracking call: a hung server must not cost the marker
             write_end_marker(self.run_dir, stopped_early, summary)
@@ -305,8 +373,11 @@ class Trainer:
 
     def hold_run_dir(self) -> None:
         """The main process takes the run directory's lock before anything reads or writes there; every
-        rank learns the outcome, so a second launch on a busy directory stops at once on all of them."""
-        on_main_then_all(self.accelerator, self.lock.acquire)
+        rank learns the outcome, so a second launch on a busy directory stops at once on all of them. The other
+        ranks then follow the lock, so that all of them stop at once if another launch takes it over."""
+        token = on_main_then_all(self.accelerator, self.lock.acquire)
+        if not self.accelerator.is_main_process:
+            self.lock.follow(token)
 
     def resume(self) -> TrainerState:
         """The state to start from: fresh, or that of the checkpoint the main process picked, loaded on every rank."""
@@ -333,6 +404,8 @@ class Trainer:
             raise UserError(f"{checkpoint}: checkpoint refused or unreadable ({one_line(err, 300)})") from None
         saved.config_digest, saved.feature_weights = state.config_digest, state.feature_weights
         saved.data_digest = state.data_digest
+        if checkpoint.resolve().parent.parent != self.run_dir.resolve():  # another run's: a new MLflow run
+            self.resumed_from, saved.mlflow_run_id = (checkpoint, saved.mlflow_run_id), None
         if saved.best_metric != state.best_metric:  # checkpoint.keep_best changed: its best starts anew
             saved.best_metric, saved.best_value, saved.best_step, saved.validations_since_best = \
                 state.best_metric, None, 0, 0
@@ -354,9 +427,11 @@ class Trainer:
             self.console.print(f"resume: {key} changed from {old!r} to {new!r}")
         return safe
 
-    def start_tracking(self) -> Tracker:
+    def start_tracking(self) -> None:
+        """The tracker; a new MLflow run gets its params, config and data, every launch its tags."""
         cfg, s, acc = self.cfg, self.state, self.accelerator
-        tracker = Tracker(cfg, acc, s.mlflow_run_id, resumed_step=s.step)
+        with self.stop.deferred():  # a run half created could not be ended: a stop waits until it exists
+            self.tracker = tracker = Tracker(cfg, acc, s.mlflow_run_id, resumed_step=s.step, guard=self.lock.check)
         manifest = manifest_of(cfg.data.shards) if tracker.active else None
         if not s.mlflow_run_id:
             tracker.log_params(family_params(cfg))
@@ -371,11 +446,11 @@ class Trainer:
                           "world_size": acc.num_processes, "precision": acc.mixed_precision,
                           **feature_network_tags(self.recipe.feature_network), "code_version": code_version(),
                           "distributed_type": str(acc.distributed_type), **slurm_tags(),
-                          **{f"resume.step{s.step}.{key}": f"{old!r} -> {new!r}" for key, old, new in self.changed}})
+                          **{f"resume.step{s.step}.{key}": f"{old!r} -> {new!r}" for key, old, new in self.changed},
+                          **resumed_from_tags(self.resumed_from)})
         if s.feature_weights.startswith("random"):
             self.console.print(f"[bold yellow]WARNING: the {cfg.loss.network} loss network has RANDOM weights: not the "
                                "paper's loss[/]")
-        return tracker
 
     def describe(self) -> None:
         cfg, data, world = self.cfg, self.data, self.accelerator.num_processes
@@ -492,6 +567,14 @@ def feature_network_tags(network) -> dict:
     return {"feature_network": network.network, "feature_network_dtype": str(network.dtype),
             "feature_network_weights": network.weights_source,
             "feature_network_random": network.weights_source.startswith("random")}
+
+
+def resumed_from_tags(resumed_from: tuple[Path, str | None] | None) -> dict:
+    """A run started from another run directory's checkpoint names it, and that run's MLflow run."""
+    if resumed_from is None:
+        return {}
+    checkpoint, run_id = resumed_from
+    return {"resumed_from": str(checkpoint), **({"resumed_from_run_id": run_id} if run_id else {})}
 
 
 def slurm_tags() -> dict:
