@@ -29,9 +29,20 @@ from dfcvae_dist.errors import UserError
 # The shipped configs: a link to the top-level configs/ in a checkout, package data in an installed wheel.
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 NULL_TAG = "tag:yaml.org,2002:null"
+
+
+class Renamed(typing.NamedTuple):
+    """A key renamed together with its values: `values` maps each old value (read by the old key's type, the type
+    of its keys) to the new key's."""
+
+    key: str
+    values: dict
+
+
 # Keys that were renamed: config files, overrides and run directories written with the old name keep loading.
 RENAMED_KEYS = {"loss.vgg_weights": "loss.network_weights", "loss.vgg_dtype": "loss.network_dtype",
-                "loss.vgg_seed": "loss.network_seed"}
+                "loss.vgg_seed": "loss.network_seed",
+                "loss.compile": Renamed("train.compile", {True: "loss", False: "off"})}
 
 
 # Upper bounds of the keys without a natural one: a value past them would fail at run time (numpy takes seeds below
@@ -104,9 +115,6 @@ class LossConfig:
                              "(formerly loss.vgg_dtype).", choices=["auto", "fp32", "fp16", "bf16"])
     network_seed: int = opt(0, "Seed of the random network weights (network_weights=random; formerly "
                             "loss.vgg_seed).", min=0, max=SEED_MAX)
-    compile: bool = opt(False, "torch.compile the loss network and its distances (fuses the elementwise work "
-                        "around the convolutions; same values and gradients as eager; docs/performance.md). "
-                        "Compiling takes ~20 s at start.", resume_safe=True)
     adversarial_weight: float = opt(1.0, "dfcvae-gan: weight of the adversarial term (the decoder's non-saturating "
                                     "GAN loss on reconstructions and samples) beside alpha x KL + beta x perceptual.",
                                     min=0.0, max=WEIGHT_MAX)
@@ -162,6 +170,11 @@ class TrainConfig:
                               resume_safe=True)
     on_nonfinite: str = opt("stop", "NaN/Inf loss: stop (error naming step and rank) or skip the step.",
                             choices=["stop", "skip"], resume_safe=True)
+    compile: str = opt("off", "torch.compile: off; loss (the loss network and its distances: fuses the elementwise "
+                       "work around the convolutions); step (forward, loss, backward and the optimizer step, with "
+                       "CUDA graphs on one GPU; formerly loss.compile). Compiling takes seconds to a minute at start "
+                       "and needs a C++ compiler on CPU, Triton on GPU (docs/performance.md).",
+                       choices=["off", "loss", "step"], resume_safe=True)
     collective_timeout_s: int = opt(300, "Timeout of collectives; a dead rank ends the job after it.", min=1,
                                     max=WEEK_S,
                                     resume_safe=True)
@@ -320,7 +333,8 @@ def read_value(dotted: str, text: str, source: str) -> Any:
     """One key's value from its text, read and checked as a command-line override's is (`train.seed`, `00` -> 0)."""
     cfg = Config()
     _set(cfg, dotted, text, source)
-    section, _, key = RENAMED_KEYS.get(dotted, dotted).partition(".")
+    renamed = RENAMED_KEYS.get(dotted, dotted)
+    section, _, key = (renamed if isinstance(renamed, str) else renamed.key).partition(".")
     return getattr(getattr(cfg, section), key)
 
 
@@ -415,7 +429,7 @@ def _check_section(section: str, source: str) -> dataclasses.Field:
 
 def _set(cfg: Config, dotted: str, value: yaml.Node | str, source: str) -> None:
     """Set one key from a file's YAML node or an override's text."""
-    dotted = RENAMED_KEYS.get(dotted, dotted)
+    dotted, value = _renamed(dotted, value, source)
     section, _, key = dotted.partition(".")
     _check_section(section, source)
     sub = getattr(cfg, section)
@@ -424,6 +438,15 @@ def _set(cfg: Config, dotted: str, value: yaml.Node | str, source: str) -> None:
         raise UserError(f"{source}: unknown key '{dotted}'{_suggest(key, fields, section + '.')}")
     hint = typing.get_type_hints(type(sub))[key]
     setattr(sub, key, _check_value(dotted, _typed(dotted, value, hint, source), fields[key].metadata, source))
+
+
+def _renamed(dotted: str, value: yaml.Node | str, source: str) -> tuple[str, yaml.Node | str]:
+    """The key's current name, and its value in the current key's terms."""
+    renamed = RENAMED_KEYS.get(dotted, dotted)
+    if isinstance(renamed, str):
+        return renamed, value
+    old = _typed(dotted, value, type(next(iter(renamed.values))), source)
+    return renamed.key, renamed.values[old]
 
 
 def _suggest(name: str, options: typing.Iterable[str], prefix: str = "") -> str:

@@ -45,6 +45,8 @@ TRAINING = [
     Metric("train/img_per_s", "training throughput since the previous log step, all ranks together", "images / s"),
     Metric("train/skipped_steps", "optimizer steps skipped so far for a non-finite loss (`train.on_nonfinite=skip`) "
            "or an fp16 overflow", "steps"),
+    Metric("train/compile_s", "with `train.compile` on: how long the first step of a launch took, compiling "
+           "included (logged once per launch, at its first log step)", "s"),
     Metric("train/skipped_samples", "damaged samples passed over so far, summed over ranks (with "
            "`data.skip_corrupt`)", "samples"),
 ]

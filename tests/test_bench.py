@@ -67,10 +67,14 @@ def test_quick_step_figures_per_round_for_every_variant(quick):
         assert_spread(v["img_s"], rounds, name)
         if name != "plain":
             assert_spread(v["ratio_to_plain"], rounds, name)
-    measured = {name.split("_")[0] for name in t["variants"] if name != "plain"}
+    measured = {v["settings"]["precision"] for name, v in t["variants"].items() if name.split("_")[0] in PRECISIONS}
     assert measured | set(t["skipped"]) == set(PRECISIONS) and not measured & set(t["skipped"])
     assert all(reason.strip() for reason in t["skipped"].values())
     assert positive(t["gflop_per_img"]) and t["plain_gflop_per_img"] > t["gflop_per_img"]
+    assert t["variants"]["fp32_eager"]["gflop_per_img"] == t["gflop_per_img"]
+    assert t["variants"]["default_345"]["settings"] == {"precision": "fp32", "network_dtype": "fp32", "compile": "off",
+                                                       "layers": "345"}  # the trainer's default on CPU, 345 loss
+    assert t["variants"]["default_345"]["gflop_per_img"] > t["gflop_per_img"]  # relu5_1 is deeper than relu3_1
 
 
 @pytest.mark.slow

@@ -311,17 +311,40 @@ def test_shards_of_another_image_size_are_named_before_any_step(tmp_path, shard_
 
 
 def test_a_quiet_step_issues_no_host_sync_and_no_collective(tmp_path, shard_dir):
-    """2 processes: a step that neither logs nor checkpoints waits for nothing of ours; the counter does see
-    the agreement on stop/non-finite state (every train.sync_every_steps) and the logging."""
+    """2 processes: a step that neither logs nor checkpoints waits for nothing of ours and makes no tensor from host
+    data (on a GPU, a blocking copy); the counter does see the agreement on stop/non-finite state (every
+    train.sync_every_steps), the logging, and the tensors the end of the run makes from host counters."""
     from dfcvae_dist.bench.step_overhead import measure
 
     profile = measure(shard_dir, tmp_path)
     assert profile["world_size"] == 2 and profile["quiet_steps"] == [2, 3, 4, 7, 8, 9]
-    assert profile["host_syncs"] == 0 and profile["collectives"] == 0
+    assert profile["host_syncs"] == 0 and profile["collectives"] == 0 and profile["host_to_device_copies"] == 0
     steps = profile["per_step"]
     assert steps[6]["collectives"] == 1 and steps[6]["host_syncs"] == 1  # the agreement: one all-reduce, one read
     assert steps[5]["collectives"] == 1 and steps[5]["host_syncs"] == 1  # the metrics of a log step
+    assert steps[10]["host_to_device_copies"] > 0  # the end: tensors of the damaged-sample counters, summed
     assert all(steps[s]["ddp_buffer_broadcasts"] == 1 for s in steps)  # DDP's own, counted apart
+
+
+def test_a_compiled_step_run_resumes_bit_exactly_and_keeps_its_graphs_across_the_epoch(tmp_path, shard_dir):
+    """train.compile=step on CPU (inductor, no CUDA graphs): a run resumed in a new process from the step-6
+    checkpoint of an uninterrupted one ends with the same parameters, bit for bit; the learning rate halves after
+    step 10 (10 steps per epoch) without a recompile, since it is a tensor the compiled optimizer step reads."""
+    small = ["train.compile=step", "model.base_channels=8", "model.latent_dim=16", "train.batch_size=32",
+             "train.max_steps=12", "checkpoint.every_steps=6", "log.every_steps=4", "log.enabled=false"]
+    logs = {"TORCH_LOGS": "recompiles"}
+    straight = train(tmp_path, shard_dir, tmp_path / "straight", *small, env=logs)
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-00000006"
+    resumed = train(tmp_path, shard_dir, tmp_path / "resumed", *small, f"train.resume={checkpoint}", env=logs)
+    assert f"resumed from {checkpoint} at step 6" in resumed.stderr and "10 steps per epoch" in straight.stderr
+    for proc in (straight, resumed):
+        assert "train.compile=step: the first step took" in proc.stderr and "Recompiling" not in proc.stderr
+    digests = [json.loads((tmp_path / run / "ranks" / "rank-0.json").read_text())["params_sha256"]
+               for run in ("straight", "resumed")]
+    assert digests[0] == digests[1]
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000012" / "weights.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000012" / "weights.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # BatchNorm's running statistics too
 
 
 def test_torchrun_with_a_webdataset_url_pattern(tmp_path, shard_dir):

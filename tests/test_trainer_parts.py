@@ -2,6 +2,7 @@
 resume starts, and each recipe's optimizer step."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,14 +13,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from dfcvae_dist.config import load_config
+from dfcvae_dist.config import OptimConfig, load_config
 from dfcvae_dist.distributed import resolve_precision
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.families import get_family
 from dfcvae_dist.metrics import Metric
 from dfcvae_dist.rundir import STATE_FILE, find_checkpoint
 from dfcvae_dist.training.checkpoint import Checkpointer
-from dfcvae_dist.training.recipes import LossHealth, NonFiniteLoss
+from dfcvae_dist.training import recipes
+from dfcvae_dist.training.compiled import CompiledStep
+from dfcvae_dist.training.recipes import LossHealth, NonFiniteLoss, set_lr
+from dfcvae_dist.training.recipes import adam as recipes_adam
 from dfcvae_dist.training.state import TrainerState
 
 
@@ -129,6 +133,90 @@ def test_an_fp16_scaler_overflow_skips_the_step_without_tripping_the_loss_health
     assert acc.scaler.get_scale() < 2.0 ** 127 and not trained.health.agree(stop_requested=False)  # no NonFiniteLoss
     acc.scaler.update(1.0)
     assert not trained.train_step([torch.rand(4, 3, 32, 32)], step=2).skipped
+
+
+@pytest.mark.parametrize("family", ["pvae", "dcgan"])
+def test_a_fused_optimizer_takes_the_fp16_overflow_on_the_device_and_the_step_reports_it(accelerator, monkeypatch,
+                                                                                        family):
+    # The fused Adam the recipes build on CUDA, here on CPU (torch has it there too): the GradScaler hands it
+    # found_inf instead of reading it, so the step is not skipped on the host but flagged on the device
+    acc = accelerator()
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    monkeypatch.setattr(recipes, "adam", lambda module, cfg, device=None, compiled=False:
+                        recipes_adam(module, cfg, torch.device("cuda")))  # only the choice of kind reads the device
+    trained = recipe(acc, family)
+    assert all(o.optimizer.defaults["fused"] for o in trained.optimizers)
+    params = {k: v.detach().clone() for k, v in trained.module.named_parameters()}
+    result = trained.train_step([torch.rand(4, 3, 32, 32)], step=1)
+    assert not result.skipped and result.overflow.dtype == torch.bool and result.overflow
+    assert all(torch.equal(params[k], v) for k, v in trained.module.named_parameters())  # the kernel left them
+    assert not trained.health.agree(stop_requested=False)
+    acc.scaler.update(1.0)
+    result = trained.train_step([torch.rand(4, 3, 32, 32)], step=2)
+    assert not result.skipped and not result.overflow
+    assert any(not torch.equal(params[k], v) for k, v in trained.module.named_parameters())
+
+
+def test_an_optimizer_keeps_its_implementation_when_it_loads_another_ones_state():
+    """train.compile is resume-safe, and older checkpoints load: torch takes the saved param groups whole
+    (implementation flags and learning rate), and `recipes.adam` puts its own back."""
+    net = torch.nn.Linear(3, 2)
+    net(torch.randn(4, 3)).sum().backward()
+    eager = recipes_adam(net, OptimConfig(lr=1e-3))
+    eager.step()
+    compiled = recipes_adam(net, OptimConfig(lr=5e-4), compiled=True)
+    lr = compiled.param_groups[0]["lr"]
+    compiled.load_state_dict(eager.state_dict())
+    group = compiled.param_groups[0]
+    assert group["lr"] is lr and lr.item() == pytest.approx(1e-3) and group["capturable"] and group["foreach"]
+    set_lr([compiled], 2.5e-4)  # in place: a compiled step reads the same tensor
+    assert group["lr"] is lr and lr.item() == pytest.approx(2.5e-4)
+    eager.load_state_dict(compiled.state_dict())
+    group = eager.param_groups[0]
+    assert group["lr"] == pytest.approx(2.5e-4) and not isinstance(group["lr"], torch.Tensor)
+    assert not group["capturable"] and eager.state[net.weight]["step"].device.type == "cpu"
+    eager.step()  # a foreach, non-capturable Adam refuses a tensor learning rate and capturable steps on CPU
+
+
+@pytest.mark.parametrize("family", ["dcgan", "dfcvae-gan"])
+def test_compiling_the_step_falls_back_in_one_line_for_two_network_families(accelerator, caplog, family):
+    with caplog.at_level(logging.WARNING):
+        trained = recipe(accelerator(), family, "stop", "train.compile=step")
+    assert [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()] == [
+        f"train.compile=step: model.name={family} steps two networks in turn, each with its own optimizer; falling "
+        "back to train.compile=loss (its feature network, if any)"]
+    if family == "dfcvae-gan":
+        assert trained.compiled == "loss" and trained.reconstruction._compiled_call_impl is not None
+
+
+def test_a_compiled_step_runs_a_batch_of_another_size_eagerly_and_a_new_learning_rate_recompiles_nothing():
+    import torch._dynamo.utils
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    optimizer = recipes_adam(net, OptimConfig(lr=1e-2), compiled=True)
+    said = []
+    step = CompiledStep(lambda x: {"total": (net(x) - x).square().mean()}, list(net.parameters()), optimizer, 1.0, 4,
+                        graphs=False, updates=True, say=said.append)
+    frames = torch._dynamo.utils.counters["frames"]
+
+    def train(batch: int) -> torch.Tensor:
+        step.begin()
+        step.losses(torch.randn(batch, 8))["total"].backward()
+        norm = step.grad_norm()
+        step.optimizer_step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    train(4)
+    compiled = frames["total"]
+    set_lr([optimizer], 5e-3)
+    before = [p.detach().clone() for p in net.parameters()]
+    assert train(4) > 0 and frames["total"] == compiled  # nothing traced anew
+    assert all(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    train(3)
+    assert frames["total"] == compiled and said == [
+        "train.compile=step: a batch of 3 images, not train.batch_size=4: its forward and backward run eagerly"]
 
 
 @pytest.mark.parametrize("family", ["dcgan", "dfcvae-gan"])

@@ -28,7 +28,8 @@ class BenchSettings:
     loader_rounds: int = 3
     block_s: float = 1.0  # seconds of calls per timed step block (at least one call)
     kernel_block_s: float = 0.5  # the same for each machine-limit kernel
-    compile_variants: list[bool] = field(default_factory=lambda: [True, False])  # loss.compile on / off
+    # train.compile modes of the <precision>_<mode> variants; the first one's fp32 variant is the headline
+    compile_variants: list[str] = field(default_factory=lambda: ["loss", "off", "step"])
     loader_workers: list[int] = field(default_factory=lambda: [1, 2])
     loader_batches: int = 80  # batches per loader pass
     synthetic_images: int = 2000
@@ -39,7 +40,7 @@ class BenchSettings:
         workers = [1, 2] if device == "cpu" else [w for w in (1, 2, 4, 8) if w <= (os.cpu_count() or 1)]
         if quick:
             return cls(device, True, batch=16, rounds=2, loader_rounds=2, block_s=0.05, kernel_block_s=0.05,
-                       compile_variants=[False], loader_workers=[1], loader_batches=8, synthetic_images=400,
+                       compile_variants=["off"], loader_workers=[1], loader_batches=8, synthetic_images=400,
                        svm_n=svm_n or 20_000)
         block_s = 1.0 if device == "cpu" else 0.2
         return cls(device, False, block_s=block_s, loader_workers=workers, svm_n=svm_n or cls.svm_n)
@@ -51,50 +52,52 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def variant_name(precision: str, compiled: bool) -> str:
-    return f"{precision}_{'compiled' if compiled else 'eager'}"
+def variant_name(precision: str, compile_mode: str) -> str:
+    return f"{precision}_{step.COMPILE_NAMES[compile_mode]}"
 
 
-def precision_of(variant: str) -> str:
-    return "fp32" if variant == "plain" else variant.split("_")[0]
-
-
-def timed_rounds(s: BenchSettings) -> tuple[dict, dict, dict]:
-    """Our step in every precision worth timing here, with and without loss.compile, the plain fp32
-    reference, and the machine-limit kernels of each precision, all interleaved in the same rounds.
-    Returns (variant -> img/s per round, precision -> kernel -> GFLOP/s per round, skipped precision -> why)."""
+def timed_rounds(s: BenchSettings) -> tuple[dict, dict, dict, dict]:
+    """Our step in every precision worth timing here and each of `s.compile_variants`, the trainer's defaults on
+    this device, the plain fp32 reference, and the machine-limit kernels of each precision, all interleaved in the
+    same rounds. Returns (variant -> img/s per round, precision -> kernel -> GFLOP/s per round, skipped
+    precision -> why, variant -> its settings)."""
     device = torch.device(s.device)
     skipped = {p: reason for p in step.PRECISIONS if (reason := step.slow_precision_reason(device, p))}
     measured = [p for p in step.PRECISIONS if p not in skipped]
-    steps = {"plain": rate_per_round(step.train_step(device, s.batch, s.image_size, plain=True), s.batch, 2,
-                                     s.block_s)}
-    for precision in measured:
-        for compiled in s.compile_variants:
-            fn = step.train_step(device, s.batch, s.image_size, precision, compiled)
-            steps[variant_name(precision, compiled)] = rate_per_round(fn, s.batch, 2, s.block_s)
+    variants = step.step_variants(device, measured, s.compile_variants)
+    steps = {"plain": rate_per_round(step.plain_step(device, s.batch, s.image_size), s.batch, 2, s.block_s)}
+    for name, variant in variants.items():  # warm-up: compiling, and under CUDA graphs recording at the second call
+        steps[name] = rate_per_round(step.train_step(device, s.batch, s.image_size, variant), s.batch, 3, s.block_s)
     limits = {p: kernels.kernel_rates(device, p, s.quick, s.kernel_block_s) for p in measured}
     rates = interleaved({**steps, **{k: fn for p in measured for k, fn in limits[p].items()}}, s.rounds)
-    return ({n: rates[n] for n in steps}, {p: {k: rates[k] for k in limits[p]} for p in measured}, skipped)
+    settings = {name: v.settings() for name, v in variants.items()}
+    return ({n: rates[n] for n in steps}, {p: {k: rates[k] for k in limits[p]} for p in measured}, skipped, settings)
 
 
-def train_step_section(s: BenchSettings, rates: dict[str, list[float]], skipped: dict[str, str]) -> dict:
-    """img/s of each variant and its paired ratio to the plain reference; `headline` is the like-for-like
-    one (fp32)."""
+def train_step_section(s: BenchSettings, rates: dict[str, list[float]], skipped: dict[str, str],
+                       settings: dict[str, dict]) -> dict:
+    """img/s of each variant, its paired ratio to the plain reference, its settings and FLOPs per image;
+    `headline` is the like-for-like one (fp32)."""
     device = torch.device(s.device)
+    flops = {layers: step.step_flops_per_image(device, s.batch, s.image_size, layers=layers) / 1e9
+             for layers in {v["layers"] for v in settings.values()}}
     variants = {name: {"img_s": spread(r)} for name, r in rates.items()}
     for name in variants.keys() - {"plain"}:
-        variants[name]["ratio_to_plain"] = paired_ratio(rates[name], rates["plain"])
-    ours, plain = (step.step_flops_per_image(device, s.batch, s.image_size, plain=p) / 1e9 for p in (False, True))
+        variants[name].update(ratio_to_plain=paired_ratio(rates[name], rates["plain"]), settings=settings[name],
+                              gflop_per_img=flops[settings[name]["layers"]])
+    plain = step.step_flops_per_image(device, s.batch, s.image_size, plain=True) / 1e9
+    variants["plain"].update(settings={"precision": "fp32"}, gflop_per_img=plain)
     return {"headline": variant_name("fp32", s.compile_variants[0]), "variants": variants, "skipped": skipped,
-            "gflop_per_img": ours, "plain_gflop_per_img": plain, "flop_ratio": plain / ours}
+            "gflop_per_img": flops["123"], "plain_gflop_per_img": plain, "flop_ratio": plain / flops["123"]}
 
 
 def limit_section(train: dict, step_rates: dict[str, list[float]], kernel_rates: dict[str, dict]) -> dict:
-    """Each variant's counted FLOP rate as a fraction of the best kernel in its precision."""
+    """Each variant's counted FLOP rate as a fraction of the best kernel in its model's precision."""
     fractions = {}
     for name, rates in step_rates.items():
-        per_img = train["plain_gflop_per_img"] if name == "plain" else train["gflop_per_img"]
-        fractions[name] = kernels.fraction_of_peak(per_img, rates, kernel_rates[precision_of(name)])
+        variant = train["variants"][name]
+        fractions[name] = kernels.fraction_of_peak(variant["gflop_per_img"], rates,
+                                                   kernel_rates[variant["settings"]["precision"]])
     return {"kernel_gflops": {p: {k: spread(v) for k, v in ks.items()} for p, ks in kernel_rates.items()},
             "fractions": fractions, **fractions[train["headline"]],
             "above_peak": sorted(name for name, f in fractions.items() if f["above_peak"])}
@@ -118,8 +121,9 @@ def loader_section(s: BenchSettings, work: Path) -> dict:
 
 def paper_phase_section(train: dict, loader: dict) -> dict:
     """Wall time of the paper's training (5 epochs of CelebA's train split) in one process here: the fastest
-    step variant, unless the loader at its best worker count is slower."""
-    ours = {n: v["img_s"]["median"] for n, v in train["variants"].items() if n != "plain"}
+    step variant with the 123 loss, unless the loader at its best worker count is slower."""
+    ours = {n: v["img_s"]["median"] for n, v in train["variants"].items()
+            if n != "plain" and v["settings"]["layers"] == "123"}
     fastest = max(ours, key=ours.get)
     workers = max(loader["npy_img_s_by_workers"], key=lambda w: loader["npy_img_s_by_workers"][w]["median"])
     loader_img_s = loader["npy_img_s_by_workers"][workers]["median"]
@@ -159,8 +163,8 @@ def run(s: BenchSettings, say=print) -> dict:
         say("making synthetic data ...")
         make_data(s, work)
         say("training step (ours and the plain reference) and machine-limit kernels, interleaved ...")
-        step_rates, kernel_rates, skipped = timed_rounds(s)
-        r["train_step"] = train_step_section(s, step_rates, skipped)
+        step_rates, kernel_rates, skipped, settings = timed_rounds(s)
+        r["train_step"] = train_step_section(s, step_rates, skipped, settings)
         r["limit"] = limit_section(r["train_step"], step_rates, kernel_rates)
         say("data loading ...")
         r["loader"] = loader_section(s, work)
@@ -179,7 +183,7 @@ def run(s: BenchSettings, say=print) -> dict:
 
 def step_overhead_section(s: BenchSettings, work: Path) -> dict:
     if s.quick:
-        return {"host_syncs": None, "collectives": None,
+        return {"host_syncs": None, "collectives": None, "host_to_device_copies": None,
                 "skipped": "--quick: a 2-process run (tests/test_train.py asserts the same counts)"}
     nproc = 2 if s.device == "cpu" else min(2, torch.cuda.device_count())  # one process per GPU
     profile = step_overhead.measure(work / "shards-npy", work, image_size=s.image_size, nproc=nproc)

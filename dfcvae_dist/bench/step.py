@@ -1,8 +1,10 @@
-"""The training step as the trainer runs it (truncated VGG, targets under no_grad, channels-last, autocast,
-optionally the compiled loss) and a plain reference step, on any device, in any precision."""
+"""The training step as the trainer runs it (truncated VGG, targets under no_grad, channels-last, autocast, the
+trainer's Adam and gradient norm, `train.compile` off, loss or step) and a plain reference step, on any device, in
+any precision."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -11,13 +13,45 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dfcvae_dist.bench.timing import sustained_seconds
+from dfcvae_dist.config import OptimConfig
 from dfcvae_dist.imagenet import PAPER_LAYERS, imagenet_normalize
 from dfcvae_dist.losses import FeaturePerceptualLoss, load_network, vae_loss
 from dfcvae_dist.losses.feature_networks import vgg_relu_nodes
 from dfcvae_dist.models import VAE, init_weights
+from dfcvae_dist.training.compiled import CompiledStep
+from dfcvae_dist.training.recipes import adam
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FEATURE_SCALE = 57.6  # the trainer's scale for random VGG weights; it does not change the cost
+COMPILE_NAMES = {"off": "eager", "loss": "compiled", "step": "step"}  # in variant names; compiled: the loss only
+
+
+@dataclass(frozen=True)
+class StepVariant:
+    """One way a user runs our step: the model's autocast (`train.mixed_precision`), the loss network's dtype
+    (`loss.network_dtype`), `train.compile` and the paper's loss (`123` or `345`)."""
+
+    precision: str = "fp32"
+    network_dtype: str = "fp32"
+    compile: str = "off"
+    layers: str = "123"
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+def step_variants(device: torch.device, precisions: list[str], compile_modes: list[str]) -> dict[str, StepVariant]:
+    """`<precision>_<eager|compiled|step>`: model and loss network in one precision, in each compile mode; and what
+    the trainer runs by default on this device (fp32 model, loss network fp16 on CUDA, fp32 on CPU, no compiling),
+    as `default` and with `train.compile=step` (`default_step`) where that is not already among them, and with the
+    345 loss (`default_345`)."""
+    variants = {f"{p}_{COMPILE_NAMES[mode]}": StepVariant(p, p, mode) for p in precisions for mode in compile_modes}
+    network = "fp16" if device.type == "cuda" else "fp32"
+    defaults = {"default": StepVariant("fp32", network), "default_step": StepVariant("fp32", network, "step"),
+                "default_345": StepVariant("fp32", network, layers="345")}
+    known = set(variants.values())
+    return {**variants, **{name: v for name, v in defaults.items()
+                           if v not in known and (v.compile in compile_modes or v.compile == "off")}}
 
 
 class PlainReference(nn.Module):
@@ -42,42 +76,70 @@ class PlainReference(nn.Module):
         return sum(F.mse_loss(a, b) for a, b in zip(self.taps_of(x_hat), self.taps_of(x.detach())))
 
 
-def train_step(device: torch.device, batch: int, size: int, precision: str = "fp32", compiled: bool = False,
-               plain: bool = False) -> Callable[[], None]:
-    """One optimizer step of a 64-channel-base VAE on a fixed random batch. Ours: loss network in
-    `precision` (the trainer's loss.network_dtype), the model under autocast (its train.mixed_precision; fp16
-    with a gradient scaler), everything channels-last. Plain: the reference loss in fp32, contiguous."""
+def plain_step(device: torch.device, batch: int, size: int) -> Callable[[], None]:
+    """One optimizer step of the plain reference: its loss in fp32, contiguous, torch's default Adam."""
     torch.manual_seed(0)
-    dtype = PRECISIONS[precision]
     model = init_weights(VAE(size), "normal").to(device)
     x = torch.rand(batch, 3, size, size, device=device)
-    if plain:
-        loss = PlainReference().to(device)
-    else:
-        loss = FeaturePerceptualLoss(list(PAPER_LAYERS["123"]), feature_scale=FEATURE_SCALE, weights="random",
-                                     dtype=dtype).to(device)
-        model, loss = model.to(memory_format=torch.channels_last), loss.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-        if compiled:
-            loss.compile()
+    loss = PlainReference().to(device)
     optimizer = torch.optim.Adam(model.parameters(), 5e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            x_hat, mu, logvar = model(x)
-            total = loss(x, x_hat) if plain else vae_loss(x, x_hat, mu, logvar, 1.0, 0.8, loss)["total"]
+        x_hat, _, _ = model(x)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss(x, x_hat).backward()
+        optimizer.step()
 
     return step
 
 
-def step_flops_per_image(device: torch.device, batch: int, size: int, plain: bool = False) -> float:
+def train_step(device: torch.device, batch: int, size: int, variant: StepVariant = StepVariant()) -> Callable[[], None]:
+    """One optimizer step of a 64-channel-base VAE on a fixed random batch, as the trainer takes it in `variant`:
+    the model under autocast (fp16 with a gradient scaler), everything channels-last, the trainer's Adam (fused on
+    CUDA; capturable with a tensor learning rate under train.compile=step) and its gradient norm."""
+    torch.manual_seed(0)
+    dtype, fp16 = PRECISIONS[variant.precision], variant.precision == "fp16"
+    model = init_weights(VAE(size), "normal").to(device, memory_format=torch.channels_last)
+    x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    loss = FeaturePerceptualLoss(list(PAPER_LAYERS[variant.layers]), feature_scale=FEATURE_SCALE, weights="random",
+                                 dtype=PRECISIONS[variant.network_dtype]).to(device, memory_format=torch.channels_last)
+    if variant.compile == "loss":
+        loss.compile()
+    optimizer = adam(model, OptimConfig(), device, compiled=variant.compile == "step" and not fp16)
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    params = list(model.parameters())
+
+    def losses(images):
+        x_hat, mu, logvar = model(images)
+        return vae_loss(images, x_hat, mu, logvar, 1.0, 0.8, loss)
+
+    compiled = None
+    if variant.compile == "step":
+        compiled = CompiledStep(losses, params, optimizer, None, batch, graphs=device.type == "cuda", updates=not fp16)
+
+    def step():
+        if compiled:
+            compiled.begin()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            total = (compiled.losses if compiled else losses)(x)["total"]
+        scaler.scale(total).backward()
+        if compiled and compiled.updates:
+            compiled.grad_norm()
+            compiled.optimizer_step()
+        else:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def step_flops_per_image(device: torch.device, batch: int, size: int, plain: bool = False,
+                         layers: str = "123") -> float:
     """FLOPs of one eager fp32 step (forward, backward, optimizer) per image, as torch counts them."""
-    step = train_step(device, batch, size, plain=plain)
+    step = plain_step(device, batch, size) if plain else train_step(device, batch, size, StepVariant(layers=layers))
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops() / batch

@@ -2,8 +2,9 @@
 
     dfcvae-bench [--quick] [--device cpu|cuda] [--json benchmarks/cpu-2core.json]
 
-1. training step: ours (fp32, fp16, bf16 autocast; with and without loss.compile) interleaved with a plain
-   reference step (full VGG19 features, two fp32 passes), medians and spread over rounds
+1. training step: ours (fp32, fp16, bf16 autocast; train.compile off, loss and step; the trainer's default on the
+   device, also with the 345 loss) interleaved with a plain reference step (full VGG19 features, two fp32
+   passes), medians and spread over rounds
 2. machine limit: the best sustained rate of a few large matmuls and convolutions; each step as a fraction
 3. data loading: our shards with N workers vs an ImageFolder-style JPEG folder with crop + resize
 4. the paper's training phase (5 epochs x 162,770 images at 64x64): estimated wall time here

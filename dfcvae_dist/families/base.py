@@ -14,7 +14,7 @@ from dfcvae_dist.metrics import Metric
 
 # Config keys only a family with a feature network reads (left out of the others' MLflow params).
 FEATURE_NETWORK_KEYS = {"loss.network", "loss.layers", "loss.layer_weights", "loss.feature_scale",
-                        "loss.network_weights", "loss.network_dtype", "loss.network_seed", "loss.compile"}
+                        "loss.network_weights", "loss.network_dtype", "loss.network_seed"}
 VALIDATION_KEYS = {"train.val_every_steps", "train.val_batches", "data.val_shards"}
 
 

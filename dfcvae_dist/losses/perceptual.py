@@ -34,11 +34,8 @@ class FeaturePerceptualLoss(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: LossConfig, device: torch.device) -> "FeaturePerceptualLoss":
-        loss = cls(cfg.layers, cfg.layer_weights, cfg.feature_scale, cfg.network_weights, cfg.network_seed,
+        return cls(cfg.layers, cfg.layer_weights, cfg.feature_scale, cfg.network_weights, cfg.network_seed,
                    resolve_dtype(cfg.network_dtype, device), cfg.network).to(device)
-        if cfg.compile:
-            loss.compile()
-        return loss
 
     @property
     def weights_source(self) -> str:

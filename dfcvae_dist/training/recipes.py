@@ -11,6 +11,7 @@ gives its weights and decodes samples, so the trainer's loop never asks which mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from dfcvae_dist.config import Config, OptimConfig
 from dfcvae_dist.data.loader import EvalStream, make_loader, model_input
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.losses import FeaturePerceptualLoss, discriminator_loss, generator_loss, vae_loss
+from dfcvae_dist.training.compiled import CompiledStep, captures_graphs, compile_mode, compiles_update, say
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepResult:
     """What one optimizer step gives the loop: detached scalar metrics (device tensors: reading them is the
-    loop's choice, at log steps only), and whether the step was skipped."""
+    loop's choice, at log steps only), whether the step was skipped, and `overflow`: under fp16 with a fused
+    optimizer, whether the GradScaler found inf/NaN gradients and the fused kernel left the weights alone, as a
+    device bool that the loop reads only when it reads anything else (None: the step's fate is `skipped`)."""
 
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: bool = False
+    overflow: torch.Tensor | None = None
 
 
 class NonFiniteLoss(UserError):
@@ -60,7 +65,7 @@ class LossHealth:
         if self.policy == "skip":
             return not nonfinite_ranks(self.accelerator, loss)
         bad = ~torch.isfinite(loss.detach()).all()
-        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+        self.first_bad.masked_fill_(bad & (self.first_bad == 0), step)  # `step` goes to the kernel as an argument
         return True
 
     def agree(self, stop_requested: bool) -> bool:
@@ -121,15 +126,33 @@ def gradients_finite(accelerator, health: "LossHealth", grad_norm: torch.Tensor,
 
 def optimizer_stepped(accelerator, optimizer) -> bool:
     """Steps; False when fp16's GradScaler skipped the step for inf/NaN gradients and lowered its scale
-    (reading that flag costs no host sync of ours: the scaler's step has already read it)."""
+    (reading that flag costs no host sync of ours: the scaler's step has already read it). A fused optimizer
+    always steps: the scaler hands it its verdict on the device (`fp16_overflow`)."""
     optimizer.step()
     return accelerator.scaler is None or not optimizer.step_was_skipped
+
+
+def fp16_overflow(accelerator, optimizer, *grad_norms: torch.Tensor) -> torch.Tensor | None:
+    """Under fp16 with fused optimizers (`optimizer` and any other of the step, built alike), whether a step found
+    inf/NaN gradients (its kernel then left the weights alone), as a device bool: the unscaled gradients hold an
+    inf or NaN exactly when their norm is not finite."""
+    fused = optimizer.optimizer.defaults.get("fused") if hasattr(optimizer, "optimizer") else None
+    if accelerator.scaler is None or not fused:
+        return None
+    return ~torch.isfinite(torch.stack(grad_norms)).all()
 
 
 def set_lr(optimizers, lr: float) -> None:
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)  # in place: a compiled or graphed step reads it where it is
+            else:
+                group["lr"] = lr
+
+
+def current_lr(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def metric_name(term: str, rec_metric: str) -> str:
@@ -148,9 +171,44 @@ def check_deepspeed_single_model(accelerator, family: str) -> None:
                         "(an accelerate config without deepspeed)")
 
 
-def adam(module: torch.nn.Module, optim_cfg: OptimConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(module.parameters(), optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                            weight_decay=optim_cfg.weight_decay)
+def adam(module: torch.nn.Module, optim_cfg: OptimConfig, device: torch.device | None = None,
+         compiled: bool = False) -> torch.optim.Adam:
+    """Adam for training on `device`: fused on CUDA (a few kernels for all parameters; under fp16 it takes the
+    GradScaler's found_inf on the device, so the step needs no host sync), foreach elsewhere. `compiled` (the
+    optimizer step of train.compile=step): foreach and capturable, its learning rate a tensor on `device`, so that a
+    CUDA graph can capture the step and a new learning rate changes neither. Loading a checkpoint saved with
+    another implementation keeps this one (`keep_implementation`)."""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    lr = torch.tensor(optim_cfg.lr, device=device) if compiled else optim_cfg.lr
+    kinds = {"foreach": True, "capturable": True} if compiled else {"fused": True} if on_cuda else {"foreach": True}
+    optimizer = torch.optim.Adam(module.parameters(), lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                                 weight_decay=optim_cfg.weight_decay, **kinds)
+    optimizer.register_load_state_dict_post_hook(keep_implementation(optimizer))
+    return optimizer
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer):
+    """A load_state_dict post-hook: torch takes the saved param groups whole, implementation flags and learning
+    rate included. Restore this optimizer's flags, its learning-rate tensor (the very object a compiled step reads;
+    the value is the loaded one) and where its step counters live (on the device when fused or capturable, else on
+    the host)."""
+    own = [({k: group[k] for k in ("foreach", "fused", "capturable")}, group["lr"]) for group in optimizer.param_groups]
+
+    def hook(optimizer: torch.optim.Optimizer) -> None:
+        for group, (flags, lr) in zip(optimizer.param_groups, own):
+            if isinstance(lr, torch.Tensor):
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
+            else:
+                group["lr"] = float(group["lr"])
+            group.update(flags)
+            on_device = flags["fused"] or flags["capturable"]
+            for param in group["params"]:
+                state = optimizer.state.get(param, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(param.device if on_device else "cpu", torch.float32)
+
+    return hook
 
 
 @contextlib.contextmanager
@@ -177,6 +235,7 @@ class Recipe:
     optimizers: list[torch.optim.Optimizer]
     model_config: dict
     feature_network = None
+    compiled = "off"  # what of the step train.compile compiles in this run: off, loss or step
 
     @property
     def module(self) -> torch.nn.Module:
@@ -208,7 +267,10 @@ class Recipe:
 
 class VAERecipe(Recipe):
     """`model` (a VAE) trained on alpha x KL + beta x `reconstruction(x, x_hat)` (`losses.vae_loss`): e.g. a
-    `FeaturePerceptualLoss` or `losses.pixel_loss`. `rec_metric` names the reconstruction term in the metrics."""
+    `FeaturePerceptualLoss` or `losses.pixel_loss`. `rec_metric` names the reconstruction term in the metrics.
+    Under train.compile=step its forward, loss, backward and optimizer step are compiled (`compiled.CompiledStep`)."""
+
+    one_network = True  # one model, one optimizer: what train.compile=step compiles
 
     def __init__(self, cfg: Config, accelerator, health: LossHealth, memory_format: torch.memory_format,
                  model: torch.nn.Module, reconstruction, rec_metric: str):
@@ -219,14 +281,24 @@ class VAERecipe(Recipe):
         self.reconstruction = reconstruction
         self.feature_network = reconstruction.features if isinstance(reconstruction, FeaturePerceptualLoss) else None
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.compiled = compile_mode(cfg, accelerator, self.one_network)
+        if self.compiled == "loss" and isinstance(reconstruction, torch.nn.Module):
+            reconstruction.compile()
+        compiled_update = self.compiled == "step" and compiles_update(accelerator)
         model = model.to(memory_format=torch.contiguous_format if deepspeed else memory_format)
         model = prepare_batch_norm(model, accelerator, train_cfg.sync_bn, train_cfg.batch_size)
-        optimizer = adam(model, optim_cfg)
+        optimizer = adam(model, optim_cfg, None if deepspeed else accelerator.device,  # DeepSpeed: its own loop
+                         compiled=compiled_update)
         if deepspeed:  # ZeRO cannot flatten channels-last parameters
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
             check_deepspeed(accelerator, train_cfg.grad_accum, optim_cfg.grad_clip, train_cfg.on_nonfinite)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.optimizers = [self.optimizer]
+        self.compiled_step = None
+        if self.compiled == "step":
+            self.compiled_step = CompiledStep(lambda x: self.losses(x)[0], list(model.parameters()), optimizer,
+                                              optim_cfg.grad_clip, train_cfg.batch_size, captures_graphs(accelerator),
+                                              compiled_update, functools.partial(say, accelerator))
 
     @property
     def module(self) -> torch.nn.Module:
@@ -240,31 +312,40 @@ class VAERecipe(Recipe):
     def train_step(self, micro_batches: list[torch.Tensor], step: int) -> StepResult:
         """One optimizer step; skipped as a whole (no update) when any micro-batch's loss is non-finite
         under policy `skip`. Metrics are the means over the micro-batches."""
-        acc, sums, skipped = self.accelerator, {}, False
+        acc, sums, skipped, compiled = self.accelerator, {}, False, self.compiled_step
+        if compiled:
+            compiled.begin()
         for x in micro_batches:
             with acc.accumulate(self.model):
-                terms, _ = self.losses(x)
+                terms = compiled.losses(x) if compiled else self.losses(x)[0]
                 if not self.health.finite(terms["total"], step):
                     skipped = True
                     continue
                 acc.backward(terms["total"])
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach() / len(micro_batches)
+        compiled_update = compiled is not None and compiled.updates
         if not skipped:
-            norm = clip_or_norm(acc, self.model, self.optim_cfg.grad_clip)  # None under DeepSpeed before its first step
+            # None under DeepSpeed before its first step
+            norm = compiled.grad_norm() if compiled_update else clip_or_norm(acc, self.model, self.optim_cfg.grad_clip)
             if norm is not None:  # a finite loss can still give infinite gradients, and NaN weights after the step
-                sums["grad_norm"] = torch.as_tensor(norm, device=acc.device)
+                sums["grad_norm"] = torch.as_tensor(norm, device=acc.device)  # DeepSpeed's norm is a float
                 skipped = not gradients_finite(acc, self.health, sums["grad_norm"], step)
-        if not skipped:
+        if not skipped and compiled_update:
+            compiled.optimizer_step()
+        elif not skipped:
             skipped = not optimizer_stepped(acc, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult({} if skipped else sums, skipped)
+        if skipped:
+            return StepResult({}, True)
+        norms = [sums["grad_norm"]] if "grad_norm" in sums else []  # none under DeepSpeed's first step
+        return StepResult(sums, False, fp16_overflow(acc, self.optimizer, *norms) if norms else None)
 
     @torch.no_grad()
     def validation_loss(self, source, batch_size: int, max_batches: int, skip_corrupt: bool = False) -> float:
         """Mean total loss over the first `max_batches` batches of the val split on every rank."""
         acc = self.accelerator
-        total = torch.zeros(2, device=acc.device)
+        total = torch.zeros(2, device=acc.device)  # loss x images, images
         stream = EvalStream(source, batch_size, acc.process_index, acc.num_processes, skip_corrupt)
         with eval_mode(acc.unwrap_model(self.model)) as net:
             for i, batch in enumerate(make_loader(stream, 0)):
@@ -272,7 +353,8 @@ class VAERecipe(Recipe):
                     break
                 x = model_input(batch["image"], acc.device, self.memory_format)
                 terms, _ = self.losses(x, net)
-                total += torch.stack([terms["total"] * x.shape[0], torch.tensor(float(x.shape[0]), device=x.device)])
+                total[0] += terms["total"] * x.shape[0]
+                total[1] += x.shape[0]  # a kernel argument, not a tensor made from host data
         total = acc.reduce(total, reduction="sum")
         return (total[0] / total[1].clamp(min=1)).item()
 
@@ -296,6 +378,8 @@ class VAEGANRecipe(VAERecipe):
     `loss.adversarial_weight` x the decoder's non-saturating GAN loss on the same reconstructions and samples.
     `model` holds `vae` and `discriminator`; they are prepared apart, each with its own Adam."""
 
+    one_network = False
+
     def __init__(self, cfg: Config, accelerator, health: LossHealth, memory_format: torch.memory_format,
                  model: torch.nn.Module, reconstruction, rec_metric: str):
         check_deepspeed_single_model(accelerator, cfg.model.name)
@@ -303,7 +387,8 @@ class VAEGANRecipe(VAERecipe):
         super().__init__(cfg, accelerator, health, memory_format, model.vae, reconstruction, rec_metric)
         discriminator = prepare_batch_norm(model.discriminator.to(memory_format=memory_format), accelerator,
                                            cfg.train.sync_bn, cfg.train.batch_size)
-        self.discriminator, self.opt_d = accelerator.prepare(discriminator, adam(discriminator, cfg.optim))
+        self.discriminator, self.opt_d = accelerator.prepare(discriminator,
+                                                             adam(discriminator, cfg.optim, accelerator.device))
         self.optimizers = [self.optimizer, self.opt_d]
         self.adversarial_weight = cfg.loss.adversarial_weight
 
@@ -323,7 +408,8 @@ class VAEGANRecipe(VAERecipe):
         z = torch.randn(x.shape[0], self.accelerator.unwrap_model(self.model).latent_dim, device=x.device)
         fakes = torch.cat([x_hat, self.accelerator.unwrap_model(self.model).decode(z)])
         loss_d = discriminator_loss(self.discriminator(x), self.discriminator(fakes.detach()))  # see GANRecipe
-        if adversarial_update(self, loss_d, self.discriminator, self.opt_d, step) is None:
+        norm_d = adversarial_update(self, loss_d, self.discriminator, self.opt_d, step)
+        if norm_d is None:
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(skipped=True)
         terms["adversarial"] = generator_loss(self.discriminator(fakes))
@@ -332,7 +418,8 @@ class VAEGANRecipe(VAERecipe):
         if grad_norm is None:
             return StepResult(skipped=True)
         metrics = {**terms, "loss_d": loss_d, "grad_norm": grad_norm}
-        return StepResult({k: v.detach() for k, v in metrics.items()})
+        return StepResult({k: v.detach() for k, v in metrics.items()},
+                          overflow=fp16_overflow(self.accelerator, self.opt_d, norm_d, grad_norm))
 
 
 class GANRecipe(Recipe):
@@ -344,10 +431,11 @@ class GANRecipe(Recipe):
         self.accelerator, self.optim_cfg, self.health = accelerator, cfg.optim, health
         self.model_config = vars(cfg.model).copy()
         self.latent_dim = cfg.model.latent_dim
+        compile_mode(cfg, accelerator, one_network=False)  # says so if train.compile=step; nothing else to compile
         self.gan = prepare_batch_norm(model.to(memory_format=memory_format), accelerator, cfg.train.sync_bn,
                                       cfg.train.batch_size)  # both networks, unwrapped
         nets = [self.gan.generator, self.gan.discriminator]
-        optimizers = [adam(n, cfg.optim) for n in nets]
+        optimizers = [adam(n, cfg.optim, accelerator.device) for n in nets]
         self.generator, self.discriminator, self.opt_g, self.opt_d = accelerator.prepare(*nets, *optimizers)
         self.optimizers = [self.opt_g, self.opt_d]
 
@@ -369,11 +457,13 @@ class GANRecipe(Recipe):
         (x,) = micro_batches
         fake = self.generator(torch.randn(x.shape[0], self.latent_dim, device=x.device))
         loss_d = discriminator_loss(self.discriminator(x), self.discriminator(fake.detach()))
-        if adversarial_update(self, loss_d, self.discriminator, self.opt_d, step) is None:
+        norm_d = adversarial_update(self, loss_d, self.discriminator, self.opt_d, step)
+        if norm_d is None:
             return StepResult(skipped=True)
         loss_g = generator_loss(self.discriminator(fake))
         grad_norm = adversarial_update(self, loss_g, self.generator, self.opt_g, step)
         if grad_norm is None:
             return StepResult(skipped=True)
         metrics = {"total": loss_g + loss_d, "loss_d": loss_d, "loss_g": loss_g, "grad_norm": grad_norm}
-        return StepResult({k: v.detach() for k, v in metrics.items()})
+        return StepResult({k: v.detach() for k, v in metrics.items()},
+                          overflow=fp16_overflow(self.accelerator, self.opt_d, norm_d, grad_norm))

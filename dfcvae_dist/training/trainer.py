@@ -38,7 +38,7 @@ from dfcvae_dist.rundir import (CONFIG_FILE, DONE_MARKER, RESUME_MARKER, RunLock
                                 find_checkpoint, write_end_marker)
 from dfcvae_dist.training.checkpoint import Checkpointer
 from dfcvae_dist.training.progress import ProgressReporter
-from dfcvae_dist.training.recipes import LossHealth, StepResult, set_lr
+from dfcvae_dist.training.recipes import LossHealth, StepResult, current_lr, set_lr
 from dfcvae_dist.training.run_page import (dataset_inputs, family_params, fixed_batch, labelled_rows,
                                            model_card, run_description)
 from dfcvae_dist.training.state import TrainerState
@@ -201,6 +201,8 @@ class Trainer:
                 self.fixed_images = fixed_batch(cfg)
         self.images_logged_at = -1
         self.last_losses: dict[str, tuple[int, float]] = {}  # name: (step, value) as last logged, for the summary
+        self.overflows = None  # fp16 steps a fused optimizer skipped, counted on the device (`settle_overflows`)
+        self.compile_s = None  # the first step of this launch under train.compile, until it is logged
         self.launched = (time.perf_counter(), self.state.wall_time_s)
         self.describe()
 
@@ -249,8 +251,11 @@ class Trainer:
             try:
                 for micro_batches, damaged in self.batches(data.steps(s.epoch, s.batch_in_epoch, acc.device,
                                                                       self.memory_format)):
-                    result = self.recipe.train_step(micro_batches, s.step + 1)
+                    train_step = self.recipe.train_step if self.compile_s is not None else self.timed_first_step
+                    result = train_step(micro_batches, s.step + 1)
                     s.advance(result.skipped, damaged)  # only the first epoch of a launch may start mid-way
+                    if result.overflow is not None:
+                        self.overflows = result.overflow.int() + (0 if self.overflows is None else self.overflows)
                     self.log_step(result)
                     if data.val is not None and s.step % self.cfg.train.val_every_steps == 0:
                         early = self.validate()
@@ -294,20 +299,42 @@ class Trainer:
         patience = self.cfg.train.early_stop_patience
         return patience is not None and self.state.validations_since_best >= patience
 
+    def timed_first_step(self, micro_batches: list[torch.Tensor], step: int) -> StepResult:
+        """The launch's first step; under train.compile it compiles, and its time is said and logged."""
+        started = time.perf_counter()
+        result = self.recipe.train_step(micro_batches, step)
+        self.compile_s = 0.0
+        if self.recipe.compiled != "off":
+            self.compile_s = time.perf_counter() - started
+            self.console.print(f"train.compile={self.recipe.compiled}: the first step took {self.compile_s:.1f} s "
+                               "(compiling)")
+        return result
+
+    def settle_overflows(self) -> None:
+        """Add the fp16 overflow steps counted on the device to the skipped steps (a host sync: at log steps,
+        checkpoints and the end only)."""
+        if self.overflows is not None:
+            self.state.skipped_steps += int(self.overflows.item())
+            self.overflows = None
+
     def log_step(self, result: StepResult) -> None:
         s, log = self.state, self.cfg.log
         self.progress.step_done(s.step)
-        if result.skipped:
+        logs = s.step % log.every_steps == 0 or s.step == self.data.total_steps
+        if result.skipped or (logs and result.overflow is not None and bool(result.overflow)):
             return
-        if s.step % log.every_steps == 0 or s.step == self.data.total_steps:
+        if logs:
+            self.settle_overflows()
             names = list(result.metrics)
             values = self.accelerator.reduce(torch.stack([result.metrics[n].float() for n in names]), reduction="mean")
             metrics = {f"train/{n}": v for n, v in zip(names, values.tolist())}
             if self.cfg.data.skip_corrupt:
                 metrics["train/skipped_samples"] = self.skipped_samples_all_ranks()
-            metrics.update({"train/lr": self.recipe.optimizers[0].param_groups[0]["lr"], "train/epoch": s.epoch,
+            metrics.update({"train/lr": current_lr(self.recipe.optimizers[0]), "train/epoch": s.epoch,
                             "train/img_per_s": self.progress.img_per_s_since_last_log(s.step),
                             "train/skipped_steps": s.skipped_steps})
+            if self.compile_s:
+                metrics["train/compile_s"], self.compile_s = self.compile_s, 0.0
             self.tracker.log_metrics(metrics, s.step)
             self.last_losses["train/total"] = (s.step, metrics["train/total"])
             self.progress.logged(s.step, metrics["train/total"], metrics["train/img_per_s"])
@@ -317,6 +344,7 @@ class Trainer:
     def save(self, final: bool = False) -> Path:
         """Every rank; the checkpoint's state holds the damaged samples of all ranks (the main one resumes with them).
         `final`: the run's last checkpoint (also at the last step), logged as its final model."""
+        self.settle_overflows()
         state = dataclasses.replace(self.state, wall_time_s=self.wall_time_s())
         state.skipped_samples = self.skipped_samples_all_ranks()
         checkpoint = self.checkpointer.save(state, self.recipe.weights(), self.recipe.model_config, self.cfg.to_yaml())
@@ -331,6 +359,7 @@ class Trainer:
         if self.checkpointer.last_saved != s.step:
             self.health.agree(self.stop.requested)
             self.save(final=not stopped_early)
+        self.settle_overflows()
         damaged = self.skipped_samples_all_ranks()
         summary = {"step": s.step, "total_steps": self.data.total_steps, "stopped_early": stopped_early,
                    "reason": reason, **self.best_summary(),
