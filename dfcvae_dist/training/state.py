@@ -30,6 +30,7 @@ class TrainerState:
     config_digest: str = ""
     feature_weights: str = "none"  # the loss network's weights: imagenet, random(seed=N), file:PATH; none without one
     precision: str = ""  # the resolved mixed precision (no, fp16, bf16); "" in checkpoints that kept it in their config
+    num_workers: int | None = None  # loader workers per rank, which decide the sample order; None: in the config
     wall_time_s: float = 0.0  # seconds of training, over every launch, up to `step` (work lost to a kill not counted)
 
     def advance(self, skipped: bool, skipped_samples: int = 0) -> None:
