@@ -8,12 +8,13 @@
 #   OUT=/tmp/out COMMIT=$(git rev-parse HEAD) benchmarks/gpu-check.sh
 #   DEVICE=cpu QUICK=1 benchmarks/gpu-check.sh   # every stage small, on CPU: trying the script itself
 #
-# Stages, each under its own time limit (about 6 minutes in all), each writing NAME.log to $OUT:
+# Stages, each under its own time limit (6 minutes in all), each writing NAME.log to $OUT:
 #   pytest   pytest -m gpu tests (pytest.xml: the results per test)
-#   bench    dfcvae-bench --device $DEVICE --sections $BENCH_SECTIONS (bench.json: the loader and the end-to-end
-#            runs of the real trainer, its levers included)
+#   data     2,000 synthetic faces as npy shards, for the profile
 #   profile  10 steps of the real trainer (dfcvae-123) under torch.profiler (profile.json: kernels per step, the
 #            share of the time the GPU is busy, the kernels that take the most time)
+#   bench    dfcvae-bench --device $DEVICE --sections $BENCH_SECTIONS (bench.json: the loader and the end-to-end
+#            runs of the real trainer, its levers included)
 # and check.json: every stage's exit status and seconds, the GPU, torch, the date and the commit.
 set -u -o pipefail
 
@@ -51,16 +52,17 @@ stage() {  # NAME LIMIT_S COMMAND...: run under a time limit (exit 124 when it r
 }
 
 cd "$ROOT" || exit 1
-stage pytest 170 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider --continue-on-collection-errors \
+stage pytest 150 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider --continue-on-collection-errors \
     --junitxml="$OUT/pytest.xml"
-stage bench 130 "$PYTHON" tools/bench.py --device "$DEVICE" --sections "$BENCH_SECTIONS" "${BENCH_ARGS[@]}" \
-    --json "$OUT/bench.json"
-stage faces 15 "$PYTHON" tools/make_synthetic_celeba.py --out "$WORK/celeba" --num "$FACES" --workers "$(nproc)"
-stage shards 10 "$PYTHON" tools/make_shards.py --celeba-root "$WORK/celeba" --out "$WORK/shards" --image-size 64 \
-    --shard-size 50 --workers "$(nproc)"
-stage profile 40 "$PYTHON" -m dfcvae_dist.bench.profile --out "$OUT/profile.json" --steps "$STEPS" \
+stage data 25 bash -c '"$0" tools/make_synthetic_celeba.py --out "$1/celeba" --num "$2" --workers "$3" &&
+    "$0" tools/make_shards.py --celeba-root "$1/celeba" --out "$1/shards" --image-size 64 --shard-size 50 \
+    --workers "$3"' "$PYTHON" "$WORK" "$FACES" "$(nproc)"
+stage profile 35 "$PYTHON" -m dfcvae_dist.bench.profile --out "$OUT/profile.json" --steps "$STEPS" \
     --warmup-steps "$WARMUP" --config dfcvae-123 "data.shards=$WORK/shards" "train.run_dir=$WORK/profile-run" \
     loss.network_weights=random log.enabled=false train.resume=none "${PROFILE_ARGS[@]}"
+# last: a bench cut short by its limit keeps the sections it finished in bench.json
+stage bench 150 "$PYTHON" tools/bench.py --device "$DEVICE" --sections "$BENCH_SECTIONS" "${BENCH_ARGS[@]}" \
+    --json "$OUT/bench.json"
 
 "$PYTHON" - "$WORK/stages" "$OUT/check.json" <<'EOF'
 import datetime, json, os, sys

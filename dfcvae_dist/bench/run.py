@@ -59,7 +59,7 @@ class BenchSettings:
         # A GPU takes tens of thousands of images a second: an epoch of the 2,000 synthetic faces would be
         # over before the loader's workers are up.
         return cls(device, False, block_s=0.2, loader_workers=workers, svm_n=svm_n or cls.svm_n, e2e_runs=runs,
-                   e2e_warmup_steps=30, e2e_steady_images=60_000, e2e_split_images=50_000, sections=sections)
+                   e2e_warmup_steps=20, e2e_steady_images=40_000, e2e_split_images=50_000, sections=sections)
 
 
 def provenance() -> dict:
