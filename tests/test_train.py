@@ -127,7 +127,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, pro
     steps = [f"train.max_steps={total}", f"checkpoint.every_steps={every}", f"data.num_workers={workers}",
              f"train.grad_accum={accum}", "log.image_every_steps=2",  # the image panels draw on no training stream
              f"data.cache={cache}"]
-    train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
+    straight = train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
+    assert ("data.cache=memory: " in straight.stderr) == (cache == "memory")
     run_dir = tmp_path / "killed"
     cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, *steps)]
     proc = processes.popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL,
