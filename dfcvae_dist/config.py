@@ -57,7 +57,8 @@ DAY_S, WEEK_S = 86_400, 7 * 86_400
 def opt(default: Any, help: str, *, resume_safe: bool = False, **checks: Any) -> Any:
     """A config field: default, help text, whether a resumed run may change it (it changes neither the model,
     the optimisation nor the data order and position) and optional checks (choices=, min=, max=, items=,
-    nonempty=, key_value=; choices and items may be functions, for lists known only at run time)."""
+    nonempty=, key_value=, words=; choices and items may be functions, for lists known only at run time; words:
+    plain words a field of type `T | str` takes besides a T, such as `auto`)."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
     return field(metadata={"help": help, "resume_safe": resume_safe, **checks}, **kw)
 
@@ -68,11 +69,20 @@ class DataConfig:
                       "WebDataset URL pattern (braces, pipe:, http) for the training split.")
     val_shards: str | None = opt(None, "URL pattern of the validation split when `shards` is a pattern.",
                                  resume_safe=True)
-    num_workers: int = opt(1, "DataLoader worker processes per rank (each reads its own shards, so this "
-                           "changes the sample order).", min=0, max=64)
+    num_workers: int | str = opt("auto", "DataLoader worker processes per rank, or auto: this process's share of "
+                                 "the CPUs it may use (its CPU affinity / the local processes, one left for the "
+                                 "process itself), at most 8 and at most what the shards allow (ranks x workers <= "
+                                 "shards). Each worker reads its own shards, so the count decides the sample order: "
+                                 "checkpoints record it and a resume with auto keeps it.", min=0, max=64,
+                                 words=["auto"])
     shuffle_buffer: int = opt(1000, "Samples in each worker's shuffle buffer.", min=0, max=100_000)
     num_samples: int | None = opt(None, "Training samples per epoch when `shards` is a pattern (a manifest "
                                   "knows its own).", min=1, max=10**9)
+    cache: str = opt("none", "Training split held in memory: none (streamed from the shards), memory (this rank's "
+                     "shards read once into one uint8 tensor in host memory, pinned on CUDA) or device (on the "
+                     "training device); batches are gathered by index from a seeded per-epoch shuffle of the rank's "
+                     "samples (another order than streaming's). A cache that does not fit is refused with the "
+                     "estimate and the free memory (docs/data.md).", choices=["none", "memory", "device"])
     skip_corrupt: bool = opt(False, "Skip damaged samples (an undecodable or missing image, invalid JSON) in "
                              "training and validation, each named in a warning and counted in MLflow "
                              "(train/skipped_samples), instead of stopping.")
@@ -371,7 +381,7 @@ def load_dataclass(cls: type[DataclassT], texts: typing.Mapping[str, str], sourc
         key = prefix + name
         if name not in fields:
             raise UserError(f"{source}: unknown key '{key}'{_suggest(name, fields, prefix)}")
-        values[name] = _check_value(key, _typed(key, text, hints[name], source), fields[name].metadata, source)
+        values[name] = _field_value(key, text, hints[name], fields[name].metadata, source)
     return cls(**values)
 
 
@@ -437,7 +447,18 @@ def _set(cfg: Config, dotted: str, value: yaml.Node | str, source: str) -> None:
     if key not in fields:
         raise UserError(f"{source}: unknown key '{dotted}'{_suggest(key, fields, section + '.')}")
     hint = typing.get_type_hints(type(sub))[key]
-    setattr(sub, key, _check_value(dotted, _typed(dotted, value, hint, source), fields[key].metadata, source))
+    setattr(sub, key, _field_value(dotted, value, hint, fields[key].metadata, source))
+
+
+def _field_value(key: str, value: yaml.Node | str, hint: Any, meta: typing.Mapping, source: str) -> Any:
+    """A field's value, typed and checked; a field with `words` also takes one of them, written plainly."""
+    words = meta.get("words", [])
+    if words:
+        plain = value if isinstance(value, str) else value.value if value.style is None else None
+        if plain in words:
+            return plain
+        hint = next(a for a in typing.get_args(hint) if a is not str)
+    return _check_value(key, _typed(key, value, hint, source, words), meta, source)
 
 
 def _renamed(dotted: str, value: yaml.Node | str, source: str) -> tuple[str, yaml.Node | str]:
@@ -454,7 +475,7 @@ def _suggest(name: str, options: typing.Iterable[str], prefix: str = "") -> str:
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
-def _typed(key: str, value: yaml.Node | str, hint: Any, source: str) -> Any:
+def _typed(key: str, value: yaml.Node | str, hint: Any, source: str, words: typing.Sequence[str] = ()) -> Any:
     """The field's value from a YAML node, or from an override's text: a str field takes that text as it
     is, `null` clears an optional field, anything else is read as YAML (`[a, b]` is a list)."""
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
@@ -472,7 +493,8 @@ def _typed(key: str, value: yaml.Node | str, hint: Any, source: str) -> Any:
         return [_typed(f"{key}[{i}]", item, typing.get_args(hint)[0], source) for i, item in enumerate(value.value)]
     typed = _scalar(value, hint) if isinstance(value, yaml.ScalarNode) else None
     if typed is None:
-        raise UserError(f"{source}: '{key}' must be of type {hint.__name__}, got {_shown(value)}")
+        raise UserError(f"{source}: '{key}' must be {''.join(w + ' or ' for w in words)}of type {hint.__name__}, "
+                        f"got {_shown(value)}")
     return typed
 
 
@@ -567,15 +589,20 @@ def resume_changes(saved: Config, now: Config) -> tuple[list[tuple[str, Any, Any
     allowed = set(now.train.resume_allow_changes)
     allowed |= {key for key, _, f in _key_fields() if f.metadata["resume_safe"]}
     old, new = saved.flat(), now.flat()
-    changed = [(key, old[key], new[key]) for key in new if old[key] != new[key] and not _resolves_to(new[key], key)]
+    changed = [(key, old[key], new[key]) for key in new
+               if old[key] != new[key] and not _resolved_by_trainer(key, old[key], new[key])]
     return [c for c in changed if c[0] in allowed], [c for c in changed if c[0] not in allowed]
 
 
-def _resolves_to(value: Any, key: str) -> bool:
-    """`train.mixed_precision=auto` takes the launcher's precision, so it accepts any saved value: the trainer
-    compares the precision it resolved with the one the checkpoint was trained in (run directories written before
-    this rule kept the resolved value in their config)."""
-    return key == "train.mixed_precision" and value == "auto"
+def _resolved_by_trainer(key: str, old: Any, new: Any) -> bool:
+    """Values the trainer resolves and compares itself. `train.mixed_precision=auto` takes the launcher's precision,
+    so it accepts any saved value: the trainer compares the precision it resolved with the one the checkpoint was
+    trained in (run directories written before this rule kept the resolved value in their config).
+    `data.num_workers=auto` on either side: the trainer compares the worker count the checkpoint recorded with this
+    launch's (auto keeps the recorded one)."""
+    if key == "train.mixed_precision":
+        return new == "auto"
+    return key == "data.num_workers" and "auto" in (old, new)
 
 
 def _show(value: Any) -> str:
@@ -587,7 +614,9 @@ def _show(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _type_name(hint: Any) -> str:
+def _type_name(hint: Any, meta: typing.Mapping) -> str:
+    if meta.get("words"):
+        return " or ".join([next(a for a in typing.get_args(hint) if a is not str).__name__, *meta["words"]])
     return hint.__name__ if isinstance(hint, type) else str(hint)
 
 
@@ -618,7 +647,7 @@ def config_help() -> str:
     lines = ["config keys (set in the --config file or as section.key=value; a resume-safe key may change",
              "when a run resumes; docs/configuration.md has the same list):"]
     for key, hint, f in _key_fields():
-        facts = [_type_name(hint), f"default {_show(_default(f))}", _allowed(f.metadata)]
+        facts = [_type_name(hint, f.metadata), f"default {_show(_default(f))}", _allowed(f.metadata)]
         facts.append("resume-safe" if f.metadata["resume_safe"] else "")
         lines.append(f"  {key} ({', '.join(p for p in facts if p)})")
         lines.append(textwrap.fill(f.metadata["help"], 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
@@ -653,8 +682,10 @@ dfcvae-train --config dfcvae-123 train.batch_size=32 'loss.layers=[relu3_1, relu
 - **Resume-safe** keys may differ when a run resumes from a checkpoint: they change neither the model, the
   optimisation nor the data order and position. Any other change is refused on resume, unless the key is
   listed in `train.resume_allow_changes` (you take responsibility for it, e.g.
-  `train.resume_allow_changes=[optim.lr]`). `data.num_workers` and `data.shuffle_buffer` are not
-  resume-safe: each worker reads its own shards and shuffles its own buffer, so they change the sample order.
+  `train.resume_allow_changes=[optim.lr]`). `data.num_workers`, `data.shuffle_buffer` and `data.cache` are
+  not resume-safe: each worker reads its own shards and shuffles its own buffer, and a cache shuffles the
+  rank's samples as a whole, so they change the sample order. Checkpoints record the worker count a run
+  resolved, and a resume with `data.num_workers=auto` keeps it.
 """
 
 
@@ -667,7 +698,7 @@ def config_markdown() -> str:
             section = key.split(".")[0]
             out += ["", f"## {section}", "", "| key | type | default | allowed | resume-safe | help |",
                     "| --- | --- | --- | --- | --- | --- |"]
-        cells = [f"`{key}`", _type_name(hint), f"`{_show(_default(f))}`", _allowed(f.metadata),
+        cells = [f"`{key}`", _type_name(hint, f.metadata), f"`{_show(_default(f))}`", _allowed(f.metadata),
                  "yes" if f.metadata["resume_safe"] else "no", f.metadata["help"]]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out) + "\n"

@@ -37,6 +37,11 @@ def cpus_available() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def local_processes() -> int:
+    """Processes of this job on this node (torchrun and accelerate launch export LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, timeout_s: int = 300,
                      threads: int | None = None) -> Accelerator:
     """The Accelerator of a training or extraction process, however it was launched (python, torchrun,
@@ -56,8 +61,7 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, timeout
     if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise UserError(f"the launcher asked for DeepSpeed but accelerate set up {accelerator.distributed_type}; "
                         "do not set ACCELERATE_USE_CPU with a DeepSpeed config")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(threads or max(1, cpus_available() // local))
+    torch.set_num_threads(threads or max(1, cpus_available() // local_processes()))
     return accelerator
 
 

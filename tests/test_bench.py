@@ -3,6 +3,7 @@
 
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -123,3 +124,65 @@ def test_committed_cpu_results_are_a_full_run_with_the_quick_runs_keys(quick):
     assert quick_keys <= keys(full)
     assert positive(full["scaling"]["img_s_1proc"]) and positive(full["scaling"]["img_s_2proc"])
     assert full["step_overhead"]["host_syncs"] == 0 and full["step_overhead"]["collectives"] == 0
+
+
+@pytest.mark.slow
+def test_quick_end_to_end_trains_with_a_shipped_config_and_sets_the_cached_trainer_against_the_step(quick):
+    e2e = quick["end_to_end"]
+    assert set(e2e["runs"]) == {"dfcvae-123/cache_memory", "dfcvae-123/default"}
+    assert e2e["skipped"] == {} and e2e["failed"] == {}
+    for name, run in e2e["runs"].items():
+        assert run["config"] == "dfcvae-123" and run["device"] == "cpu" and run["warmup_steps"] == 1, name
+        assert run["steady_steps"] == 3 and run["global_batch"] == 16 and positive(run["img_s"]), name
+        assert run["img_s"] == pytest.approx(run["steady_steps"] * run["global_batch"] / run["steady_s"]), name
+        assert 0 < run["first_step_s"] <= run["warmup_s"] and positive(run["startup_s"]), name
+        assert run["process_s"] > run["startup_s"] + run["warmup_s"] + run["steady_s"], name
+    assert positive(e2e["runs"]["dfcvae-123/cache_memory"]["cache_fill_s"])
+    assert e2e["runs"]["dfcvae-123/default"]["cache_fill_s"] is None
+    assert len(e2e["step_img_s"]) == 2 and all(map(positive, e2e["step_img_s"]))  # just before and just after
+    assert e2e["ratio_to_step"] == pytest.approx(e2e["runs"]["dfcvae-123/cache_memory"]["img_s"] /
+                                                 (sum(e2e["step_img_s"]) / 2))
+    assert len(quick["provenance"]["commit"]) == 40 and quick["provenance"]["date"][:2] == "20"
+
+
+@pytest.mark.slow
+def test_an_end_to_end_variant_this_version_cannot_configure_is_skipped_with_its_one_line(tmp_path, shard_dir,
+                                                                                         monkeypatch):
+    from dfcvae_dist.bench import end_to_end
+
+    monkeypatch.setitem(end_to_end.VARIANTS, "lever", ["train.lever=on"])  # as train.compile before it existed
+    result = end_to_end.run("dfcvae-123", "lever", shard_dir, tmp_path, 8, 32, warmup_steps=1, steady_images=16)
+    assert result == {"skipped": "error: command-line override 'train.lever=on': unknown key 'train.lever'"}
+
+
+@pytest.mark.slow
+def test_the_profile_of_the_real_trainer_counts_kernels_and_busy_time_on_cpu(tmp_path, shard_dir):
+    run_tool("-m dfcvae_dist.bench.profile", "--out", tmp_path / "profile.json", "--steps", "2", "--warmup-steps", "1",
+             "--config", "quickstart", f"data.shards={shard_dir}", f"train.run_dir={tmp_path / 'run'}",
+             "train.batch_size=8", "model.base_channels=8", "model.latent_dim=16", "log.enabled=false",
+             "train.val_every_steps=0", "train.resume=none", cwd=tmp_path)
+    summary = json.loads((tmp_path / "profile.json").read_text())
+    assert summary["device"] == "cpu" and summary["steps"] == 2 and summary["kernels_per_step"] >= 100
+    assert 0.5 < summary["busy_share"] <= 1 and positive(summary["window_s"])
+    assert "aten::convolution_backward" in {k["name"] for k in summary["top"]}
+
+
+def test_a_gpu_trace_is_summarised_as_kernels_per_step_and_the_busy_share_of_the_window():
+    from dfcvae_dist.bench.profile import WINDOW, summarize
+
+    def event(name, cat, ts, dur):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "tid": 1}
+
+    trace = {"traceEvents": [event(WINDOW, "user_annotation", 100, 100),
+                             event("gemm", "kernel", 90, 20),  # starts before the window: busy from 100, not counted
+                             event("gemm", "kernel", 120, 20), event("relu", "kernel", 130, 20),  # overlapping
+                             event("Memcpy HtoD", "gpu_memcpy", 170, 10), event("gemm", "kernel", 195, 10),
+                             event("aten::mm", "cpu_op", 100, 100)]}
+    summary = summarize(trace, "cuda", steps=2)
+    assert summary["kernels_per_step"] == 1.5 and summary["window_s"] == 100e-6
+    assert summary["busy_share"] == pytest.approx((10 + 30 + 10 + 5) / 100)
+    assert summary["top"][0] == {"name": "gemm", "per_step": 1.0, "ms_per_step": 15e-3}
+
+
+def test_the_gpu_check_script_is_valid_bash():
+    assert subprocess.run(["bash", "-n", ROOT / "benchmarks" / "gpu-check.sh"]).returncode == 0

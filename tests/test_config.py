@@ -99,6 +99,17 @@ def test_best_checkpoint_early_stopping_and_trackers_are_checked_when_the_config
         load_config(None, overrides)
 
 
+def test_worker_count_is_auto_or_a_count_in_a_file_and_an_override(tmp_path):
+    path = write(tmp_path, "data:\n  num_workers: 3\n")
+    assert load_config(path).data.num_workers == 3 and load_config(None).data.num_workers == "auto"
+    assert load_config(path, ["data.num_workers=auto"]).data.num_workers == "auto"
+    for text, shown in (("many", "many"), ('"3"', "3"), ("null", "null")):  # a quoted count is text, not a count
+        with pytest.raises(UserError, match=rf"'data.num_workers' must be auto or of type int, got '{shown}'"):
+            load_config(None, [f"data.num_workers={text}"])
+    with pytest.raises(UserError, match=r"'data.num_workers' must be between 0 and 64, got -1"):
+        load_config(None, ["data.num_workers=-1"])
+
+
 def test_override_without_equals_is_refused():
     with pytest.raises(UserError, match="not of the form section.key=value"):
         load_config(None, ["train.batch_size"])
@@ -302,7 +313,7 @@ def test_every_metric_the_code_logs_is_in_the_metrics_doc():
 def test_configuration_doc_shows_resume_safety_of_every_key():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert "| `log.every_steps` | int | `10` | 1 to 1000000000 | yes |" in doc
-    assert "| `data.num_workers` | int | `1` | 0 to 64 | no |" in doc
+    assert "| `data.num_workers` | int or auto | `auto` | 0 to 64 | no |" in doc
     assert sum(line.startswith("| `") for line in doc.splitlines()) == len(config_keys())
 
 
@@ -312,9 +323,11 @@ def test_resume_changes_splits_safe_from_refused():
     saved = load_config(None)
     now = load_config(None, ["log.every_steps=5", "train.max_steps=100", "checkpoint.keep=1",
                              "optim.lr=1e-4", "data.num_workers=3", "data.shuffle_buffer=10"])
-    safe, refused = resume_changes(saved, now)
+    safe, refused = resume_changes(load_config(None, ["data.num_workers=2"]), now)
     assert safe == [("train.max_steps", None, 100), ("checkpoint.keep", 3, 1), ("log.every_steps", 10, 5)]
-    assert refused == [("data.num_workers", 1, 3), ("data.shuffle_buffer", 1000, 10), ("optim.lr", 5e-4, 1e-4)]
+    assert refused == [("data.num_workers", 2, 3), ("data.shuffle_buffer", 1000, 10), ("optim.lr", 5e-4, 1e-4)]
+    # auto on either side: the trainer compares the worker count the checkpoint recorded with this launch's
+    assert resume_changes(saved, now)[1][0] == ("data.shuffle_buffer", 1000, 10)
 
 
 def test_resume_allow_changes_takes_responsibility_for_a_named_key():

@@ -11,8 +11,9 @@ import time
 import pytest
 import torch
 
-from dfcvae_dist.data.loader import (EvalStream, SplitSource, TrainStream, batches_per_epoch, make_loader,
-                                     model_input)
+from dfcvae_dist.data.cache import CachedTrainSplit, check_fits
+from dfcvae_dist.data.loader import (EvalStream, SplitSource, TrainStream, auto_workers, batches_per_epoch,
+                                     make_loader, model_input)
 from dfcvae_dist.errors import UserError, message
 
 
@@ -269,3 +270,80 @@ def test_workers_ignore_a_launchers_sigterm_and_sigint_from_their_first_instant(
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def write_even_shards(directory, shards: int = 8, per_shard: int = 12) -> SplitSource:
+    """`shards` npy shards of `per_shard` 8x8 images each, every image a different colour."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    urls = []
+    for s in range(shards):
+        urls.append(str(directory / f"train-{s:06d}.tar"))
+        with wds.TarWriter(urls[-1]) as sink:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                np.save(buf, np.full((8, 8, 3), s * per_shard + i, np.uint8))
+                sink.write({"__key__": f"{s:02d}-{i:02d}", "npy": buf.getvalue(), "json": b"{}"})
+    return SplitSource(urls, shards * per_shard, [], {url: per_shard for url in urls})
+
+
+def epoch_keys(stream, epoch: int, workers: int = 0, start: int = 0) -> list[str]:
+    stream.set_position(epoch, start)
+    return [k for batch in (stream if isinstance(stream, CachedTrainSplit) else make_loader(stream, workers))
+            for k in batch["key"]]
+
+
+def test_a_cached_epoch_sees_the_samples_a_streamed_epoch_sees_and_resumes_at_a_batch(tmp_path):
+    # 2 ranks x 2 workers: each worker streams 2 shards, all of their samples (unshuffled: a shuffle buffer could
+    # hold some back and pass on the first samples of the worker's next cycle through its shards instead)
+    source = write_even_shards(tmp_path)
+    n = batches_per_epoch(source.num_samples, 6, world=2, grad_accum=1)
+    streams = [TrainStream(source, 6, n, rank, 2, 2, seed=3, shuffle_buffer=0) for rank in range(2)]
+    caches = [CachedTrainSplit(stream, "memory", torch.device("cpu"), 8, num_workers=2) for stream in streams]
+    for stream, cache in zip(streams, caches):
+        streamed, cached = epoch_keys(stream, 0, workers=2), epoch_keys(cache, 0)
+        assert len(cached) == len(streamed) == 48 and set(cached) == set(streamed)  # the rank's first-epoch shards
+        assert cache.images.dtype == torch.uint8 and cache.images.shape == (48, 3, 8, 8)
+        assert epoch_keys(cache, 1) != cached and set(epoch_keys(cache, 1)) == set(cached)  # reshuffled each epoch
+        assert epoch_keys(cache, 1, start=5) == epoch_keys(cache, 1)[30:]  # a resume at batch 5 goes on from there
+    assert not set(epoch_keys(caches[0], 0)) & set(epoch_keys(caches[1], 0))  # ranks hold disjoint shards
+    batch = next(iter(caches[0]))
+    assert [int(image[0, 0, 0]) for image in batch["image"]] == [  # each image is its key's
+        12 * int(key[:2]) + int(key[3:]) for key in batch["key"]]
+
+
+def test_a_cache_fills_every_batch_of_a_rank_whose_shards_hold_fewer_samples(tmp_path):
+    source = write_even_shards(tmp_path, shards=3, per_shard=5)  # rank 0 holds 2 shards (10 samples), rank 1 one
+    stream = TrainStream(source, 4, 3, 1, 2, 1, seed=0, shuffle_buffer=0)
+    keys = epoch_keys(CachedTrainSplit(stream, "memory", torch.device("cpu"), 8, num_workers=0), 0)
+    assert len(keys) == 12 and set(keys) == {k for u in stream.rank_shards(0) for k in
+                                             (f"{int(u[-10:-4]):02d}-{i:02d}" for i in range(5))}
+
+
+def test_a_cache_that_does_not_fit_is_refused_in_one_line_with_the_estimate_and_the_free_memory():
+    with pytest.raises(UserError) as refused:
+        check_fits("memory", int(2.0e9), torch.device("cpu"), holders=4, free=int(7.5e9))
+    assert str(refused.value) == (
+        "data.cache=memory: the training images take 8.00 GB (2.00 GB per rank x 4 processes on this node), but cpu "
+        "has 7.50 GB free (a cache may take 80% of it): use data.cache=none, or smaller images")
+    check_fits("memory", int(2.0e9), torch.device("cpu"), holders=4, free=int(10.1e9))  # fits
+    with pytest.raises(UserError, match=r"^data.cache=device: the training images take 2.00 GB, but cuda:0 has 1.50 GB "
+                                        r"free .*: use data.cache=memory, data.cache=none, or smaller images$"):
+        check_fits("device", int(2.0e9), torch.device("cuda:0"), holders=1, free=int(1.5e9))
+
+
+@pytest.mark.parametrize("cpus,local,shards,world,expected", [
+    (16, 1, 100, 1, 8),  # capped at 8
+    (16, 2, 100, 2, 7),  # this process's share, one CPU left for it
+    (2, 2, 100, 2, 0),  # no CPU to spare: loading in the process
+    (16, 1, 9, 4, 2),  # 4 ranks x 2 workers <= 9 shards
+])
+def test_auto_workers_takes_this_processs_share_of_the_cpus_within_what_the_shards_allow(cpus, local, shards, world,
+                                                                                        expected):
+    workers, note = auto_workers(cpus, local, shards, world)
+    assert workers == expected
+    assert (note == "data.num_workers=auto: 2 worker(s) per rank, not 8: 9 training shard(s) for 4 rank(s) (write "
+                    "smaller shards with --shard-size for more)") if shards == 9 else note == ""

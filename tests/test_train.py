@@ -35,10 +35,10 @@ def launch_cmd(nproc):
             "--num_machines", "1", "--mixed_precision", "no", "-m", "dfcvae_dist.train"]
 
 
-def train(tmp_path, shard_dir, run_dir, *overrides, nproc=1, check=True, env=None):
+def train(tmp_path, shard_dir, run_dir, *overrides, nproc=1, check=True, env=None, **popen_kwargs):
     with ProcessGroups() as groups:
         proc = groups.run([*launch_cmd(nproc), *base_args(shard_dir, run_dir, *overrides)], 600, cwd=tmp_path,
-                          env={**env_for(tmp_path), **(env or {})})
+                          env={**env_for(tmp_path), **(env or {})}, **popen_kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -133,13 +133,17 @@ def test_two_process_ddp_ranks_agree_and_read_disjoint_shards(tmp_path, shard_di
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # written by the main process only
 
 
-@pytest.mark.parametrize("workers,accum,every,total", [(1, 1, 10, 40), (2, 2, 3, 8)],
-                         ids=["epoch-boundary", "mid-epoch-2-workers-grad-accum-2"])
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, processes, workers, accum, every, total):
+@pytest.mark.parametrize("workers,accum,every,total,cache", [(1, 1, 10, 40, "none"), (2, 2, 3, 8, "none"),
+                                                             (1, 1, 3, 8, "memory")],
+                         ids=["epoch-boundary", "mid-epoch-2-workers-grad-accum-2", "mid-epoch-cached"])
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, processes, workers, accum, every, total,
+                                                        cache):
     # 2 ranks x 16 x accum: 10 steps per epoch without accumulation, 5 with it (a checkpoint at 3 or 6 is mid-epoch)
     steps = [f"train.max_steps={total}", f"checkpoint.every_steps={every}", f"data.num_workers={workers}",
-             f"train.grad_accum={accum}", "log.image_every_steps=2"]  # the image panels draw on no training stream
-    train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
+             f"train.grad_accum={accum}", "log.image_every_steps=2",  # the image panels draw on no training stream
+             f"data.cache={cache}"]
+    straight = train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
+    assert ("data.cache=memory: " in straight.stderr) == (cache == "memory")
     run_dir = tmp_path / "killed"
     cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, *steps)]
     proc = processes.popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL,
@@ -162,6 +166,24 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, pro
     state = json.loads((run_dir / "checkpoints" / f"step-{total:08d}" / "trainer_state.json").read_text())
     assert state["mlflow_run_id"] == summary["mlflow_run_id"] and state["world_size"] == 2
     assert state["grad_accum"] == accum and state["step"] == total
+
+
+def test_a_resume_keeps_the_recorded_worker_count_under_auto_and_refuses_another_explicit_one(tmp_path, shard_dir):
+    """Each worker reads its own shards, so the count decides the sample order."""
+    run_dir, small = tmp_path / "run", ["model.name=pvae", "model.base_channels=8", "model.latent_dim=16"]
+    train(tmp_path, shard_dir, run_dir, "train.max_steps=1", "data.num_workers=2", *small)
+    one_cpu = min(os.sched_getaffinity(0))  # where auto picks 0 workers: no CPU to spare
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=2", "data.num_workers=auto", *small,
+                 preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))
+    assert "resume: data.num_workers=auto keeps the checkpoint's 2 worker(s) (it would pick 0 here)" in proc.stderr
+    assert "data: 2 loader worker(s) per rank (data.num_workers=auto)" in proc.stderr
+    state = json.loads((run_dir / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["num_workers"] == 2
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=3", "data.num_workers=1", *small, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: [rank 0] {run_dir / 'checkpoints' / 'step-00000002'}: trained with 2 loader worker(s) per rank, this "
+        "launch asks for 1 (data.num_workers=1): the count decides the sample order; resume with "
+        "data.num_workers=auto or =2, or take responsibility with train.resume_allow_changes=[data.num_workers]")
 
 
 def test_sigterm_checkpoints_at_an_agreed_step_and_leaves_resume_marker(tmp_path, shard_dir, processes):

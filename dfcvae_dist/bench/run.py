@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from dfcvae_dist.bench import kernels, step, step_overhead, workloads
+from dfcvae_dist.bench import SECTIONS, end_to_end, kernels, step, step_overhead, workloads
 from dfcvae_dist.bench.timing import interleaved, paired_ratio, rate_per_round, spread
 
 PAPER_EPOCHS, CELEBA_TRAIN_IMAGES = 5, 162_770  # the paper's training phase, at 64x64
@@ -34,16 +37,46 @@ class BenchSettings:
     loader_batches: int = 80  # batches per loader pass
     synthetic_images: int = 2000
     svm_n: int = 100_000  # latents (100-d) in the SVM figure
+    e2e_runs: list[list[str]] = field(default_factory=lambda: [list(r) for r in end_to_end.CPU_RUNS])  # config, variant
+    e2e_warmup_steps: int = 3
+    e2e_steady_images: int = 960  # whole steps covering this many images are timed
+    e2e_split_images: int = 0  # images in the end-to-end shards (0: the bench's synthetic shards)
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
 
     @classmethod
-    def for_run(cls, device: str, quick: bool, svm_n: int | None = None) -> "BenchSettings":
+    def for_run(cls, device: str, quick: bool, svm_n: int | None = None,
+                sections: list[str] | None = None) -> "BenchSettings":
         workers = [1, 2] if device == "cpu" else [w for w in (1, 2, 4, 8) if w <= (os.cpu_count() or 1)]
+        runs = [list(r) for r in (end_to_end.CPU_RUNS if device == "cpu" else end_to_end.GPU_RUNS)]
+        sections = sections or list(SECTIONS)
         if quick:
             return cls(device, True, batch=16, rounds=2, loader_rounds=2, block_s=0.05, kernel_block_s=0.05,
                        compile_variants=["off"], loader_workers=[1], loader_batches=8, synthetic_images=400,
-                       svm_n=svm_n or 20_000)
-        block_s = 1.0 if device == "cpu" else 0.2
-        return cls(device, False, block_s=block_s, loader_workers=workers, svm_n=svm_n or cls.svm_n)
+                       svm_n=svm_n or 20_000, e2e_runs=runs[:2] if device == "cpu" else runs,  # 123 only
+                       e2e_warmup_steps=1, e2e_steady_images=48,
+                       sections=sections)
+        if device == "cpu":
+            return cls(device, False, loader_workers=workers, svm_n=svm_n or cls.svm_n, sections=sections)
+        # A GPU takes tens of thousands of images a second: an epoch of the 2,000 synthetic faces would be
+        # over before the loader's workers are up.
+        return cls(device, False, block_s=0.2, loader_workers=workers, svm_n=svm_n or cls.svm_n, e2e_runs=runs,
+                   e2e_warmup_steps=20, e2e_steady_images=40_000, e2e_split_images=50_000, sections=sections)
+
+
+def provenance() -> dict:
+    """When and from which commit of the code a run was made (uncommitted changes: `dirty`). A copy of the working
+    tree without its git directory takes the commit from DFCVAE_COMMIT (benchmarks/gpu-check.sh sets it)."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(workloads.ROOT), *args], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git("rev-parse", "HEAD") or os.environ.get("DFCVAE_COMMIT"),
+            "dirty": bool(status) if status is not None else None}
 
 
 def machine() -> dict:
@@ -153,32 +186,88 @@ def make_data(s: BenchSettings, work: Path) -> None:
                            workers=2)
 
 
-def run(s: BenchSettings, say=print) -> dict:
-    """Every section in one process, on synthetic data in a temporary directory."""
-    r = {"machine": machine(), "settings": asdict(s)}
+def run(s: BenchSettings, say=print, save: Callable[[dict], None] = lambda r: None) -> dict:
+    """The sections of `s.sections` in one process, on synthetic data in a temporary directory; `save` gets the
+    results so far after each one (a run cut short keeps them)."""
+    r = {"machine": machine(), "provenance": provenance(), "settings": asdict(s)}
     start = time.perf_counter()
     say = functools.partial(lambda say, text: say(f"[{time.perf_counter() - start:4.0f}s] {text}"), say)
     with tempfile.TemporaryDirectory(prefix="dfcvae-bench-") as tmp:
         work = Path(tmp)
         say("making synthetic data ...")
         make_data(s, work)
-        say("training step (ours and the plain reference) and machine-limit kernels, interleaved ...")
-        step_rates, kernel_rates, skipped, settings = timed_rounds(s)
-        r["train_step"] = train_step_section(s, step_rates, skipped, settings)
-        r["limit"] = limit_section(r["train_step"], step_rates, kernel_rates)
-        say("data loading ...")
-        r["loader"] = loader_section(s, work)
-        r["paper_phase"] = paper_phase_section(r["train_step"], r["loader"])
-        say("extraction and SVM ...")
-        ext = workloads.extraction_img_s(torch.device(s.device), 256, s.image_size, s.block_s)
-        headline = r["train_step"]["variants"][r["train_step"]["headline"]]["img_s"]["median"]
-        r["extract"] = {"img_s": ext, "ratio_to_train": ext / headline}
-        r["svm"] = {"seconds": workloads.svm_seconds(s.svm_n), "n": s.svm_n}
-        say("scaling: 1 and 2 processes ...")
-        r["scaling"] = scaling_section(s, work)
-        say("step overhead: host syncs and collectives per step of a 2-process run ...")
-        r["step_overhead"] = step_overhead_section(s, work)
+        if "train_step" in s.sections:
+            say("training step (ours and the plain reference) and machine-limit kernels, interleaved ...")
+            step_rates, kernel_rates, skipped, settings = timed_rounds(s)
+            r["train_step"] = train_step_section(s, step_rates, skipped, settings)
+            r["limit"] = limit_section(r["train_step"], step_rates, kernel_rates)
+            save(r)
+        if "loader" in s.sections:
+            say("data loading ...")
+            r["loader"] = loader_section(s, work)
+            if "train_step" in r:
+                r["paper_phase"] = paper_phase_section(r["train_step"], r["loader"])
+            save(r)
+        if "extract" in s.sections:
+            say("extraction ...")
+            r["extract"] = extract_section(s, r.get("train_step"))
+        if "svm" in s.sections:
+            say("SVM ...")
+            r["svm"] = {"seconds": workloads.svm_seconds(s.svm_n), "n": s.svm_n}
+        if "scaling" in s.sections:
+            say("scaling: 1 and 2 processes ...")
+            r["scaling"] = scaling_section(s, work)
+            save(r)
+        if "step_overhead" in s.sections:
+            say("step overhead: host syncs and collectives per step of a 2-process run ...")
+            r["step_overhead"] = step_overhead_section(s, work)
+            save(r)
+        if "end_to_end" in s.sections:
+            r["end_to_end"] = {}
+            end_to_end_section(s, work, r["end_to_end"], say, lambda: save(r))
     return r
+
+
+def extract_section(s: BenchSettings, train: dict | None) -> dict:
+    ext = workloads.extraction_img_s(torch.device(s.device), 256, s.image_size, s.block_s)
+    if train is None:
+        return {"img_s": ext}
+    return {"img_s": ext, "ratio_to_train": ext / train["variants"][train["headline"]]["img_s"]["median"]}
+
+
+def end_to_end_section(s: BenchSettings, work: Path, out: dict, say, save: Callable[[], None]) -> None:
+    """The real trainer on shards on local disk, one process per (config, variant) of `s.e2e_runs`, filling `out`.
+    On CPU the 123 loss with data.cache=memory is set against the step alone, timed just before and just after
+    it (`ratio_to_step`); on a GPU every variant of the 123 loss against its default (`ratio_to_default`)."""
+    device = torch.device(s.device)
+    shards = work / "shards-npy"
+    if s.e2e_split_images:
+        say(f"end to end: writing {s.e2e_split_images:,} images of npy shards ...")
+        shards = end_to_end.write_shards(work / "celeba", work / "shards-e2e", s.e2e_split_images, s.image_size,
+                                         workers=os.cpu_count() or 1)
+    out.update(runs={}, skipped={}, failed={})
+    paired = ("dfcvae-123", "cache_memory") if device.type == "cpu" else None
+    step_rate = rate_per_round(step.train_step(device, s.batch, s.image_size), s.batch, 1, 3 * s.block_s) \
+        if paired and list(paired) in s.e2e_runs else None
+    for config, variant in s.e2e_runs:
+        name = end_to_end.run_name(config, variant)
+        say(f"end to end: {name} ...")
+        before = step_rate() if step_rate and (config, variant) == paired else None
+        result = end_to_end.run(config, variant, shards, work, s.batch, s.image_size, s.e2e_warmup_steps,
+                                s.e2e_steady_images)
+        if "img_s" in result:
+            out["runs"][name] = result
+            if before is not None:
+                around = [before, step_rate()]
+                out["step_img_s"] = around
+                out["ratio_to_step"] = result["img_s"] / (sum(around) / 2)
+        else:
+            out["skipped" if "skipped" in result else "failed"][name] = result.get("skipped") or result["failed"]
+        save()
+    default = out["runs"].get(end_to_end.run_name("dfcvae-123", "default"))
+    if device.type == "cuda" and default:
+        out["ratio_to_default"] = {name: r["img_s"] / default["img_s"] for name, r in out["runs"].items()
+                                   if name.startswith("dfcvae-123/")}
 
 
 def step_overhead_section(s: BenchSettings, work: Path) -> dict:

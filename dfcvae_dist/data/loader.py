@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SplitSource:
-    """The shard URLs of one split and how many samples they hold."""
+    """The shard URLs of one split and how many samples they hold (each, when a manifest says)."""
 
     urls: list[str]
     num_samples: int
     attributes: list[str]
+    shard_samples: dict[str, int] | None = None
 
     @classmethod
     def from_manifest(cls, directory: str | Path, split: str) -> "SplitSource":
@@ -54,7 +55,8 @@ class SplitSource:
         if missing:
             raise UserError(f"{missing[0]}: listed in {directory / 'manifest.json'} but missing on disk "
                             f"({len(missing)} shard(s) missing)")
-        return cls(urls, info["num_samples"], manifest["attributes"])
+        return cls(urls, info["num_samples"], manifest["attributes"],
+                   {url: s["num_samples"] for url, s in zip(urls, info["shards"])})
 
     @classmethod
     def from_pattern(cls, pattern: str, num_samples: int | None) -> "SplitSource":
@@ -265,6 +267,21 @@ class TrainStream(torch.utils.data.IterableDataset):
             skipped[0], remaining = 0, remaining - 1
             if remaining == 0:
                 return
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def auto_workers(cpus: int, local_processes: int, shards: int, world: int) -> tuple[int, str]:
+    """`data.num_workers=auto`: this process's share of the `cpus` it may use, one left for the process itself, at
+    most MAX_AUTO_WORKERS and at most what `shards` allow (a TrainStream needs ranks x workers <= shards). Returns
+    the count and, when the shards cap it, a line saying so."""
+    share = min(MAX_AUTO_WORKERS, max(0, cpus // max(1, local_processes) - 1))
+    allowed = max(1, shards // world)
+    if share <= allowed:
+        return share, ""
+    return allowed, (f"data.num_workers=auto: {allowed} worker(s) per rank, not {share}: {shards} training shard(s) "
+                     f"for {world} rank(s) (write smaller shards with --shard-size for more)")
 
 
 class EvalStream(torch.utils.data.IterableDataset):

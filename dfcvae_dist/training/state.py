@@ -31,6 +31,7 @@ class TrainerState:
     data_digest: str = ""  # the training data's manifest digest (data.shards a manifest directory; else "")
     feature_weights: str = "none"  # the loss network's weights: imagenet, random(seed=N), file:PATH; none without one
     precision: str = ""  # the resolved mixed precision (no, fp16, bf16); "" in checkpoints that kept it in their config
+    num_workers: int | None = None  # loader workers per rank, which decide the sample order; None: in the config
     wall_time_s: float = 0.0  # seconds of training, over every launch, up to `step` (work lost to a kill not counted)
     best_metric: str = ""  # checkpoint.keep_best when best_value was recorded
     best_value: float | None = None  # its best value so far, at validation step `best_step`

@@ -27,9 +27,10 @@ from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
 
 from dfcvae_dist.config import Config, load_config, resume_changes
-from dfcvae_dist.data.loader import (SplitSource, TrainStream, batches_per_epoch, make_loader, model_input,
-                                     resolve_split)
-from dfcvae_dist.distributed import make_accelerator, release, set_determinism
+from dfcvae_dist.data.cache import CachedTrainSplit
+from dfcvae_dist.data.loader import (SplitSource, TrainStream, auto_workers, batches_per_epoch, make_loader,
+                                     model_input, resolve_split)
+from dfcvae_dist.distributed import cpus_available, local_processes, make_accelerator, release, set_determinism
 from dfcvae_dist.data.shards import MANIFEST, manifest_digest, manifest_of
 from dfcvae_dist.errors import UserError, message, one_line
 from dfcvae_dist.families import get_family
@@ -109,15 +110,24 @@ class TrainData:
     total_steps: int
     global_batch: int
     val: SplitSource | None
+    cache: CachedTrainSplit | None = None
+    notes: tuple[str, ...] = ()  # how the data is read (a worker count capped by the shards, the cache)
 
     @classmethod
-    def from_config(cls, cfg: Config, rank: int, world: int, validates: bool) -> "TrainData":
+    def from_config(cls, cfg: Config, rank: int, world: int, validates: bool,
+                    device: torch.device = torch.device("cpu")) -> "TrainData":
         data, train = cfg.data, cfg.train
         source = resolve_split(data.shards, "train", data.num_samples)
         check_image_size(data.shards, cfg.model.image_size)
         per_epoch = batches_per_epoch(source.num_samples, train.batch_size, world, train.grad_accum)
-        stream = TrainStream(source, train.batch_size, per_epoch, rank, world, data.num_workers, train.seed,
+        workers, note = data.num_workers, ""
+        if workers == "auto":
+            workers, note = auto_workers(cpus_available(), local_processes(), len(source.urls), world)
+        stream = TrainStream(source, train.batch_size, per_epoch, rank, world, workers, train.seed,
                              data.shuffle_buffer, data.skip_corrupt)
+        cache = None
+        if data.cache != "none":
+            cache = CachedTrainSplit(stream, data.cache, device, cfg.model.image_size, workers, local_processes())
         total = train.max_steps or train.epochs * per_epoch // train.grad_accum
         val = None
         if train.val_every_steps and validates:
@@ -125,18 +135,27 @@ class TrainData:
             if not val.urls or (Path(data.shards).is_dir() and val.num_samples == 0):
                 raise UserError(f"the val split of {data.shards} is empty; set train.val_every_steps=0 or "
                                 "write shards with a val partition")
-        return cls(stream, data.num_workers, train.grad_accum, per_epoch, total,
-                   train.batch_size * world * train.grad_accum, val)
+        notes = tuple(n for n in (note, cache.describe() if cache else "") if n)
+        return cls(stream, workers, train.grad_accum, per_epoch, total, train.batch_size * world * train.grad_accum,
+                   val, cache, notes)
 
     @property
     def steps_per_epoch(self) -> int:
         return self.batches_per_epoch // self.grad_accum
 
+    def use_workers(self, workers: int) -> None:
+        """Read with `workers` workers (a resumed run: the count its checkpoint recorded, which decides the order)."""
+        self.num_workers, self.stream.num_workers = workers, max(1, workers)
+
     def steps(self, epoch: int, start_batch: int, device, memory_format) -> Iterator[tuple[list[torch.Tensor], int]]:
         """The rest of `epoch` from micro-batch `start_batch`: per optimizer step, its `grad_accum` micro-batches
         and the number of damaged samples passed over to fill them."""
-        self.stream.set_position(epoch, start_batch)
-        loader = make_loader(self.stream, self.num_workers, pin_memory=torch.device(device).type == "cuda")
+        if self.cache is not None:
+            self.cache.set_position(epoch, start_batch)
+            loader = self.cache
+        else:
+            self.stream.set_position(epoch, start_batch)
+            loader = make_loader(self.stream, self.num_workers, pin_memory=torch.device(device).type == "cuda")
         batches = ((model_input(b["image"], device, memory_format), b["skipped"]) for b in loader)
         for group in iter(lambda: list(itertools.islice(batches, self.grad_accum)), []):
             yield [images for images, _ in group], sum(skipped for _, skipped in group)
@@ -179,7 +198,7 @@ class Trainer:
         cfg, train, acc = self.cfg, self.cfg.train, self.accelerator
         set_seed(train.seed)
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
-        self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, self.family.validates)
+        self.data = TrainData.from_config(cfg, acc.process_index, acc.num_processes, self.family.validates, acc.device)
         self.health = LossHealth(acc, train.on_nonfinite)
         with held_back("dfcvae_dist.losses.feature_networks"):  # random weights: said once, in start_tracking
             self.recipe = self.family.build_recipe(cfg, acc, self.health, self.memory_format)
@@ -416,7 +435,7 @@ class Trainer:
                              model=cfg.model.name, world_size=acc.num_processes, config_digest=cfg.digest(),
                              feature_weights=network.weights_source if network is not None else "none",
                              precision=acc.mixed_precision, best_metric=cfg.checkpoint.keep_best or "",
-                             data_digest=data_digest(cfg.data.shards))
+                             data_digest=data_digest(cfg.data.shards), num_workers=self.data.num_workers)
         choice = on_main_then_all(acc, lambda: str(find_checkpoint(self.run_dir, cfg.train.resume) or ""))
         if not choice:
             return state
@@ -424,9 +443,13 @@ class Trainer:
         saved = TrainerState.read(checkpoint)
         saved_cfg = load_config(checkpoint / CONFIG_FILE)
         saved.precision = saved.precision or saved_cfg.train.mixed_precision  # older checkpoints: in their config
+        if saved.num_workers is None:  # older checkpoints: in their config
+            saved.num_workers = saved_cfg.data.num_workers
         refuse_incompatible(checkpoint, saved, state)
         self.changed = self.compare_config(checkpoint, saved_cfg)
         refuse_other_data(checkpoint, saved, state, cfg, self.console)
+        self.resume_workers(checkpoint, saved.num_workers)
+        saved.num_workers = self.data.num_workers
         try:  # accelerate loads with weights_only=True: a file that would run code is refused, not executed
             acc.load_state(str(checkpoint))
         except (pickle.UnpicklingError, RuntimeError, OSError) as err:
@@ -442,6 +465,23 @@ class Trainer:
         self.checkpointer.last_saved = saved.step
         self.console.print(f"resumed from {checkpoint} at step {saved.step}")
         return saved
+
+    def resume_workers(self, checkpoint: Path, recorded: int) -> None:
+        """Each worker reads its own shards, so a resumed run reads with the worker count its checkpoint recorded:
+        data.num_workers=auto keeps it; another explicit count is refused unless train.resume_allow_changes names
+        data.num_workers."""
+        cfg, resolved = self.cfg, self.data.num_workers
+        if self.data.cache is not None or max(1, recorded) == max(1, resolved):  # 0 workers: the order of 1
+            return
+        if cfg.data.num_workers == "auto":
+            self.console.print(f"resume: data.num_workers=auto keeps the checkpoint's {recorded} worker(s) (it would "
+                               f"pick {resolved} here): the count decides the sample order")
+            self.data.use_workers(recorded)
+        elif "data.num_workers" not in cfg.train.resume_allow_changes:
+            raise UserError(f"{checkpoint}: trained with {recorded} loader worker(s) per rank, this launch asks for "
+                            f"{resolved} (data.num_workers={cfg.data.num_workers}): the count decides the sample "
+                            f"order; resume with data.num_workers=auto or ={recorded}, or take responsibility with "
+                            "train.resume_allow_changes=[data.num_workers]")
 
     def compare_config(self, checkpoint: Path, saved: Config) -> list[tuple[str, object, object]]:
         """Refuse a resume whose config changes the model, the optimisation or the data position; return the
@@ -483,6 +523,9 @@ class Trainer:
 
     def describe(self) -> None:
         cfg, data, world = self.cfg, self.data, self.accelerator.num_processes
+        for note in (f"data: {data.num_workers} loader worker(s) per rank (data.num_workers={cfg.data.num_workers})",
+                     *data.notes):
+            self.console.print(note)
         self.console.print(f"[bold]{self.family.title}[/] world size {world}, global batch {data.global_batch} = "
                            f"{cfg.train.batch_size} per rank x {world} ranks x {cfg.train.grad_accum} accumulation; "
                            f"{data.steps_per_epoch} steps per epoch, {data.total_steps} steps; precision "
