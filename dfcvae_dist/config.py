@@ -451,10 +451,10 @@ def _set(cfg: Config, dotted: str, value: yaml.Node | str, source: str) -> None:
 
 
 def _field_value(key: str, value: yaml.Node | str, hint: Any, meta: typing.Mapping, source: str) -> Any:
-    """A field's value, typed and checked; a field with `words` also takes one of them, written plainly."""
+    """A field's value, typed and checked; a field with `words` also takes one of them, quoted or not (JSON quotes)."""
     words = meta.get("words", [])
     if words:
-        plain = value if isinstance(value, str) else value.value if value.style is None else None
+        plain = value if isinstance(value, str) else value.value if isinstance(value, yaml.ScalarNode) else None
         if plain in words:
             return plain
         hint = next(a for a in typing.get_args(hint) if a is not str)

@@ -23,6 +23,7 @@ from dfcvae_dist.evaluation.quality import (FID_WEIGHTS_FILE, LPIPS_BACKBONE_FIL
                                             lpips_or_reason, ms_ssim, ms_ssim_betas, ms_ssim_scales,
                                             reconstruction_metrics, ssim)
 from dfcvae_dist.losses import FeaturePerceptualLoss
+from dfcvae_dist.figures import cell_box, read_layout, to_bytes, upscale
 from tests.conftest import run_tool
 
 
@@ -222,9 +223,11 @@ def test_quality_json_in_the_shared_schema_logged_into_each_tracked_models_run(
         "normal": "samples-normal-vae.png", "gmm": "samples-gmm-vae.png"}
     model, _, _ = load_trained(tracked)  # each figure: 8 x 8 of that sampler's samples of seed 0
     for kind, sampler in (("normal", None), ("gmm", GaussianMixtureSampler.load(out / "gmm-vae.safetensors"))):
-        drawn = np.asarray(Image.open(out / vae["samples"][kind]).convert("RGB")).astype(int)
-        expected = (sample(model, 64, 0, sampler)[9] * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
-        assert drawn.shape == (8 * 34 + 2, 8 * 34 + 2, 3) and (drawn[36:68, 36:68] == expected.numpy()).all()
+        path = out / vae["samples"][kind]
+        layout = read_layout(path)
+        drawn = torch.from_numpy(np.asarray(Image.open(path).convert("RGB").crop(cell_box(layout, 1, 1))))
+        expected = to_bytes(upscale(sample(model, 64, 0, sampler)[9:10]))[0].permute(1, 2, 0)
+        assert (layout["rows"], layout["columns"]) == ([""] * 8, 8) and torch.equal(drawn, expected)
 
 
 def test_missing_fid_weights_make_fid_null_with_the_file_its_url_and_where_to_put_it(tmp_path, trained_run,
