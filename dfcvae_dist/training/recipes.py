@@ -136,8 +136,10 @@ def fp16_overflow(accelerator, optimizer, *grad_norms: torch.Tensor) -> torch.Te
     """Under fp16 with fused optimizers (`optimizer` and any other of the step, built alike), whether a step found
     inf/NaN gradients (its kernel then left the weights alone), as a device bool: the unscaled gradients hold an
     inf or NaN exactly when their norm is not finite."""
-    fused = optimizer.optimizer.defaults.get("fused") if hasattr(optimizer, "optimizer") else None
-    if accelerator.scaler is None or not fused:
+    if accelerator.scaler is None:  # no GradScaler: neither fp16 nor one to skip steps (DeepSpeed scales its own)
+        return None
+    inner = getattr(optimizer, "optimizer", None)  # DeepSpeed's ZeRO optimizer has no torch `defaults`
+    if not getattr(inner, "defaults", {}).get("fused"):
         return None
     return ~torch.isfinite(torch.stack(grad_norms)).all()
 
