@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dfcvae_dist.errors import UserError, one_line
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 MISSING = "/nonexistent/dfcvae"
 

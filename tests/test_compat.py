@@ -13,7 +13,7 @@ import torch
 from dfcvae_dist.config import load_config
 from dfcvae_dist.inference import decode, load_trained, load_weights_file
 from dfcvae_dist.training.state import TrainerState
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 LEGACY = ROOT / "tests" / "fixtures" / "legacy-run"
 DIGEST_AT_STEP_4 = "6b0e5e12cbc70764e92eb5ea32ac4bce81492831e7899a16b9d41f99bc2fa063"

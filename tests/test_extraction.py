@@ -11,7 +11,7 @@ import pytest
 from dfcvae_dist.data.shards import read_manifest
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.extraction.latents import load_latents, merge_parts, write_part
-from tests.conftest import ROOT, run_tool
+from tests.helpers import ROOT, run_tool
 
 pytestmark = pytest.mark.slow
 

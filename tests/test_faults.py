@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import run_tool, wait_until
-from tests.test_train import base_args, env_for, launch_cmd, train
+from tests.helpers import base_args, env_for, launch_cmd, run_tool, train, wait_until
 
 pytestmark = pytest.mark.slow
 

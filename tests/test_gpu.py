@@ -17,7 +17,7 @@ from dfcvae_dist.families import get_family
 from dfcvae_dist.losses import FeaturePerceptualLoss
 from dfcvae_dist.models.vae import EdgePad
 from dfcvae_dist.training.recipes import LossHealth, set_lr
-from tests.test_train import train
+from tests.helpers import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
 

@@ -20,7 +20,7 @@ from dfcvae_dist.export import export_model
 from dfcvae_dist.inference import (GaussianMixtureSampler, attribute_vector, decode, interpolate, load_trained,
                                    load_weights_file, resolve_checkpoint)
 from dfcvae_dist.training.checkpoint import weights_bytes
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 
 def test_inference_imports_neither_accelerate_deepspeed_nor_mlflow():

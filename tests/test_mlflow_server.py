@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, start_server, wait_until
+from tests.helpers import (base_args, env_for, free_port, image_steps, launch_cmd, start_server, train,
+                           wait_until)
 from dfcvae_dist.data.shards import manifest_digest, read_manifest
-from tests.test_train import base_args, env_for, image_steps, launch_cmd, train
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from dfcvae_dist.evaluation.quality import (FID_WEIGHTS_FILE, LPIPS_BACKBONE_FIL
                                             lpips_or_reason, ms_ssim, ms_ssim_betas, ms_ssim_scales,
                                             reconstruction_metrics, ssim)
 from dfcvae_dist.losses import FeaturePerceptualLoss
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 
 class Autoencoder(nn.Module):

@@ -20,7 +20,7 @@ from dfcvae_dist.cli.svm import main as svm_main
 from dfcvae_dist.figures import cell_box, read_layout
 from dfcvae_dist.inference import GaussianMixtureSampler, load_trained, sample
 from dfcvae_dist.sweeps.report import run_pages
-from tests.conftest import ROOT, ProcessGroups, run_tool
+from tests.helpers import ROOT, ProcessGroups, run_tool
 
 pytestmark = pytest.mark.slow
 

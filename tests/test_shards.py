@@ -16,7 +16,7 @@ from PIL import Image
 from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader
 from dfcvae_dist.data.shards import iter_shard, manifest_of, read_manifest, sha256_file
 from dfcvae_dist.errors import UserError
-from tests.conftest import ROOT, run_tool, wait_until
+from tests.helpers import ROOT, run_tool, wait_until
 
 
 def test_manifest_describes_every_shard(shard_dir, celeba_dir):

@@ -11,7 +11,7 @@ from dfcvae_dist.evaluation.studies import (ALPHA_LABELS, ALPHAS, HAS_COLOUR, LA
 from dfcvae_dist.figures import cell_box, read_layout
 from dfcvae_dist.models import VAE
 
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from dfcvae_dist.rundir import RunLock
-from tests.conftest import ROOT, ProcessGroups, run_tool, wait_until
+from tests.helpers import (ROOT, ProcessGroups, log_tail, preempt_after_first_checkpoint, run_tool, wait_ended,
+                           wait_until)
 from tests.slurm_cluster import unavailable_reason
-from tests.test_slurm import log_tail, preempt_after_first_checkpoint, wait_ended
 
 TINY_TASKS = ["dfcvae-123-seed0", "dfcvae-123-seed1", "pvae-seed0", "pvae-seed1"]
 

@@ -8,7 +8,7 @@ from PIL import Image
 from dfcvae_dist.data import celeba
 from dfcvae_dist.data.synthetic import (ATTRIBUTE_NAMES, CELEBA_ATTRIBUTE_RATES, is_synthetic,
                                         make_synthetic_celeba)
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 
 def digest(root):
