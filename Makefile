@@ -19,6 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP) slurm-tools browser-tools
+	$(BIN)/ruff check dfcvae_dist tools tests
 	$(BIN)/python -m pytest tests
 
 # The Slurm tests start a private two-node cluster from Debian's slurm-wlm and munge; installed here when

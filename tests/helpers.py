@@ -32,7 +32,8 @@ class ProcessGroups:
         self.started.append(proc)
         return proc
 
-    def run(self, cmd: Sequence, timeout: float, input: str | None = None, **popen_kwargs) -> subprocess.CompletedProcess:
+    def run(self, cmd: Sequence, timeout: float, input: str | None = None,
+            **popen_kwargs) -> subprocess.CompletedProcess:
         """`subprocess.run(cmd, capture_output=True, text=True)`, but a timeout kills the whole group and fails
         the test with the end of its stderr."""
         proc = self.popen(cmd, stdin=subprocess.PIPE if input is not None else None, stdout=subprocess.PIPE,
@@ -108,9 +109,9 @@ def healthy(uri):
 # The trainer as a user launches it: one process, or `accelerate launch` for several.
 
 def base_args(shard_dir, run_dir, *overrides):
-    return ["--config", str(ROOT / "configs" / "quickstart.yaml"), f"data.shards={shard_dir}", f"train.run_dir={run_dir}",
-            "train.batch_size=16", "train.val_every_steps=0", "log.every_steps=1", "log.image_every_steps=0",
-            "data.num_workers=1", *overrides]
+    return ["--config", str(ROOT / "configs" / "quickstart.yaml"), f"data.shards={shard_dir}",
+            f"train.run_dir={run_dir}", "train.batch_size=16", "train.val_every_steps=0", "log.every_steps=1",
+            "log.image_every_steps=0", "data.num_workers=1", *overrides]
 
 
 def env_for(tmp_path):

@@ -117,7 +117,7 @@ def pre_batch_norm_biases(model: torch.nn.Module) -> set[str]:
     """Biases of convolutions whose output a BatchNorm normalises: their gradient is rounding noise (the batch mean
     removes them), which Adam turns into full-size steps of either sign, so they cannot agree between two runs."""
     return {f"{name}.{i}.bias" for name, seq in model.named_modules() if isinstance(seq, torch.nn.Sequential)
-            for i, (a, b) in enumerate(zip(seq, list(seq)[1:])) if isinstance(b, torch.nn.BatchNorm2d)}
+            for i, (a, b) in enumerate(zip(seq, list(seq)[1:], strict=False)) if isinstance(b, torch.nn.BatchNorm2d)}
 
 
 def test_twenty_graphed_steps_equal_twenty_eager_steps(accelerator):

@@ -163,7 +163,8 @@ def test_image_folder_with_attribute_csv(tmp_path):
     manifest = read_manifest(tmp_path / "out")
     assert manifest["attributes"] == ["Smiling", "Hat"] and manifest["crop"] == "center"
     samples = [s for v in manifest["splits"].values() for s in v["shards"]]
-    keys = {s["__key__"]: json.loads(s["json"]) for sh in samples for s in iter_shard(str(tmp_path / "out" / sh["name"]))}
+    keys = {s["__key__"]: json.loads(s["json"])
+            for sh in samples for s in iter_shard(str(tmp_path / "out" / sh["name"]))}
     assert len(keys) == 12 and keys["sub_img_3"]["attrs"] == {"Smiling": 1, "Hat": 0}
 
 

@@ -92,7 +92,8 @@ def test_preemption_past_max_requeues_fails_the_job_with_its_message_and_no_requ
     assert (run_dir / "RESUME_ME.json").exists() and not (run_dir / "COMPLETED.json").exists()
 
 
-def test_train_sbatch_with_a_deepspeed_accelerate_config_trains_two_nodes_to_the_last_step(cluster, tmp_path, shard_dir):
+def test_train_sbatch_with_a_deepspeed_accelerate_config_trains_two_nodes_to_the_last_step(cluster, tmp_path,
+                                                                                            shard_dir):
     run_dir = tmp_path / "run"
     job, out = submit(cluster, tmp_path, "train.sbatch", *train_args(shard_dir, run_dir, "train.max_steps=4"),
                       ACCELERATE_CONFIG="configs/accelerate/deepspeed-zero2.yaml")
@@ -107,7 +108,8 @@ def test_a_missing_accelerate_config_fails_the_job_with_one_line_naming_it(clust
     job, out = submit(cluster, tmp_path, "train.sbatch", *train_args(shard_dir, tmp_path / "run"),
                       ACCELERATE_CONFIG="configs/accelerate/zero9.yaml")
     assert wait_ended(cluster, job, out, timeout=60) == "FAILED"
-    assert f"error: ACCELERATE_CONFIG=configs/accelerate/zero9.yaml: no such file (relative to {ROOT})" in out.read_text()
+    assert (f"error: ACCELERATE_CONFIG=configs/accelerate/zero9.yaml: no such file (relative to {ROOT})"
+            in out.read_text())
     assert "ExitCode=2:0" in cluster.run("scontrol", "show", "job", job).stdout.split()
 
 

@@ -38,7 +38,8 @@ def test_cli_writes_report_and_table_beside_the_paper(tmp_path):
     np.savez(tmp_path / "latents.npz", **synthetic_latents())
     proc = run_tool("eval_svm.py", "--latents", tmp_path / "latents.npz", "--out", tmp_path / "out")
     report = json.loads((tmp_path / "out" / "svm_report.json").read_text())
-    assert len(report["per_attribute"]) == 40 and {"mean_accuracy", "mean_balanced_accuracy", "mean_majority"} <= set(report)
+    assert len(report["per_attribute"]) == 40
+    assert {"mean_accuracy", "mean_balanced_accuracy", "mean_majority"} <= set(report)
     table = (tmp_path / "out" / "svm_table.md").read_text()
     assert "| attribute | accuracy % | balanced % | majority % | C | FaceTracer | PANDA-w | PANDA-l | LNets+ANet " \
            "| VAE-Z | VGG-FC |" in table

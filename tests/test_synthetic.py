@@ -47,7 +47,7 @@ def test_label_statistics_look_like_celeba(tmp_path):
     make_synthetic_celeba(root, 2000, seed=0, workers=2)
     names, records = celeba.read_celeba(root)
     rates = np.array([r.attrs for r in records]).mean(0)
-    for name, rate in zip(names, rates):
+    for name, rate in zip(names, rates, strict=True):
         assert abs(rate - CELEBA_ATTRIBUTE_RATES[name]) < 0.12, (name, rate)
     by = {n: np.array([r.attrs[i] for r in records]) for i, n in enumerate(names)}
     hair = by["Black_Hair"] + by["Blond_Hair"] + by["Brown_Hair"] + by["Gray_Hair"]

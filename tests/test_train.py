@@ -90,7 +90,8 @@ def test_two_process_ddp_ranks_agree_and_read_disjoint_shards(tmp_path, shard_di
         assert chatter not in console, chatter
     ranks = [json.loads((run_dir / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
-    assert ranks[0]["first_epoch_shards"] and not set(ranks[0]["first_epoch_shards"]) & set(ranks[1]["first_epoch_shards"])
+    first_epoch_shards = [set(rank["first_epoch_shards"]) for rank in ranks]
+    assert first_epoch_shards[0] and not first_epoch_shards[0] & first_epoch_shards[1]
     run = mlflow_client(tmp_path).get_run(json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"])
     assert run.data.tags["world_size"] == "2" and run.data.tags["distributed_type"] == "DistributedType.MULTI_CPU"
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # written by the main process only
@@ -201,8 +202,10 @@ def test_resume_refuses_a_changed_learning_rate_before_writing_anything(tmp_path
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: [rank 0] {run_dir / 'checkpoints' / 'step-00000002'}: this launch changes")
     assert "optim.lr: 0.0005 -> 0.05" in last and "train.resume_allow_changes" in last
-    assert (run_dir / "config.yaml").read_text() == saved_config and not (run_dir / "checkpoints" / "step-00000004").exists()
-    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=4", "optim.lr=0.05", "train.resume_allow_changes=[optim.lr]")
+    assert (run_dir / "config.yaml").read_text() == saved_config
+    assert not (run_dir / "checkpoints" / "step-00000004").exists()
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=4", "optim.lr=0.05",
+                 "train.resume_allow_changes=[optim.lr]")
     assert "resume: train.max_steps changed from 2 to 4" in proc.stderr and "resumed from" in proc.stderr
     run = mlflow_client(tmp_path).get_run(json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"])
     assert run.data.tags["resume.step2.optim.lr"] == "0.0005 -> 0.05"
