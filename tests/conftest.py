@@ -14,6 +14,15 @@ import pytest
 from tests.helpers import ROOT, ProcessGroups, free_port, run_tool, start_server
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A test that uses one of these is slow (`make test-fast` leaves it out): each trains, serves or boots a cluster.
+SLOW_FIXTURES = {"trained_run", "mlflow_server", "cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

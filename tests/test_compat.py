@@ -8,6 +8,7 @@ import json
 import shutil
 import sys
 
+import pytest
 import torch
 
 from dfcvae_dist.config import load_config
@@ -31,6 +32,7 @@ def test_a_legacy_run_directory_loads_with_its_vgg_fields_mapped():
                                                                                          "weights.safetensors"), z))
 
 
+@pytest.mark.slow
 def test_a_legacy_run_resumes_to_the_same_weights_as_the_old_code_trained(tmp_path, shard_dir, processes):
     """Also proves the feature network computes what the old VGG19 module did, bit for bit."""
     shutil.copytree(LEGACY, tmp_path / "legacy-run")

@@ -84,6 +84,7 @@ def test_sync_bn_converts_batch_norm_under_ddp(accelerator):
     assert isinstance(model[0], torch.nn.SyncBatchNorm)
 
 
+@pytest.mark.slow
 def test_compiled_loss_and_deterministic_bit_exact_resume_on_cuda(tmp_path, shard_dir):
     steps = ["train.max_steps=6", "checkpoint.every_steps=3", "train.deterministic=true", "train.compile=loss",
              "log.enabled=false"]  # tracking is tested on CPU; this is about CUDA determinism
@@ -96,6 +97,7 @@ def test_compiled_loss_and_deterministic_bit_exact_resume_on_cuda(tmp_path, shar
     assert json.loads((tmp_path / "straight" / "COMPLETED.json").read_text())["step"] == 6
 
 
+@pytest.mark.slow
 def test_an_fp16_run_trains_through_the_grad_scaler_warm_up(tmp_path, shard_dir):
     # the scaler's first overflowing steps are skipped steps, not a non-finite loss that stops the run
     train(tmp_path, shard_dir, tmp_path / "fp16", "train.max_steps=20", "train.mixed_precision=fp16",
@@ -104,6 +106,7 @@ def test_an_fp16_run_trains_through_the_grad_scaler_warm_up(tmp_path, shard_dir)
     assert done["step"] == 20 and 0 < done["skipped_steps"] < 20  # fused Adam's overflows, counted on the device
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
 def test_quiet_steps_of_the_trainer_make_no_synchronising_cuda_call(tmp_path, shard_dir, precision):
     """The real trainer (one GPU, the default: fp32 model or autocast, fp16 loss network, fused Adam), every quiet
