@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test slurm-tools browser-tools quickstart clean-quickstart reproduce reproduce-celeba reproduce-cpu
+.PHONY: venv test test-fast slurm-tools browser-tools quickstart clean-quickstart reproduce reproduce-celeba reproduce-cpu
 
 venv: $(STAMP)
 
@@ -19,7 +19,13 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP) slurm-tools browser-tools
-	$(BIN)/python -m pytest tests
+	$(BIN)/ruff check dfcvae_dist tools tests
+	$(BIN)/python -m pytest tests --durations=25
+
+# The edit loop: lint, then every test not marked slow (pyproject.toml says what slow is).
+test-fast: $(STAMP)
+	$(BIN)/ruff check dfcvae_dist tools tests
+	$(BIN)/python -m pytest tests -m "not slow" --durations=10
 
 # The Slurm tests start a private two-node cluster from Debian's slurm-wlm and munge; installed here when
 # running as root and missing (otherwise those tests are skipped with the reason).

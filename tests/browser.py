@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tests.conftest import ProcessGroups, wait_until
+from tests.helpers import ProcessGroups, wait_until
 
 CHROMIUM = shutil.which("chromium")
 

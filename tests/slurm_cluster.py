@@ -13,7 +13,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 
 def _free_ports(n: int) -> list[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dfcvae_dist.errors import UserError, one_line
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 MISSING = "/nonexistent/dfcvae"
 
@@ -20,7 +20,8 @@ MISSING = "/nonexistent/dfcvae"
     ("extract_latents.py", ["--checkpoint", MISSING, "--shards", MISSING, "--out", "{tmp}/o"]),
     ("eval_svm.py", ["--latents", MISSING, "--out", "{tmp}/o"]),
     ("explore_latents.py", ["--checkpoint", MISSING, "--latents", MISSING, "--shards", MISSING, "--out", "{tmp}/o"]),
-    ("quality.py", ["--checkpoint", f"a={MISSING}", "--shards", MISSING, "--vgg-weights", "random", "--out", "{tmp}/o"]),
+    ("quality.py", ["--checkpoint", f"a={MISSING}", "--shards", MISSING, "--vgg-weights", "random",
+                    "--out", "{tmp}/o"]),
     ("-m dfcvae_dist.train", ["--config", MISSING]),
     ("-m dfcvae_dist.train", [f"data.shards={MISSING}", "train.run_dir={tmp}/run", "log.enabled=false"]),
 ], ids=lambda v: v if isinstance(v, str) else "")

@@ -11,7 +11,7 @@ import torch
 from dfcvae_dist.bench.kernels import fraction_of_peak
 from dfcvae_dist.bench.step import PRECISIONS
 from dfcvae_dist.bench.timing import interleaved, spread
-from tests.conftest import ROOT, run_tool
+from tests.helpers import ROOT, run_tool
 
 
 def test_contestants_alternate_order_every_round():

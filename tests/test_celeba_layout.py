@@ -7,7 +7,7 @@ import pytest
 from dfcvae_dist.data import celeba
 from dfcvae_dist.data.synthetic import make_synthetic_celeba
 from dfcvae_dist.errors import UserError
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from tests.conftest import ROOT, run_tool
+from tests.helpers import ROOT, run_tool
 
 SCRIPTS = ["dfcvae-train", "dfcvae-synthetic", "dfcvae-shards", "dfcvae-extract", "dfcvae-svm", "dfcvae-explore",
            "dfcvae-quality", "dfcvae-bench", "dfcvae-fetch-vgg19", "dfcvae-sweep", "dfcvae-report", "dfcvae-export"]

@@ -8,12 +8,13 @@ import json
 import shutil
 import sys
 
+import pytest
 import torch
 
 from dfcvae_dist.config import load_config
 from dfcvae_dist.inference import decode, load_trained, load_weights_file
 from dfcvae_dist.training.state import TrainerState
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 LEGACY = ROOT / "tests" / "fixtures" / "legacy-run"
 DIGEST_AT_STEP_4 = "6b0e5e12cbc70764e92eb5ea32ac4bce81492831e7899a16b9d41f99bc2fa063"
@@ -31,6 +32,7 @@ def test_a_legacy_run_directory_loads_with_its_vgg_fields_mapped():
                                                                                          "weights.safetensors"), z))
 
 
+@pytest.mark.slow
 def test_a_legacy_run_resumes_to_the_same_weights_as_the_old_code_trained(tmp_path, shard_dir, processes):
     """Also proves the feature network computes what the old VGG19 module did, bit for bit."""
     shutil.copytree(LEGACY, tmp_path / "legacy-run")

@@ -32,7 +32,8 @@ def test_yaml_then_overrides_in_order(tmp_path):
 
 def test_unknown_key_names_key_file_and_line(tmp_path):
     path = write(tmp_path, "train:\n  epochs: 1\n  batchsize: 16\n")
-    with pytest.raises(UserError, match=r"c\.yaml, line 3: unknown key 'train\.batchsize' \(did you mean 'train\.batch_size'\?\)"):
+    with pytest.raises(UserError, match=r"c\.yaml, line 3: unknown key 'train\.batchsize' "
+                                        r"\(did you mean 'train\.batch_size'\?\)"):
         load_config(path)
 
 
@@ -51,7 +52,8 @@ def test_out_of_range_and_bad_choice():
         load_config(None, ["train.batch_size=0"])
     with pytest.raises(UserError, match=r"'model.name' must be one of"):
         load_config(None, ["model.name=gan"])
-    with pytest.raises(UserError, match=r"loss.layers: 'relu9_1' is not a layer of vgg19 .*its layers: relu1_1, relu1_2"):
+    with pytest.raises(UserError,
+                       match=r"loss.layers: 'relu9_1' is not a layer of vgg19 .*its layers: relu1_1, relu1_2"):
         load_config(None, ["loss.layers=[relu9_1]"])
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
-from tests.test_train import base_args, env_for
+from tests.helpers import ROOT, base_args, env_for
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 from dfcvae_dist.data.shards import read_manifest
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.extraction.latents import load_latents, merge_parts, write_part
-from tests.conftest import ROOT, run_tool
+from tests.helpers import ROOT, run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +20,8 @@ def extract(out, *args, nproc=1):
     if nproc == 1:
         return run_tool("extract_latents.py", *args, "--out", out)
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
-           "--num_machines", "1", "--mixed_precision", "no", str(ROOT / "tools" / "extract_latents.py"), *map(str, args),
-           "--out", str(out)]
+           "--num_machines", "1", "--mixed_precision", "no", str(ROOT / "tools" / "extract_latents.py"),
+           *map(str, args), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -31,7 +31,7 @@ def test_one_and_two_processes_give_the_same_latents_every_key_once(tmp_path, tr
     extract(tmp_path / "one", "--checkpoint", trained_run, "--shards", shard_dir, "--batch-size", "32")
     extract(tmp_path / "two", "--checkpoint", trained_run, "--shards", shard_dir, "--batch-size", "32", nproc=2)
     a, b = load_latents(tmp_path / "one" / "latents.npz"), load_latents(tmp_path / "two" / "latents.npz")
-    assert (a["keys"] == b["keys"]).all() and (a["attrs"] == b["attrs"]).all() and (a["partition"] == b["partition"]).all()
+    assert all((a[name] == b[name]).all() for name in ("keys", "attrs", "partition"))
     assert np.abs(a["mu"] - b["mu"]).max() < 1e-5 and np.abs(a["logvar"] - b["logvar"]).max() < 1e-5
     manifest = read_manifest(shard_dir)
     assert len(a["keys"]) == len(set(a["keys"])) == sum(v["num_samples"] for v in manifest["splits"].values())
@@ -59,7 +59,8 @@ def test_checkpoint_of_another_model_type_is_refused(tmp_path, shard_dir):
     ckpt.mkdir()
     cfg.save(ckpt / "config.yaml")
     save_file(get_family("dcgan").build_model(cfg.model).state_dict(), str(ckpt / "weights.safetensors"))
-    proc = run_tool("extract_latents.py", "--checkpoint", ckpt, "--shards", shard_dir, "--out", tmp_path / "o", check=False)
+    proc = run_tool("extract_latents.py", "--checkpoint", ckpt, "--shards", shard_dir, "--out", tmp_path / "o",
+                    check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
         f"error: {ckpt}: a dcgan model, but this needs a VAE (a family that encodes)"
 

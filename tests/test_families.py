@@ -16,7 +16,7 @@ from dfcvae_dist.config import config_help, load_config
 from dfcvae_dist.errors import UserError
 from dfcvae_dist.families import ENTRY_POINT_GROUP, family_names, get_family
 from dfcvae_dist.families.base import ModelFamily
-from tests.conftest import ROOT, run_tool
+from tests.helpers import ROOT, run_tool
 
 BUILTINS = ["dcgan", "dfcvae", "dfcvae-gan", "pvae"]
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import run_tool, wait_until
-from tests.test_train import base_args, env_for, launch_cmd, train
+from tests.helpers import base_args, env_for, launch_cmd, run_tool, train, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +79,8 @@ def mounted_tmpfs(mount: Path, size: str):
     mount.mkdir()
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("needs root to mount a small tmpfs")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True).returncode:
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode:
         pytest.skip("cannot mount a tmpfs here")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
@@ -259,7 +259,7 @@ def damage_every_shard(src: Path, dst: Path) -> None:
         with tarfile.open(shard) as tar:
             members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
         keys = sorted({m.name.split(".")[0] for m, _ in members})
-        victims = dict(zip(keys[1:6:2], ["no-image", "bad-json", "cut-image"]))
+        victims = dict(zip(keys[1:6:2], ["no-image", "bad-json", "cut-image"], strict=True))
         with tarfile.open(shard, "w") as tar:
             for member, data in members:
                 key, ext = member.name.split(".", 1)

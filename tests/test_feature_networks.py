@@ -81,7 +81,8 @@ def test_your_own_network_by_module_and_function(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = load_config(None, ["loss.network=mynets:tiny", "loss.layers=[1, 3]", "loss.network_weights=mine.pt"])
     loss = FeaturePerceptualLoss.from_config(cfg.loss, torch.device("cpu"))
-    assert loss.weights_source == "mine.pt" and sorted(loss(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8))) == ["1", "3"]
+    assert loss.weights_source == "mine.pt"
+    assert sorted(loss(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8))) == ["1", "3"]
     assert "4" not in dict(loss.features.net.named_children())  # truncated after the deepest layer used
     assert all(not p.requires_grad for p in loss.parameters())
     with pytest.raises(UserError, match=r"loss.layers \['9'\] for loss.network 'mynets:tiny': .*9"):

@@ -17,7 +17,7 @@ from dfcvae_dist.families import get_family
 from dfcvae_dist.losses import FeaturePerceptualLoss
 from dfcvae_dist.models.vae import EdgePad
 from dfcvae_dist.training.recipes import LossHealth, set_lr
-from tests.test_train import train
+from tests.helpers import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
 
@@ -84,6 +84,7 @@ def test_sync_bn_converts_batch_norm_under_ddp(accelerator):
     assert isinstance(model[0], torch.nn.SyncBatchNorm)
 
 
+@pytest.mark.slow
 def test_compiled_loss_and_deterministic_bit_exact_resume_on_cuda(tmp_path, shard_dir):
     steps = ["train.max_steps=6", "checkpoint.every_steps=3", "train.deterministic=true", "train.compile=loss",
              "log.enabled=false"]  # tracking is tested on CPU; this is about CUDA determinism
@@ -96,6 +97,7 @@ def test_compiled_loss_and_deterministic_bit_exact_resume_on_cuda(tmp_path, shar
     assert json.loads((tmp_path / "straight" / "COMPLETED.json").read_text())["step"] == 6
 
 
+@pytest.mark.slow
 def test_an_fp16_run_trains_through_the_grad_scaler_warm_up(tmp_path, shard_dir):
     # the scaler's first overflowing steps are skipped steps, not a non-finite loss that stops the run
     train(tmp_path, shard_dir, tmp_path / "fp16", "train.max_steps=20", "train.mixed_precision=fp16",
@@ -104,6 +106,7 @@ def test_an_fp16_run_trains_through_the_grad_scaler_warm_up(tmp_path, shard_dir)
     assert done["step"] == 20 and 0 < done["skipped_steps"] < 20  # fused Adam's overflows, counted on the device
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
 def test_quiet_steps_of_the_trainer_make_no_synchronising_cuda_call(tmp_path, shard_dir, precision):
     """The real trainer (one GPU, the default: fp32 model or autocast, fp16 loss network, fused Adam), every quiet
@@ -117,7 +120,7 @@ def pre_batch_norm_biases(model: torch.nn.Module) -> set[str]:
     """Biases of convolutions whose output a BatchNorm normalises: their gradient is rounding noise (the batch mean
     removes them), which Adam turns into full-size steps of either sign, so they cannot agree between two runs."""
     return {f"{name}.{i}.bias" for name, seq in model.named_modules() if isinstance(seq, torch.nn.Sequential)
-            for i, (a, b) in enumerate(zip(seq, list(seq)[1:])) if isinstance(b, torch.nn.BatchNorm2d)}
+            for i, (a, b) in enumerate(zip(seq, list(seq)[1:], strict=False)) if isinstance(b, torch.nn.BatchNorm2d)}
 
 
 def test_twenty_graphed_steps_equal_twenty_eager_steps(accelerator):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ProcessGroups, wait_until
+from tests.helpers import ProcessGroups, wait_until
 
 
 def alive(pid: int) -> bool:

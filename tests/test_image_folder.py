@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dfcvae_dist.data.shards import iter_shard, read_manifest
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 SIZE = 32  # square and equal to --image-size, so the center crop and the resize leave the pixels as they are
 LEFT, RIGHT = np.s_[:, : SIZE // 2], np.s_[:, SIZE // 2:]

@@ -20,12 +20,13 @@ from dfcvae_dist.export import export_model
 from dfcvae_dist.inference import (GaussianMixtureSampler, attribute_vector, decode, interpolate, load_trained,
                                    load_weights_file, resolve_checkpoint)
 from dfcvae_dist.training.checkpoint import weights_bytes
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 
 def test_inference_imports_neither_accelerate_deepspeed_nor_mlflow():
     code = "import sys, dfcvae_dist.inference; print(sorted({'accelerate', 'deepspeed', 'mlflow'} & set(sys.modules)))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
 
 
 def test_weights_file_alone_rebuilds_the_model(trained_run, tmp_path):
@@ -117,7 +118,8 @@ def test_attribute_vector_is_the_mean_latent_with_the_attribute_minus_without():
 def mixture_moments(mixture: GaussianMixtureSampler) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the fitted mixture: sum_k w_k mu_k, and sum_k w_k (S_k + mu_k mu_k^T) - mean mean^T."""
     mean = mixture.weights @ mixture.means
-    second = sum(w * (s + np.outer(m, m)) for w, m, s in zip(mixture.weights, mixture.means, mixture.covariances))
+    second = sum(w * (s + np.outer(m, m))
+                 for w, m, s in zip(mixture.weights, mixture.means, mixture.covariances, strict=True))
     return mean, second - np.outer(mean, mean)
 
 

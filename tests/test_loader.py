@@ -303,7 +303,7 @@ def test_a_cached_epoch_sees_the_samples_a_streamed_epoch_sees_and_resumes_at_a_
     n = batches_per_epoch(source.num_samples, 6, world=2, grad_accum=1)
     streams = [TrainStream(source, 6, n, rank, 2, 2, seed=3, shuffle_buffer=0) for rank in range(2)]
     caches = [CachedTrainSplit(stream, "memory", torch.device("cpu"), 8, num_workers=2) for stream in streams]
-    for stream, cache in zip(streams, caches):
+    for stream, cache in zip(streams, caches, strict=True):
         streamed, cached = epoch_keys(stream, 0, workers=2), epoch_keys(cache, 0)
         assert len(cached) == len(streamed) == 48 and set(cached) == set(streamed)  # the rank's first-epoch shards
         assert cache.images.dtype == torch.uint8 and cache.images.shape == (48, 3, 8, 8)

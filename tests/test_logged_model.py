@@ -18,7 +18,7 @@ from dfcvae_dist.model_logging import FINAL_TAG, ModelUpload
 from dfcvae_dist.rundir import find_checkpoint
 from dfcvae_dist.training.run_page import model_card
 from tests.browser import CHROMIUM, Chromium
-from tests.test_train import train
+from tests.helpers import train
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +155,7 @@ def test_an_evaluations_metrics_are_linked_to_the_model_of_the_checkpoint_it_eva
     """The SVMs of the final checkpoint's latents: their eval/* metrics are the run's and its final model's; the
     model of the step-2 checkpoint gets none."""
     from dfcvae_dist.evaluation.svm import evaluate_svms
-    from tests.test_svm import synthetic_latents
+    from tests.helpers import synthetic_latents
 
     final = find_checkpoint(server_run.run_dir, "auto")
     np.savez(tmp_path / "latents.npz", **{**synthetic_latents(n=600), "checkpoint": np.array(str(final))})

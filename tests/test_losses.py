@@ -33,8 +33,8 @@ def loss123():
 
 
 def test_layer_names_map_to_torchvision_indices():
-    assert {k: VGG19_LAYERS[k] for k in ("relu1_1", "relu1_2", "relu2_1", "relu3_1", "relu4_1", "relu5_1", "relu5_4")} == \
-        {"relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29, "relu5_4": 35}
+    expected = {"relu1_1": 1, "relu1_2": 3, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29, "relu5_4": 35}
+    assert {k: VGG19_LAYERS[k] for k in expected} == expected
     features = vgg19(weights=None).features
     for name, index in VGG19_LAYERS.items():
         assert isinstance(features[index], nn.ReLU) and isinstance(features[index - 1], nn.Conv2d), name
@@ -55,8 +55,10 @@ def test_matches_straightforward_formula(loss123):
     acts = {}
     for name in PAPER_123:
         full.features[VGG19_LAYERS[name]].inplace = False
-        full.features[VGG19_LAYERS[name]].register_forward_hook(lambda m, i, o, n=name: acts.setdefault(n, []).append(o))
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        full.features[VGG19_LAYERS[name]].register_forward_hook(
+            lambda m, i, o, n=name: acts.setdefault(n, []).append(o))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         full((x - mean) / std)
         full((x_hat - mean) / std)
@@ -189,7 +191,8 @@ def test_compiled_loss_matches_eager_values_and_gradient():
 def test_network_dtype_auto_is_fp32_on_cpu():
     from dfcvae_dist.config import LossConfig
 
-    loss = FeaturePerceptualLoss.from_config(LossConfig(network_weights="random", layers=PAPER_123), torch.device("cpu"))
+    loss = FeaturePerceptualLoss.from_config(LossConfig(network_weights="random", layers=PAPER_123),
+                                             torch.device("cpu"))
     assert loss.dtype == torch.float32
 
 

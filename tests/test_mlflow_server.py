@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, start_server, wait_until
+from tests.helpers import (base_args, env_for, free_port, image_steps, launch_cmd, start_server, train,
+                           wait_until)
 from dfcvae_dist.data.shards import manifest_digest, read_manifest
-from tests.test_train import base_args, env_for, image_steps, launch_cmd, train
 
 pytestmark = pytest.mark.slow
 
 
 def two_node_launch(machine_rank: int, port: int) -> list[str]:
-    """One `accelerate launch` per node, as slurm/train.sbatch starts them: here two nodes of one process on loopback."""
+    """One `accelerate launch` per node, as slurm/train.sbatch starts them: here two nodes of one process on
+    loopback."""
     return [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "2", "--num_processes", "2",
             "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
             "--rdzv_backend", "static", "--same_network", "--multi_gpu", "--mixed_precision", "no",
@@ -37,7 +38,7 @@ def test_a_two_node_run_fills_its_run_page_on_a_real_server(tmp_path, shard_dir,
     logs = [tmp_path / f"node{rank}.err" for rank in (0, 1)]
     nodes = [processes.popen([*two_node_launch(rank, port), *args], cwd=tmp_path, env=env_for(tmp_path),
                              stdout=subprocess.DEVNULL, stderr=log.open("w")) for rank, log in enumerate(logs)]
-    for node, log in zip(nodes, logs):
+    for node, log in zip(nodes, logs, strict=True):
         assert node.wait(timeout=600) == 0, log.read_text()[-3000:]
     run_id = json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"]
     assert f"MLflow: run {run_id} in {mlflow_server}; artifacts in " in logs[0].read_text()  # the startup line
@@ -53,7 +54,8 @@ def test_a_two_node_run_fills_its_run_page_on_a_real_server(tmp_path, shard_dir,
     training = inputs[f"{shard_dir.name}/train"]
     assert training.dataset.digest == manifest_digest(read_manifest(shard_dir))
     assert training.dataset.source == str(shard_dir.resolve()) and [t.value for t in training.tags] == ["training"]
-    assert json.loads(training.dataset.profile)["num_samples"] == 321 and json.loads(training.dataset.profile)["synthetic"]
+    profile = json.loads(training.dataset.profile)
+    assert profile["num_samples"] == 321 and profile["synthetic"]
     # one entry per image step, from the untrained model at step 0 (the UI's image cards open on step 0)
     assert image_steps(client, run_id) == {"reconstructions": [0, 3, 6], "samples": [0, 3, 6]}
     for node in ("node0", "node1"):  # one monitor per node, each under its node id
@@ -65,7 +67,8 @@ def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, shard_dir, proce
     uri = f"http://127.0.0.1:{free_port()}"
     # Fast: within 60 s, not after MLflow's minutes of retries (a run still going then is killed and fails the test).
     proc = processes.run([*launch_cmd(1), *base_args(shard_dir, tmp_path / "run", "train.max_steps=2",
-                                                     f"log.tracking_uri={uri}")], 60, cwd=tmp_path, env=env_for(tmp_path))
+                                                     f"log.tracking_uri={uri}")],
+                         60, cwd=tmp_path, env=env_for(tmp_path))
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: [rank 0] MLflow tracking server " + uri + " is unreachable")

@@ -27,7 +27,8 @@ def test_dfcvae_64_matches_figure_2():
     assert n_params(model.encoder) == enc and n_params(model.decoder) == dec
     assert n_params(model) == 2_312_811
     convs = [m for m in model.encoder.modules() if isinstance(m, nn.Conv2d)]
-    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [((4, 4), (2, 2), c) for c in (32, 64, 128, 256)]
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [((4, 4), (2, 2), c)
+                                                                          for c in (32, 64, 128, 256)]
     ups = [m for m in model.decoder.modules() if isinstance(m, nn.Upsample)]
     assert len(ups) == 4 and all(u.mode == "nearest" for u in ups)
     assert sum(isinstance(m, EdgePad) for m in model.decoder.modules()) == 4

@@ -24,7 +24,7 @@ from dfcvae_dist.evaluation.quality import (FID_WEIGHTS_FILE, LPIPS_BACKBONE_FIL
                                             reconstruction_metrics, ssim)
 from dfcvae_dist.losses import FeaturePerceptualLoss
 from dfcvae_dist.figures import cell_box, read_layout, to_bytes, upscale
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 
 class Autoencoder(nn.Module):

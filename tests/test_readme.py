@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, ProcessGroups
+from tests.helpers import ROOT, ProcessGroups
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from dfcvae_dist.cli.svm import main as svm_main
 from dfcvae_dist.figures import cell_box, read_layout
 from dfcvae_dist.inference import GaussianMixtureSampler, load_trained, sample
 from dfcvae_dist.sweeps.report import run_pages
-from tests.conftest import ROOT, ProcessGroups, run_tool
+from tests.helpers import ROOT, ProcessGroups, run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,8 @@ def train_cmd(shard_dir, run_dir, *overrides):
 
 def evaluate(run_dir, name, shard_dir):
     """What a sweep task does after training: RUN_DIR/eval/{latents,svm,quality} (the CLIs' own files)."""
-    run_tool("extract_latents.py", "--checkpoint", run_dir, "--shards", shard_dir, "--out", run_dir / "eval" / "latents")
+    run_tool("extract_latents.py", "--checkpoint", run_dir, "--shards", shard_dir,
+             "--out", run_dir / "eval" / "latents")
     assert svm_main(["--latents", str(run_dir / "eval" / "latents" / "latents.npz"), "--out",
                      str(run_dir / "eval" / "svm"), "--jobs", "1", "--subsample", "200"]) == 0
     assert quality_main(["--checkpoint", f"{name}={run_dir}", "--shards", str(shard_dir), "--vgg-weights", "random",

@@ -16,7 +16,7 @@ from PIL import Image
 from dfcvae_dist.data.loader import EvalStream, SplitSource, make_loader
 from dfcvae_dist.data.shards import iter_shard, manifest_of, read_manifest, sha256_file
 from dfcvae_dist.errors import UserError
-from tests.conftest import ROOT, run_tool, wait_until
+from tests.helpers import ROOT, run_tool, wait_until
 
 
 def test_manifest_describes_every_shard(shard_dir, celeba_dir):
@@ -163,7 +163,8 @@ def test_image_folder_with_attribute_csv(tmp_path):
     manifest = read_manifest(tmp_path / "out")
     assert manifest["attributes"] == ["Smiling", "Hat"] and manifest["crop"] == "center"
     samples = [s for v in manifest["splits"].values() for s in v["shards"]]
-    keys = {s["__key__"]: json.loads(s["json"]) for sh in samples for s in iter_shard(str(tmp_path / "out" / sh["name"]))}
+    keys = {s["__key__"]: json.loads(s["json"])
+            for sh in samples for s in iter_shard(str(tmp_path / "out" / sh["name"]))}
     assert len(keys) == 12 and keys["sub_img_3"]["attrs"] == {"Smiling": 1, "Hat": 0}
 
 

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_tool, wait_until
+from tests.helpers import ROOT, log_tail, preempt_after_first_checkpoint, run_tool, wait_ended
 from tests.slurm_cluster import unavailable_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
-RUNNING = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 
 
 @pytest.fixture(autouse=True)
@@ -29,19 +28,9 @@ def submit(cluster, tmp_path, script, *args, nodes=2, **env):
     return proc.stdout.strip(), out
 
 
-def wait_ended(cluster, job, out, timeout):
-    """Wait until the job has left every running or requeued state; its final state."""
-    wait_until(lambda: cluster.job_state(job) not in RUNNING, timeout, f"job {job} to end:\n{log_tail(out)}", 1)
-    return cluster.job_state(job)
-
-
 def wait_done(cluster, job, out, timeout=300):
     state = wait_ended(cluster, job, out, timeout)
     assert state == "COMPLETED", f"job {job} ended {state}:\n{log_tail(out)}"
-
-
-def log_tail(out):
-    return out.read_text()[-4000:] if out.exists() else ""
 
 
 def train_args(shard_dir, run_dir, *extra):
@@ -54,15 +43,6 @@ def run_of(tmp_path, run_dir):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     return client, client.get_run(json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"])
-
-
-def preempt_after_first_checkpoint(cluster, job, run_dir, out):
-    """What --signal=B:USR1@N sends before the time limit, once the trainer has saved (so it is listening).
-    scancel's own exit status is not the contract (it was seen to return 1 once although the signal had been
-    delivered): the job's log and state are."""
-    wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 240,
-               f"the first checkpoint of job {job}:\n{log_tail(out)}")
-    return cluster.run("scancel", "--batch", "--signal=USR1", job, check=False)
 
 
 def test_train_sbatch_two_nodes_form_one_process_group_and_get_overrides_whole(cluster, tmp_path, shard_dir):
@@ -112,7 +92,8 @@ def test_preemption_past_max_requeues_fails_the_job_with_its_message_and_no_requ
     assert (run_dir / "RESUME_ME.json").exists() and not (run_dir / "COMPLETED.json").exists()
 
 
-def test_train_sbatch_with_a_deepspeed_accelerate_config_trains_two_nodes_to_the_last_step(cluster, tmp_path, shard_dir):
+def test_train_sbatch_with_a_deepspeed_accelerate_config_trains_two_nodes_to_the_last_step(cluster, tmp_path,
+                                                                                            shard_dir):
     run_dir = tmp_path / "run"
     job, out = submit(cluster, tmp_path, "train.sbatch", *train_args(shard_dir, run_dir, "train.max_steps=4"),
                       ACCELERATE_CONFIG="configs/accelerate/deepspeed-zero2.yaml")
@@ -127,7 +108,8 @@ def test_a_missing_accelerate_config_fails_the_job_with_one_line_naming_it(clust
     job, out = submit(cluster, tmp_path, "train.sbatch", *train_args(shard_dir, tmp_path / "run"),
                       ACCELERATE_CONFIG="configs/accelerate/zero9.yaml")
     assert wait_ended(cluster, job, out, timeout=60) == "FAILED"
-    assert f"error: ACCELERATE_CONFIG=configs/accelerate/zero9.yaml: no such file (relative to {ROOT})" in out.read_text()
+    assert (f"error: ACCELERATE_CONFIG=configs/accelerate/zero9.yaml: no such file (relative to {ROOT})"
+            in out.read_text())
     assert "ExitCode=2:0" in cluster.run("scontrol", "show", "job", job).stdout.split()
 
 

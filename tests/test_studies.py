@@ -11,7 +11,7 @@ from dfcvae_dist.evaluation.studies import (ALPHA_LABELS, ALPHAS, HAS_COLOUR, LA
 from dfcvae_dist.figures import cell_box, read_layout
 from dfcvae_dist.models import VAE
 
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,8 @@ def test_every_figure_is_titled_labelled_and_upscaled(tmp_path, trained_run, sha
 def test_unknown_attribute_is_named(tmp_path, trained_run, shard_dir, latents):
     proc = run_tool("explore_latents.py", "--checkpoint", trained_run, "--latents", latents, "--shards", shard_dir,
                     "--out", tmp_path, "--attributes", "Smiling,Wings", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: unknown attribute(s) Wings; known:")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown attribute(s) Wings; known:")
 
 
 class PixelAutoencoder:
@@ -86,5 +87,6 @@ def test_same_seed_gives_identical_samples_another_seed_other_samples(tmp_path):
     model = VAE(32, latent_dim=16, base_channels=8).eval()
     for name in "abc":
         (tmp_path / name).mkdir()
-    a, b, c = (samples_figure(model, tmp_path / name, seed).read_bytes() for name, seed in zip("abc", (0, 0, 1)))
+    a, b, c = (samples_figure(model, tmp_path / name, seed).read_bytes()
+               for name, seed in zip("abc", (0, 0, 1), strict=True))
     assert a == b and a != c

@@ -11,23 +11,7 @@ import pytest
 
 from dfcvae_dist.evaluation.latent_stats import active_units, kl_per_image, latent_statistics
 from dfcvae_dist.evaluation.svm import evaluate, markdown_table
-from tests.conftest import run_tool
-
-
-def synthetic_latents(n=3000, attributes=40, seed=0):
-    """Train, val and test in the proportions 4:1:1 (2000, 500, 500 for n=3000)."""
-    rng = np.random.default_rng(seed)
-    mu = rng.normal(size=(n, 10)).astype(np.float32)
-    attrs = np.zeros((n, attributes), dtype=np.uint8)
-    attrs[:, 0] = (mu[:, 0] + 0.5 * mu[:, 3] > 0.3)  # a linear function of the features
-    attrs[:, 1] = rng.random(n) < 0.3  # noise, 70 % majority
-    attrs[:, 2:] = rng.random((n, attributes - 2)) < 0.5
-    val = test = n // 6
-    return {"keys": np.array([f"{i:06d}" for i in range(n)]), "mu": mu, "logvar": np.zeros_like(mu), "attrs": attrs,
-            "partition": np.repeat([0, 1, 2], [n - val - test, val, test]).astype(np.int8),
-            "attribute_names": np.array([f"attr{i}" for i in range(attributes)]), "checkpoint": np.array("ckpt"),
-            "features": np.array("latent"), "weights": np.array("trained"),
-            "synthetic": np.array("false"), "loss_weights": np.array("imagenet")}  # as on CelebA with ImageNet VGG19
+from tests.helpers import run_tool, synthetic_latents
 
 
 def with_labels_shuffled(latents, partition, seed=1):
@@ -54,7 +38,8 @@ def test_cli_writes_report_and_table_beside_the_paper(tmp_path):
     np.savez(tmp_path / "latents.npz", **synthetic_latents())
     proc = run_tool("eval_svm.py", "--latents", tmp_path / "latents.npz", "--out", tmp_path / "out")
     report = json.loads((tmp_path / "out" / "svm_report.json").read_text())
-    assert len(report["per_attribute"]) == 40 and {"mean_accuracy", "mean_balanced_accuracy", "mean_majority"} <= set(report)
+    assert len(report["per_attribute"]) == 40
+    assert {"mean_accuracy", "mean_balanced_accuracy", "mean_majority"} <= set(report)
     table = (tmp_path / "out" / "svm_table.md").read_text()
     assert "| attribute | accuracy % | balanced % | majority % | C | FaceTracer | PANDA-w | PANDA-l | LNets+ANet " \
            "| VAE-Z | VGG-FC |" in table

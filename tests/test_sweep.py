@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from dfcvae_dist.rundir import RunLock
-from tests.conftest import ROOT, ProcessGroups, run_tool, wait_until
+from tests.helpers import (ROOT, ProcessGroups, log_tail, preempt_after_first_checkpoint, run_tool, wait_ended,
+                           wait_until)
 from tests.slurm_cluster import unavailable_reason
-from tests.test_slurm import log_tail, preempt_after_first_checkpoint, wait_ended
 
 TINY_TASKS = ["dfcvae-123-seed0", "dfcvae-123-seed1", "pvae-seed0", "pvae-seed1"]
 
@@ -334,7 +334,8 @@ def test_slurm_array_runs_the_sweep_with_a_preempted_task_requeued_on_its_own(
 def test_the_papers_sweep_plans_its_four_runs_and_the_extra_dfcvae_gan_over_three_seeds():
     lines = sweep_cli("plan", ROOT / "sweeps" / "paper.yaml").stdout.splitlines()
     assert [line.split()[1] for line in lines[:-1]] == [
-        f"{run}-seed{seed}" for run in ("dfcvae-123", "dfcvae-345", "pvae", "dcgan", "dfcvae-gan") for seed in (0, 1, 2)]
+        f"{run}-seed{seed}" for run in ("dfcvae-123", "dfcvae-345", "pvae", "dcgan", "dfcvae-gan")
+        for seed in (0, 1, 2)]
     assert lines[-1].endswith("sbatch --array=0-14 slurm/sweep.sbatch")
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from dfcvae_dist.data import celeba
 from dfcvae_dist.data.synthetic import (ATTRIBUTE_NAMES, CELEBA_ATTRIBUTE_RATES, is_synthetic,
                                         make_synthetic_celeba)
-from tests.conftest import run_tool
+from tests.helpers import run_tool
 
 
 def digest(root):
@@ -47,7 +47,7 @@ def test_label_statistics_look_like_celeba(tmp_path):
     make_synthetic_celeba(root, 2000, seed=0, workers=2)
     names, records = celeba.read_celeba(root)
     rates = np.array([r.attrs for r in records]).mean(0)
-    for name, rate in zip(names, rates):
+    for name, rate in zip(names, rates, strict=True):
         assert abs(rate - CELEBA_ATTRIBUTE_RATES[name]) < 0.12, (name, rate)
     by = {n: np.array([r.attrs[i] for r in records]) for i, n in enumerate(names)}
     hair = by["Black_Hair"] + by["Blond_Hair"] + by["Brown_Hair"] + by["Gray_Hair"]

@@ -213,7 +213,7 @@ def test_a_compiled_step_runs_a_batch_of_another_size_eagerly_and_a_new_learning
     set_lr([optimizer], 5e-3)
     before = [p.detach().clone() for p in net.parameters()]
     assert train(4) > 0 and frames["total"] == compiled  # nothing traced anew
-    assert all(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    assert all(not torch.equal(a, p) for a, p in zip(before, net.parameters(), strict=True))
     train(3)
     assert frames["total"] == compiled and said == [
         "train.compile=step: a batch of 3 images, not train.batch_size=4: its forward and backward run eagerly"]

@@ -51,8 +51,8 @@ def fraction_of_peak(step_gflop_per_img: float, img_s: list[float], kernels: dic
     """The step's counted FLOP rate against the best kernel, round by round (kernels and steps share rounds,
     so a busier machine lowers both). Above 1 is flagged, not clamped: the FLOP count or the peak is then
     wrong (e.g. the machine was idle for the step and busy for the kernels)."""
-    peaks = [max(rates) for rates in zip(*kernels.values())]
-    fraction = spread([step_gflop_per_img * rate / peak for rate, peak in zip(img_s, peaks)])
+    peaks = [max(rates) for rates in zip(*kernels.values(), strict=True)]
+    fraction = spread([step_gflop_per_img * rate / peak for rate, peak in zip(img_s, peaks, strict=True)])
     best = max(kernels, key=lambda name: np.median(kernels[name]))
     return {"fraction": fraction["median"], "fraction_iqr": fraction["iqr"], "kernel": best,
             "peak_gflops": float(np.median(kernels[best])), "above_peak": fraction["median"] > 1}

@@ -73,7 +73,7 @@ class PlainReference(nn.Module):
         return out
 
     def forward(self, x, x_hat):
-        return sum(F.mse_loss(a, b) for a, b in zip(self.taps_of(x_hat), self.taps_of(x.detach())))
+        return sum(F.mse_loss(a, b) for a, b in zip(self.taps_of(x_hat), self.taps_of(x.detach()), strict=True))
 
 
 def plain_step(device: torch.device, batch: int, size: int) -> Callable[[], None]:

@@ -56,7 +56,7 @@ class SplitSource:
             raise UserError(f"{missing[0]}: listed in {directory / 'manifest.json'} but missing on disk "
                             f"({len(missing)} shard(s) missing)")
         return cls(urls, info["num_samples"], manifest["attributes"],
-                   {url: s["num_samples"] for url, s in zip(urls, info["shards"])})
+                   {url: s["num_samples"] for url, s in zip(urls, info["shards"], strict=True)})
 
     @classmethod
     def from_pattern(cls, pattern: str, num_samples: int | None) -> "SplitSource":

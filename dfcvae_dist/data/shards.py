@@ -184,7 +184,7 @@ def write_shard(job: ShardJob, out: Path, settings: ShardSettings, names: list[s
                     skipped.append({"key": sample.key, "file": str(sample.path), "error": str(err)})
                     continue
                 meta = {
-                    "attrs": dict(zip(names, sample.attrs)) if sample.attrs is not None else {},
+                    "attrs": dict(zip(names, sample.attrs, strict=True)) if sample.attrs is not None else {},
                     "landmarks": sample.landmarks or [],
                     "partition": sample.partition,
                     "identity": sample.identity,
@@ -295,7 +295,7 @@ def verify_shards(directory: Path) -> list[str]:
     """Re-read every shard against the manifest; return one line per problem (empty: all good)."""
     manifest = read_manifest(directory)
     problems = []
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for shard in info["shards"]:
             path = Path(directory) / shard["name"]
             if not path.exists():
@@ -327,5 +327,5 @@ def iter_shard(url: str):
             yield sample
     except UserError:
         raise
-    except Exception as err:  # tarfile, gzip and I/O errors from a damaged shard
+    except Exception as err:  # noqa: BLE001 - tarfile, gzip, webdataset and I/O errors from a damaged shard
         raise UserError(f"{url}: damaged shard ({type(err).__name__}: {err})") from None

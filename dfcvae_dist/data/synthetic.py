@@ -204,15 +204,16 @@ def make_synthetic_celeba(out: Path, num: int, seed: int = 0, workers: int = 2, 
     n_train = int(round(num * PARTITION_FRACTIONS[0]))
     n_val = int(round(num * PARTITION_FRACTIONS[1]))
     attr_lines = [str(num), " ".join(ATTRIBUTE_NAMES) + " "]
-    attr_lines += [f"{i} " + " ".join(f"{2 * r[0][n] - 1:2d}" for n in ATTRIBUTE_NAMES) for i, r in zip(ids, rows)]
+    attr_lines += [f"{i} " + " ".join(f"{2 * r[0][n] - 1:2d}" for n in ATTRIBUTE_NAMES)
+                   for i, r in zip(ids, rows, strict=True)]
     _write(out / celeba.ATTR_FILE, attr_lines)
     _write(out / celeba.PARTITION_FILE,
            [f"{i} {0 if k < n_train else 1 if k < n_train + n_val else 2}" for k, i in enumerate(ids)])
     _write(out / celeba.LANDMARK_FILE, [str(num), " ".join(celeba.LANDMARK_NAMES)] +
-           [f"{i} " + " ".join(f"{v:4d}" for v in r[1]) for i, r in zip(ids, rows)])
+           [f"{i} " + " ".join(f"{v:4d}" for v in r[1]) for i, r in zip(ids, rows, strict=True)])
     _write(out / celeba.BBOX_FILE, [str(num), "image_id x_1 y_1 width height"] +
-           [f"{i} {_bbox(r[1])}" for i, r in zip(ids, rows)])
-    _write(out / celeba.IDENTITY_FILE, [f"{i} {r[2]}" for i, r in zip(ids, rows)])
+           [f"{i} {_bbox(r[1])}" for i, r in zip(ids, rows, strict=True)])
+    _write(out / celeba.IDENTITY_FILE, [f"{i} {r[2]}" for i, r in zip(ids, rows, strict=True)])
     _write(out / SYNTHETIC_MARKER, [json.dumps({"generator": __name__, "num": num, "seed": seed})])
 
 

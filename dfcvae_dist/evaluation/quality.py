@@ -216,8 +216,9 @@ def fixed_notes(perceptual) -> dict[str, str]:
                 "whose window lies inside the image (as Wang et al.'s code and scikit-image), then over images",
         "blur_ratio": "ours: variance of the Laplacian of the reconstructions over that of the inputs (1 = as sharp); "
                       "no published counterpart",
-        "perceptual_distance": f"ours: the feature perceptual distance of the DFC-VAE's loss on {perceptual.features.network} "
-                               f"({', '.join(perceptual.features.layers)}), weights {perceptual.weights_source}; "
+        "perceptual_distance": "ours: the feature perceptual distance of the DFC-VAE's loss on "
+                               f"{perceptual.features.network} ({', '.join(perceptual.features.layers)}), "
+                               f"weights {perceptual.weights_source}; "
                                "not comparable with published numbers",
     }
 

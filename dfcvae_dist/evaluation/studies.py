@@ -65,9 +65,10 @@ def interpolation_figure(model, images: torch.Tensor, out: Path, seed: int, pair
                    interpolate_latents(random_pair[0], random_pair[1], len(ALPHAS))])
     decoded = model.decode(z).split(len(ALPHAS))
     labels = [f"images {2 * i + 1} → {2 * i + 2}" for i in range(pairs)] + ["random z₁ → z₂"]
-    figure = labelled_grid(list(zip(labels, decoded)), "Interpolation in latent space: decode((1 − α)·z₁ + α·z₂)",
-                           ALPHA_LABELS, caption="Rows 'images i → j': z₁, z₂ are the encoder's means of two images "
-                           f"of the split; the last row joins two random z ~ N(0, I) (seed {seed}).")
+    figure = labelled_grid(list(zip(labels, decoded, strict=True)),
+                           "Interpolation in latent space: decode((1 − α)·z₁ + α·z₂)", ALPHA_LABELS,
+                           caption="Rows 'images i → j': z₁, z₂ are the encoder's means of two images of the split; "
+                           f"the last row joins two random z ~ N(0, I) (seed {seed}).")
     return save(figure, out / "interpolation.png")
 
 
@@ -89,7 +90,7 @@ def arithmetic_figure(model, images: torch.Tensor, image_attrs: torch.Tensor, na
     if not rows:
         raise UserError(f"no images to show attribute arithmetic for {', '.join(attributes)}")
     decoded = model.decode(torch.cat([z for _, z in rows])).split(len(ALPHAS))
-    figure = labelled_grid([(label, faces) for (label, _), faces in zip(rows, decoded)],
+    figure = labelled_grid([(label, faces) for (label, _), faces in zip(rows, decoded, strict=True)],
                            "Attribute arithmetic: decode(z + α·v) adds the attribute, decode(z − α·v) removes it",
                            ALPHA_LABELS, caption="z: the encoder's mean of a face without the attribute (+) or with it "
                            "(−); v: the attribute's vector, the mean z of the images with it minus that of those "

@@ -124,7 +124,7 @@ def evaluate(latents: dict, c_grid=C_GRID, subsample: int = 20_000, n_jobs: int 
         delayed(fit_attribute)(xs[train], attrs[train, j], xs[val], attrs[val, j], xs[test], attrs[test, j],
                                c_grid, subsample, seed, class_weight)
         for j in range(len(names)))
-    per_attribute = [{"attribute": n, **r} for n, r in zip(names, results)]
+    per_attribute = [{"attribute": n, **r} for n, r in zip(names, results, strict=True)]
     counted = [r for r in per_attribute if not r["left_out"]]
     if not counted:
         raise UserError(f"{source}: every attribute has one class in its train or test split ({int(train.sum())} "

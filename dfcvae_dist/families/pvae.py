@@ -15,7 +15,8 @@ class PVAE(VAEFamily):
 
     def metrics(self, cfg: Config | None = None) -> list[Metric]:
         return super().metrics(cfg) + [Metric("train/rec_pixel", "squared pixel error summed over the image's pixels "
-                                              "and channels ([0, 1] pixels); batch mean", "squared intensity per image")]
+                                              "and channels ([0, 1] pixels); batch mean",
+                                              "squared intensity per image")]
 
 
 FAMILY = PVAE()

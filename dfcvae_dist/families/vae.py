@@ -37,7 +37,8 @@ class VAEFamily(ModelFamily):
 
     def metrics(self, cfg: Config | None = None) -> list[Metric]:
         alpha, beta = (f"{cfg.loss.alpha:g}", f"{cfg.loss.beta:g}") if cfg else ("`loss.alpha`", "`loss.beta`")
-        return [Metric("train/total", f"{alpha} × `train/kl` + {beta} × `train/{self.rec_metric}`", "that of its terms"),
+        return [Metric("train/total", f"{alpha} × `train/kl` + {beta} × `train/{self.rec_metric}`",
+                       "that of its terms"),
                 Metric("train/kl", "KL(q(z|x) ‖ N(0, I)) summed over z; batch mean", "nats per image"),
                 Metric("val/total", "`train/total` on the first `train.val_batches` batches per rank of the val split "
                        "(every `train.val_every_steps`)", "as `train/total`")]

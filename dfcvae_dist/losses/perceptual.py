@@ -29,7 +29,7 @@ class FeaturePerceptualLoss(nn.Module):
         if layer_weights is not None and len(layer_weights) != len(layers):
             raise UserError(f"loss.layer_weights has {len(layer_weights)} entries for {len(layers)} layers")
         self.features = FeatureNetwork(network, layers, weights, seed, dtype)
-        self.weights = dict(zip(layers, layer_weights or [1.0] * len(layers)))
+        self.weights = dict(zip(layers, layer_weights or [1.0] * len(layers), strict=True))
         self.feature_scale = feature_scale
 
     @classmethod

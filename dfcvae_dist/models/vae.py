@@ -20,7 +20,8 @@ def _blocks_for(image_size: int) -> int:
 
 
 class Encoder(nn.Module):
-    """4x4 stride-2 convolutions (ndf, 2ndf, ...) with batch norm and LeakyReLU(0.2), then mean and log-variance heads."""
+    """4x4 stride-2 convolutions (ndf, 2ndf, ...) with batch norm and LeakyReLU(0.2), then mean and log-variance
+    heads."""
 
     def __init__(self, image_size: int = 64, latent_dim: int = 100, base_channels: int = 32):
         super().__init__()

@@ -97,7 +97,7 @@ def load_sweep(path: str | Path) -> Sweep:
     for run_name, run_overrides in runs.items():
         own = _overrides(run_overrides or {}, path, f"runs.{_name(run_name, path, 'runs')}")
         for values in itertools.product(*grid.values()):
-            point = dict(zip(grid, values))
+            point = dict(zip(grid, values, strict=True))
             tasks.append(_task(path, doc["base"], sweep_dir, len(tasks), run_name, point,
                                common + own + [f"{k}={v}" for k, v in point.items()]))
     _refuse_duplicate_names(tasks, path)
@@ -158,7 +158,7 @@ def _refuse_equal_grid_values(grid: dict[str, list[str]], lines: dict[str, list[
     config twice under two names."""
     for key, texts in grid.items():
         values = []
-        for text, line in zip(texts, lines[key]):
+        for text, line in zip(texts, lines[key], strict=True):
             value = read_value(key, text, f"{path}, line {line}: grid '{key}'")
             if value in values:
                 first = values.index(value)

@@ -138,7 +138,8 @@ def read_json(path: Path) -> dict:
 
 def read_task(task: ReportTask) -> TaskFiles:
     files = TaskFiles(task)
-    for attr, relative in zip(("completed", "quality", "svm"), expected_files(task)):
+    # strict=False: a family that encodes nothing expects no SVM file
+    for attr, relative in zip(("completed", "quality", "svm"), expected_files(task), strict=False):
         try:
             setattr(files, attr, read_json(task.run_dir / relative))
         except UserError as err:
@@ -246,7 +247,7 @@ def headline_table(runs: dict) -> tuple[list[str], list[list[str]]]:
         sections = {"svm": run["svm"] or {}, "latent": run["latent"], "quality": run["quality"]}
         stats = [sections[m.name.split("/")[1]].get(m.key) for m in HEADLINE]
         rows.append([name, str(seeds(run)), *(cell(stat, spec=m.spec, column_n=seeds(run))
-                                              for stat, m in zip(stats, HEADLINE))])
+                                              for stat, m in zip(stats, HEADLINE, strict=True))])
     return ["run", "seeds", *(m.label for m in HEADLINE)], rows
 
 
@@ -389,7 +390,7 @@ def svm_section(runs: dict) -> list[str]:
         stats = [svm["per_attribute"].get(attribute) for svm in columns.values()]
         mark = "†" if any(s and s["left_out"] for s in stats) else ""
         rows.append([attribute + mark, *(cell(s if s and "mean" in s else None, 100, ".1f", svm["n"])
-                                         for s, svm in zip(stats, columns.values())),
+                                         for s, svm in zip(stats, columns.values(), strict=True)),
                      *(str(v[i]) for v in paper.values())])
     for key, label in (("mean_accuracy", "Average accuracy"), ("mean_balanced_accuracy", "Average balanced accuracy"),
                        ("mean_majority", "Majority-class baseline"), ("focus_mean_accuracy", "Focus: accuracy"),

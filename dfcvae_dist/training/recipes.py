@@ -197,7 +197,7 @@ def keep_implementation(optimizer: torch.optim.Optimizer):
     own = [({k: group[k] for k in ("foreach", "fused", "capturable")}, group["lr"]) for group in optimizer.param_groups]
 
     def hook(optimizer: torch.optim.Optimizer) -> None:
-        for group, (flags, lr) in zip(optimizer.param_groups, own):
+        for group, (flags, lr) in zip(optimizer.param_groups, own, strict=True):
             if isinstance(lr, torch.Tensor):
                 lr.fill_(float(group["lr"]))
                 group["lr"] = lr

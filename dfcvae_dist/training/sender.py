@@ -93,8 +93,8 @@ class BackgroundSender:
                         "%d points)", self.name, self.stats.dropped, self.max_points)
         if left:
             log.warning("%s: %d item(s) were not sent within log.flush_timeout_s=%g s (%s); the run in %s "
-                        "lacks them: %s", self.name, left, deadline_s if setting_s is None else setting_s, self.stats.first_error or "server not answering",
-                        self.name, ", ".join(dict.fromkeys(unsent)))
+                        "lacks them: %s", self.name, left, deadline_s if setting_s is None else setting_s,
+                        self.stats.first_error or "server not answering", self.name, ", ".join(dict.fromkeys(unsent)))
         return left
 
     def _drop_oldest_points(self) -> None:

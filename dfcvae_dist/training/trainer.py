@@ -114,8 +114,7 @@ class TrainData:
     notes: tuple[str, ...] = ()  # how the data is read (a worker count capped by the shards, the cache)
 
     @classmethod
-    def from_config(cls, cfg: Config, rank: int, world: int, validates: bool,
-                    device: torch.device = torch.device("cpu")) -> "TrainData":
+    def from_config(cls, cfg: Config, rank: int, world: int, validates: bool, device: torch.device) -> "TrainData":
         data, train = cfg.data, cfg.train
         source = resolve_split(data.shards, "train", data.num_samples)
         check_image_size(data.shards, cfg.model.image_size)
@@ -346,7 +345,7 @@ class Trainer:
             self.settle_overflows()
             names = list(result.metrics)
             values = self.accelerator.reduce(torch.stack([result.metrics[n].float() for n in names]), reduction="mean")
-            metrics = {f"train/{n}": v for n, v in zip(names, values.tolist())}
+            metrics = {f"train/{n}": v for n, v in zip(names, values.tolist(), strict=True)}
             if self.cfg.data.skip_corrupt:
                 metrics["train/skipped_samples"] = self.skipped_samples_all_ranks()
             metrics.update({"train/lr": current_lr(self.recipe.optimizers[0]), "train/epoch": s.epoch,
@@ -593,8 +592,8 @@ def refuse_incompatible(checkpoint: Path, saved: TrainerState, now: TrainerState
         raise UserError(f"{checkpoint}: a {saved.model} checkpoint, but model.name={now.model}")
     if saved.precision != now.precision:
         raise UserError(f"{checkpoint}: trained in precision {saved.precision}, this launch resolves {now.precision}: "
-                        f"resume with --mixed_precision {saved.precision} (or train.mixed_precision={saved.precision}), "
-                        "or start a new run")
+                        f"resume with --mixed_precision {saved.precision} "
+                        f"(or train.mixed_precision={saved.precision}), or start a new run")
     if (saved.batches_per_epoch, saved.grad_accum) != (now.batches_per_epoch, now.grad_accum):
         raise UserError(f"{checkpoint}: saved with {saved.batches_per_epoch} micro-batches per rank and epoch in "
                         f"steps of {saved.grad_accum}, now {now.batches_per_epoch} in steps of {now.grad_accum}; the "
@@ -628,8 +627,9 @@ def check_image_size(shards: str, image_size: int) -> None:
     manifest = manifest_of(shards)
     size = manifest.get("image_size") if manifest else None
     if size is not None and size != image_size:
-        raise UserError(f"{Path(shards) / MANIFEST}: the shards hold {size}x{size} images, but model.image_size={image_size}: set "
-                        f"model.image_size={size}, or write shards with --image-size {image_size}")
+        raise UserError(f"{Path(shards) / MANIFEST}: the shards hold {size}x{size} images, but "
+                        f"model.image_size={image_size}: set model.image_size={size}, or write shards with "
+                        f"--image-size {image_size}")
 
 
 def feature_network_tags(network) -> dict:
