@@ -264,6 +264,12 @@ def test_resume_from_a_path_or_none_and_pruning_to_keep(tmp_path, shard_dir):
     proc = train(tmp_path, shard_dir, other, "train.max_steps=5", f"train.resume={checkpoints / 'step-00000003'}")
     assert f"resumed from {checkpoints / 'step-00000003'} at step 3" in proc.stderr
     assert json.loads((other / "COMPLETED.json").read_text())["step"] == 5
+    # another run's last checkpoint, nothing left to train: the new run directory still gets a checkpoint of its own
+    copy = tmp_path / "copy"
+    train(tmp_path, shard_dir, copy, "train.max_steps=4", "checkpoint.every_steps=1", "checkpoint.keep=2",
+          f"train.resume={checkpoints / 'step-00000004'}")
+    completed = json.loads((copy / "COMPLETED.json").read_text())
+    assert completed["checkpoint"] == str(copy / "checkpoints" / "step-00000004")
     proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=1", "train.resume=none")
     assert "resumed" not in proc.stderr and json.loads((run_dir / "COMPLETED.json").read_text())["step"] == 1
     proc = train(tmp_path, shard_dir, tmp_path / "third", "train.max_steps=1", f"train.resume={tmp_path / 'nothing'}",

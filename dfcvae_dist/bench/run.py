@@ -211,9 +211,11 @@ def run(s: BenchSettings, say=print, save: Callable[[dict], None] = lambda r: No
         if "extract" in s.sections:
             say("extraction ...")
             r["extract"] = extract_section(s, r.get("train_step"))
+            save(r)
         if "svm" in s.sections:
             say("SVM ...")
             r["svm"] = {"seconds": workloads.svm_seconds(s.svm_n), "n": s.svm_n}
+            save(r)
         if "scaling" in s.sections:
             say("scaling: 1 and 2 processes ...")
             r["scaling"] = scaling_section(s, work)

@@ -461,7 +461,8 @@ class Trainer:
             saved.best_metric, saved.best_value, saved.best_step, saved.validations_since_best = \
                 state.best_metric, None, 0, 0
         saved.skipped_samples = saved.skipped_samples if acc.is_main_process else 0  # a sum over ranks
-        self.checkpointer.last_saved = saved.step
+        if self.resumed_from is None:  # a new run directory has no checkpoint yet, even at the last step
+            self.checkpointer.last_saved = saved.step
         self.console.print(f"resumed from {checkpoint} at step {saved.step}")
         return saved
 
