@@ -259,7 +259,7 @@ def damage_every_shard(src: Path, dst: Path) -> None:
         with tarfile.open(shard) as tar:
             members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
         keys = sorted({m.name.split(".")[0] for m, _ in members})
-        victims = dict(zip(keys[1:6:2], ["no-image", "bad-json", "cut-image"], strict=True))
+        victims = dict(zip(keys[1:6:2], ["no-image", "bad-json", "cut-image"], strict=False))  # a short shard: fewer
         with tarfile.open(shard, "w") as tar:
             for member, data in members:
                 key, ext = member.name.split(".", 1)

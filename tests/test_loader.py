@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,6 +271,50 @@ def test_workers_ignore_a_launchers_sigterm_and_sigint_from_their_first_instant(
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+# A rank killed between forking a worker and the worker's init (at an epoch's start, when the DataLoader forks
+# new workers): the orphan, handed to init before it could ask to die with its rank, must end at its init.
+RANK_KILLED_BEFORE_ITS_WORKER_ARMED = """
+import os, sys, time
+import torch
+from dfcvae_dist.data.loader import make_loader
+
+rank = os.fork()
+if rank == 0:
+    worker_init = make_loader(torch.utils.data.TensorDataset(torch.zeros(1)), 1).worker_init_fn  # the rank's
+    worker = os.fork()
+    if worker == 0:
+        rank_pid = os.getppid()
+        while os.getppid() == rank_pid:
+            time.sleep(0.01)
+        worker_init(0)  # what the DataLoader's worker runs first
+        open(sys.argv[1], "w").write("carried on")
+        os._exit(0)
+    print(worker, flush=True)
+    os._exit(0)  # the rank dies before its worker armed itself
+os.waitpid(rank, 0)
+"""
+
+
+def test_a_worker_whose_rank_died_before_its_init_ends_there(tmp_path):
+    marker = tmp_path / "carried-on"
+    proc = subprocess.run([sys.executable, "-c", RANK_KILLED_BEFORE_ITS_WORKER_ARMED, str(marker)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    worker = int(proc.stdout.split()[0])
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    deadline = time.monotonic() + 30
+    while not gone():
+        assert time.monotonic() < deadline, f"orphaned worker {worker} still running"
+        time.sleep(0.05)
+    assert not marker.exists()
 
 
 def write_even_shards(directory, shards: int = 8, per_shard: int = 12) -> SplitSource:

@@ -11,6 +11,7 @@ i % workers. Every rank therefore runs the same number of batches, and resuming 
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -333,11 +334,14 @@ class _Loader(torch.utils.data.DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(rank_pid: int, _: int) -> None:
     """Exit on a stop signal only when the rank sends it (the DataLoader's and multiprocessing's shutdown,
-    which would otherwise wait for the worker forever); die with the rank."""
-    threading.Thread(target=_exit_on_signal_from, args=(os.getppid(),), daemon=True, name="obey-rank").start()
+    which would otherwise wait for the worker forever); die with the rank, also with a rank killed between
+    forking this worker and this call (e.g. at an epoch's start): an orphan would wait on its queue forever."""
     die_with_parent()
+    if os.getppid() != rank_pid:
+        os._exit(0)
+    threading.Thread(target=_exit_on_signal_from, args=(rank_pid,), daemon=True, name="obey-rank").start()
 
 
 def _exit_on_signal_from(rank_pid: int) -> None:
@@ -359,7 +363,8 @@ def make_loader(stream: torch.utils.data.IterableDataset, num_workers: int,
     # shift the model's sampling noise whenever a loader is (re)created, e.g. after a resume.
     return _Loader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
                    prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(0),
-                   worker_init_fn=_worker_init if num_workers else None, pin_memory=pin_memory)
+                   worker_init_fn=functools.partial(_worker_init, os.getpid()) if num_workers else None,
+                   pin_memory=pin_memory)
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world: int, grad_accum: int) -> int:
