@@ -20,12 +20,12 @@ $(STAMP): requirements.lock pyproject.toml
 
 test: $(STAMP) slurm-tools browser-tools
 	$(BIN)/ruff check dfcvae_dist tools tests
-	$(BIN)/python -m pytest tests --durations=25
+	$(BIN)/python -m pytest tests -n 2 --durations=25
 
 # The edit loop: lint, then every test not marked slow (pyproject.toml says what slow is).
 test-fast: $(STAMP)
 	$(BIN)/ruff check dfcvae_dist tools tests
-	$(BIN)/python -m pytest tests -m "not slow" --durations=10
+	$(BIN)/python -m pytest tests -m "not slow" -n 2 --durations=10
 
 # The Slurm tests start a private two-node cluster from Debian's slurm-wlm and munge; installed here when
 # running as root and missing (otherwise those tests are skipped with the reason).

@@ -1,15 +1,18 @@
-"""Shared fixtures: a small synthetic CelebA and its shards, made once per test session, and the harness
-every test starts its subprocesses through (`processes`), which leaves nothing running behind a test."""
+"""Shared fixtures: a small synthetic CelebA, its shards and a trained run, made once per test session (once for
+all of pytest-xdist's workers), and the harness every test starts its subprocesses through (`processes`), which
+leaves nothing running behind a test."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.helpers import ROOT, ProcessGroups, free_port, run_tool, start_server
 
@@ -18,11 +21,47 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 SLOW_FIXTURES = {"trained_run", "mlflow_server", "cluster"}
 
 
+# Modules whose module-scoped fixtures train, boot a cluster or start servers: pytest-xdist keeps each on one
+# worker, so those fixtures are built once; every other test is scheduled on its own.
+WHOLE_MODULES = {"test_bench", "test_image_folder", "test_logged_model", "test_losses", "test_quality", "test_report",
+                 "test_studies", "test_slurm", "test_sweep"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s `-n 2`: WHOLE_MODULES as one unit each (the largest first), the rest test by test. (xdist's
+    own `--dist loadgroup` marks are lost under pytest 9, which no longer reads the node id it rewrites.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).stem in WHOLE_MODULES else nodeid
+
+    return WholeModules(config, log)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(dir)` run by the first pytest-xdist worker that asks for `name`; the others wait for it and share
+    the directory (in the session's common temp root). Without xdist, a plain session fixture."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # what a worker whose build failed left
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
 
 
 @pytest.fixture
@@ -37,28 +76,30 @@ def processes():
 def celeba_dir(tmp_path_factory) -> Path:
     from dfcvae_dist.data.synthetic import make_synthetic_celeba
 
-    out = tmp_path_factory.mktemp("celeba")
-    make_synthetic_celeba(out, num=400, seed=0, workers=2)
-    return out
+    return built_once(tmp_path_factory, "celeba", lambda out: make_synthetic_celeba(out, num=400, seed=0, workers=2))
 
 
 @pytest.fixture(scope="session")
 def shard_dir(celeba_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "paper-32"
-    run_tool("make_shards.py", "--celeba-root", celeba_dir, "--out", out, "--image-size", "32", "--shard-size", "40")
-    return out
+    def build(out):
+        run_tool("make_shards.py", "--celeba-root", celeba_dir, "--out", out / "paper-32", "--image-size", "32",
+                 "--shard-size", "40")
+
+    return built_once(tmp_path_factory, "shards", build) / "paper-32"
 
 
 @pytest.fixture(scope="session")
 def trained_run(shard_dir, tmp_path_factory) -> Path:
     """A DFC-VAE (32x32, random VGG) trained for a few steps by the real trainer: its run directory."""
-    work = tmp_path_factory.mktemp("trained")
-    with ProcessGroups() as groups:
-        proc = groups.run([sys.executable, "-m", "dfcvae_dist.train", "--config", ROOT / "configs" / "quickstart.yaml",
-                           f"data.shards={shard_dir}", f"train.run_dir={work / 'run'}", "train.max_steps=6",
-                           "train.batch_size=16", "train.val_every_steps=0", "log.enabled=false"], 600, cwd=work)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work / "run"
+    def build(work):
+        with ProcessGroups() as groups:
+            proc = groups.run([sys.executable, "-m", "dfcvae_dist.train", "--config",
+                               ROOT / "configs" / "quickstart.yaml", f"data.shards={shard_dir}",
+                               f"train.run_dir={work / 'run'}", "train.max_steps=6", "train.batch_size=16",
+                               "train.val_every_steps=0", "log.enabled=false"], 600, cwd=work)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "trained", build) / "run"
 
 
 @pytest.fixture

@@ -63,12 +63,13 @@ class ProcessGroups:
             self.kill(proc)
 
 
-def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
-    """Poll `condition` until it returns something true, and return that; fail naming `what` after `timeout` s."""
+def wait_until(condition: Callable[[], object], timeout: float, what: str | Callable[[], str], interval: float = 0.2):
+    """Poll `condition` until it returns something true, and return that; fail naming `what` after `timeout` s
+    (a callable `what` is asked then: a log's tail at the time of the failure)."""
     deadline = time.monotonic() + timeout
     while not (result := condition()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting after {timeout:.0f} s for {what}")
+            raise AssertionError(f"still waiting after {timeout:.0f} s for {what() if callable(what) else what}")
         time.sleep(interval)
     return result
 
@@ -152,7 +153,7 @@ RUNNING = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUE
 
 def wait_ended(cluster, job, out, timeout):
     """Wait until the job has left every running or requeued state; its final state."""
-    wait_until(lambda: cluster.job_state(job) not in RUNNING, timeout, f"job {job} to end:\n{log_tail(out)}", 1)
+    wait_until(lambda: cluster.job_state(job) not in RUNNING, timeout, lambda: job_status(cluster, job, out), 1)
     return cluster.job_state(job)
 
 
@@ -160,12 +161,18 @@ def log_tail(out):
     return out.read_text()[-4000:] if out.exists() else ""
 
 
+def job_status(cluster, job, out):
+    """A job, its state and reason, and its log's tail: what a wait on it that timed out reports."""
+    info = cluster.run("squeue", "-h", "-j", job, "-o", "%T %r %N", check=False).stdout.strip()
+    return f"job {job} ({info or cluster.job_state(job)}):\n{log_tail(out)}"
+
+
 def preempt_after_first_checkpoint(cluster, job, run_dir, out):
     """What --signal=B:USR1@N sends before the time limit, once the trainer has saved (so it is listening).
     scancel's own exit status is not the contract (it was seen to return 1 once although the signal had been
     delivered): the job's log and state are."""
     wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 240,
-               f"the first checkpoint of job {job}:\n{log_tail(out)}")
+               lambda: f"the first checkpoint of {job_status(cluster, job, out)}")
     return cluster.run("scancel", "--batch", "--signal=USR1", job, check=False)
 
 

@@ -148,6 +148,15 @@ def test_a_resume_keeps_the_recorded_worker_count_under_auto_and_refuses_another
         f"error: [rank 0] {run_dir / 'checkpoints' / 'step-00000002'}: trained with 2 loader worker(s) per rank, this "
         "launch asks for 1 (data.num_workers=1): the count decides the sample order; resume with "
         "data.num_workers=auto or =2, or take responsibility with train.resume_allow_changes=[data.num_workers]")
+    # the kept count is checked against the shards like a chosen one: one shard (said to hold the same 320
+    # training images, so the data position carries over) cannot feed 2 workers
+    proc = train(tmp_path, shard_dir, run_dir, "train.max_steps=3", "data.num_workers=auto", *small,
+                 f"data.shards={shard_dir}/train-{{000000..000000}}.tar", "data.num_samples=320",
+                 "train.resume_allow_changes=[data.shards,data.num_samples]",
+                 check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: [rank 0] 1 training shard(s) for 1 rank(s) x 2 worker(s): need at least 2 (write smaller shards "
+        "with --shard-size, or use fewer workers)"), proc.stderr[-3000:]
 
 
 def test_sigterm_checkpoints_at_an_agreed_step_and_leaves_resume_marker(tmp_path, shard_dir, processes):

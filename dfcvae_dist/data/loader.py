@@ -218,13 +218,19 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, source: SplitSource, batch_size: int, batches_per_epoch: int, rank: int, world: int,
                  num_workers: int, seed: int, shuffle_buffer: int, skip_corrupt: bool = False):
         self.source, self.batch_size, self.batches_per_epoch = source, batch_size, batches_per_epoch
-        self.rank, self.world, self.num_workers = rank, world, max(1, num_workers)
+        self.rank, self.world = rank, world
         self.seed, self.shuffle_buffer, self.skip_corrupt = seed, shuffle_buffer, skip_corrupt
         self.epoch, self.start_batch = 0, 0
-        if len(source.urls) < world * self.num_workers:
-            raise UserError(f"{len(source.urls)} training shard(s) for {world} rank(s) x {self.num_workers} "
-                            f"worker(s): need at least {world * self.num_workers} (write smaller shards with "
+        self.set_workers(num_workers)
+
+    def set_workers(self, num_workers: int) -> None:
+        """Each of `num_workers` workers (0 reads like 1) reads shards of its own: ranks x workers <= shards."""
+        workers = max(1, num_workers)
+        if len(self.source.urls) < self.world * workers:
+            raise UserError(f"{len(self.source.urls)} training shard(s) for {self.world} rank(s) x {workers} "
+                            f"worker(s): need at least {self.world * workers} (write smaller shards with "
                             "--shard-size, or use fewer workers)")
+        self.num_workers = workers
 
     def set_position(self, epoch: int, batch: int) -> None:
         self.epoch, self.start_batch = epoch, batch

@@ -111,7 +111,7 @@ class TrainData:
     global_batch: int
     val: SplitSource | None
     cache: CachedTrainSplit | None = None
-    notes: tuple[str, ...] = ()  # how the data is read (a worker count capped by the shards, the cache)
+    workers_note: str = ""  # data.num_workers=auto capped by the shards
 
     @classmethod
     def from_config(cls, cfg: Config, rank: int, world: int, validates: bool, device: torch.device) -> "TrainData":
@@ -134,9 +134,8 @@ class TrainData:
             if not val.urls or (Path(data.shards).is_dir() and val.num_samples == 0):
                 raise UserError(f"the val split of {data.shards} is empty; set train.val_every_steps=0 or "
                                 "write shards with a val partition")
-        notes = tuple(n for n in (note, cache.describe() if cache else "") if n)
         return cls(stream, workers, train.grad_accum, per_epoch, total, train.batch_size * world * train.grad_accum,
-                   val, cache, notes)
+                   val, cache, note)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -144,7 +143,8 @@ class TrainData:
 
     def use_workers(self, workers: int) -> None:
         """Read with `workers` workers (a resumed run: the count its checkpoint recorded, which decides the order)."""
-        self.num_workers, self.stream.num_workers = workers, max(1, workers)
+        self.stream.set_workers(workers)
+        self.num_workers, self.workers_note = workers, ""
 
     def steps(self, epoch: int, start_batch: int, device, memory_format) -> Iterator[tuple[list[torch.Tensor], int]]:
         """The rest of `epoch` from micro-batch `start_batch`: per optimizer step, its `grad_accum` micro-batches
@@ -524,8 +524,9 @@ class Trainer:
     def describe(self) -> None:
         cfg, data, world = self.cfg, self.data, self.accelerator.num_processes
         for note in (f"data: {data.num_workers} loader worker(s) per rank (data.num_workers={cfg.data.num_workers})",
-                     *data.notes):
-            self.console.print(note)
+                     data.workers_note, data.cache.describe() if data.cache else ""):
+            if note:
+                self.console.print(note)
         self.console.print(f"[bold]{self.family.title}[/] world size {world}, global batch {data.global_batch} = "
                            f"{cfg.train.batch_size} per rank x {world} ranks x {cfg.train.grad_accum} accumulation; "
                            f"{data.steps_per_epoch} steps per epoch, {data.total_steps} steps; precision "
