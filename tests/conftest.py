@@ -17,6 +17,9 @@ from filelock import FileLock
 from tests.helpers import ROOT, ProcessGroups, free_port, run_tool, start_server
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Every launch sees the environment's bin first, as in an activated venv (how users and slurm/common.sh run): one
+# `ninja` then builds DeepSpeed's CPU extension, and another ninja's log does not make each launch rebuild it.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 # A test that uses one of these is slow (`make test-fast` leaves it out): each trains, serves or boots a cluster.
 SLOW_FIXTURES = {"trained_run", "mlflow_server", "cluster"}
 

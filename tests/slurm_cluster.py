@@ -66,6 +66,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# a requeued job waits ~10 s, then for the next scheduling pass: every second here, not every 60 s (30 backfilling)
+SchedulerParameters=sched_interval=1,bf_interval=1
 SlurmUser=root
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool-%n
