@@ -4,11 +4,15 @@ synthetic latents."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -116,7 +120,21 @@ def base_args(shard_dir, run_dir, *overrides):
 
 
 def env_for(tmp_path):
+    """The environment of a trainer launched in `tmp_path`: its MLflow store there, made already (MLflow's schema
+    migrations cost each new store about a second of CPU; the Slurm, sweep and README tests start from none)."""
+    if not (tmp_path / "mlflow.db").exists():
+        shutil.copyfile(empty_mlflow_store(), tmp_path / "mlflow.db")
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+@functools.cache
+def empty_mlflow_store() -> Path:
+    import mlflow
+
+    folder = Path(tempfile.mkdtemp(prefix="mlflow-store-"))
+    atexit.register(shutil.rmtree, folder, True)
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
 
 
 def launch_cmd(nproc):

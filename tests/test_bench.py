@@ -47,7 +47,7 @@ def test_cuda_without_a_gpu_is_one_clear_line():
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    run_tool("bench.py", "--quick", "--json", out, "--svm-n", "5000")
+    run_tool("bench.py", "--quick", "--json", out, "--svm-n", "2000")
     return json.loads(out.read_text())
 
 
@@ -100,7 +100,7 @@ def test_quick_loader_paper_phase_and_step_overhead_left_to_the_trainer_test(qui
     assert pp["images"] == 5 * 162_770 and pp["variant"] in quick["train_step"]["variants"]
     assert pp["bound_by"] in {"train_step", "loader"}
     assert pp["hours"] == pytest.approx(pp["images"] / pp["img_s"] / 3600)
-    assert positive(quick["extract"]["img_s"]) and positive(quick["svm"]["seconds"]) and quick["svm"]["n"] == 5000
+    assert positive(quick["extract"]["img_s"]) and positive(quick["svm"]["seconds"]) and quick["svm"]["n"] == 2000
     assert quick["step_overhead"]["host_syncs"] is None and "skipped" in quick["step_overhead"]
 
 

@@ -2,7 +2,7 @@
 the trainer state, the resolved precision in the config) keep loading and resuming. The fixture
 tests/fixtures/legacy-run is such a run (DFC-VAE, random VGG19, 32x32, base 4 channels, latent 8, 2 of 4 steps on
 the session's synthetic shards), made with commit 5a67d32; an uninterrupted 4-step run of that code ended with the
-parameters' digest below."""
+parameters' digest below, on 2 torch threads (another thread count sums in another order: other bits)."""
 
 import json
 import shutil
@@ -38,7 +38,7 @@ def test_a_legacy_run_resumes_to_the_same_weights_as_the_old_code_trained(tmp_pa
     shutil.copytree(LEGACY, tmp_path / "legacy-run")
     (tmp_path / "shards").symlink_to(shard_dir)
     proc = processes.run([sys.executable, "-m", "dfcvae_dist.train", "--config", "legacy-run/config.yaml",
-                          "train.max_steps=4"], 600, cwd=tmp_path)
+                          "train.max_steps=4", "train.threads=2"], 600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from legacy-run/checkpoints/step-00000002 at step 2" in proc.stderr
     rank = json.loads((tmp_path / "legacy-run" / "ranks" / "rank-0.json").read_text())

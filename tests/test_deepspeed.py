@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def deepspeed_train(processes, tmp_path, shard_dir, run_dir, *overrides, check=True):
-    """One two-process DeepSpeed run; three of them fit in pytest's timeout (the first one in a new environment
-    also compiles DeepSpeed's CPU extension, about 50 s)."""
+    """One two-process DeepSpeed run (the first one in a new environment also compiles DeepSpeed's CPU extension,
+    15-50 s)."""
     cmd = [Path(sys.executable).parent / "accelerate", "launch", "--config_file",
            ROOT / "configs" / "accelerate" / "deepspeed-zero2.yaml", "--num_processes", "2",
            "-m", "dfcvae_dist.train", *base_args(shard_dir, run_dir, *overrides)]
@@ -27,8 +27,10 @@ def deepspeed_train(processes, tmp_path, shard_dir, run_dir, *overrides, check=T
 def test_zero2_trains_checkpoints_and_resumes_exactly(tmp_path, shard_dir, processes):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     deepspeed_train(processes, tmp_path, shard_dir, straight, "train.max_steps=8", "checkpoint.every_steps=4")
-    deepspeed_train(processes, tmp_path, shard_dir, resumed, "train.max_steps=4", "checkpoint.every_steps=4")
-    deepspeed_train(processes, tmp_path, shard_dir, resumed, "train.max_steps=8", "checkpoint.every_steps=4")
+    halfway = straight / "checkpoints" / "step-00000004"
+    proc = deepspeed_train(processes, tmp_path, shard_dir, resumed, "train.max_steps=8", "checkpoint.every_steps=4",
+                           f"train.resume={halfway}")
+    assert f"resumed from {halfway} at step 4" in proc.stderr + proc.stdout
     run = mlflow_tags(tmp_path, straight)
     assert run["distributed_type"] == "DistributedType.DEEPSPEED" and run["world_size"] == "2"
     a = load_file(straight / "checkpoints" / "step-00000008" / "weights.safetensors")

@@ -58,8 +58,8 @@ def test_sigkill_of_one_rank_ends_the_job_and_auto_resume_continues(tmp_path, sh
 
 
 def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, shard_dir, processes):
-    # A wide model makes each checkpoint ~200 MB, so the write lasts long enough to be interrupted.
-    steps = ["train.max_steps=30", "checkpoint.every_steps=10", "model.base_channels=128"]
+    # A wide model makes each checkpoint ~200 MB, so the write lasts long enough to be interrupted: the last one's
+    steps = ["train.max_steps=20", "checkpoint.every_steps=10", "model.base_channels=128"]
     run_dir = tmp_path / "run"
     proc = start(processes, tmp_path, shard_dir, run_dir, *steps)
     wait_for(run_dir / "checkpoints" / ".tmp-step-00000020", poll=0.001)
@@ -70,8 +70,8 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path,
     resumed = train(tmp_path, shard_dir, run_dir, *steps, nproc=2)
     assert f"resumed from {checkpoints / 'step-00000010'} at step 10" in resumed.stderr
     train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000030" / "weights.safetensors")
-    b = load_file(checkpoints / "step-00000030" / "weights.safetensors")
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000020" / "weights.safetensors")
+    b = load_file(checkpoints / "step-00000020" / "weights.safetensors")
     assert all((a[k] == b[k]).all() for k in a)  # nothing lost beyond the interval, bit for bit
 
 
@@ -276,10 +276,11 @@ def test_damaged_samples_are_skipped_counted_and_a_resume_after_them_is_bit_exac
     shards = tmp_path / "damaged"
     damage_every_shard(shard_dir, shards)
     common = ["data.skip_corrupt=true", "train.val_every_steps=3", "checkpoint.every_steps=3"]
-    train(tmp_path, shards, tmp_path / "straight", "train.max_steps=12", *common)
-    train(tmp_path, shards, tmp_path / "resumed", "train.max_steps=6", *common)
-    proc = train(tmp_path, shards, tmp_path / "resumed", "train.max_steps=12", *common)
+    proc = train(tmp_path, shards, tmp_path / "straight", "train.max_steps=12", *common)
     assert "skipped: " in proc.stderr and "does not decode" in proc.stderr
+    at_9 = tmp_path / "straight" / "checkpoints" / "step-00000009"
+    resumed = train(tmp_path, shards, tmp_path / "resumed", "train.max_steps=12", *common, f"train.resume={at_9}")
+    assert f"resumed from {at_9} at step 9" in resumed.stderr
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000012" / "weights.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000012" / "weights.safetensors")
     assert all((a[k] == b[k]).all() for k in a)  # the resume landed where the uninterrupted run was

@@ -97,7 +97,7 @@ def test_two_process_ddp_ranks_agree_and_read_disjoint_shards(tmp_path, shard_di
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # written by the main process only
 
 
-@pytest.mark.parametrize("workers,accum,every,total,cache", [(1, 1, 10, 40, "none"), (2, 2, 3, 8, "none"),
+@pytest.mark.parametrize("workers,accum,every,total,cache", [(1, 1, 10, 20, "none"), (2, 2, 3, 8, "none"),
                                                              (1, 1, 3, 8, "memory")],
                          ids=["epoch-boundary", "mid-epoch-2-workers-grad-accum-2", "mid-epoch-cached"])
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, processes, workers, accum, every, total,
