@@ -17,9 +17,6 @@ from filelock import FileLock
 from tests.helpers import ROOT, ProcessGroups, free_port, run_tool, start_server
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# Every launch sees the environment's bin first, as in an activated venv (how users and slurm/common.sh run): one
-# `ninja` then builds DeepSpeed's CPU extension, and another ninja's log does not make each launch rebuild it.
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 # A test that uses one of these is slow (`make test-fast` leaves it out): each trains, serves or boots a cluster.
 SLOW_FIXTURES = {"trained_run", "mlflow_server", "cluster"}
 
@@ -38,13 +35,16 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_configure(config):
-    """Under pytest-xdist, each worker and everything it starts runs on its own share of the cores. Torch sizes
-    its thread pools by the CPUs a process may use (`cpus_available`), so the workers' processes no longer spin
-    against each other: on 2 cores that had made single-process tools cost up to three times their CPU time."""
+    """Under pytest-xdist, each worker (every thread of it, numpy's BLAS pool included) and everything it starts
+    runs on its own share of the cores. Torch sizes its thread pools by the CPUs a process may use
+    (`cpus_available`), so the workers' processes no longer spin against each other: on 2 cores that had made
+    single-process tools cost up to three times their CPU time."""
     worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if worker and len(cpus) >= workers > 1:
-        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) % workers::workers])
+        share = cpus[int(worker.removeprefix("gw")) % workers::workers]
+        for thread in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(thread), share)
 
 
 @pytest.hookimpl(optionalhook=True)

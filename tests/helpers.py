@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -121,10 +122,18 @@ def base_args(shard_dir, run_dir, *overrides):
 
 def env_for(tmp_path):
     """The environment of a trainer launched in `tmp_path`: its MLflow store there, made already (MLflow's schema
-    migrations cost each new store about a second of CPU; the Slurm, sweep and README tests start from none)."""
-    if not (tmp_path / "mlflow.db").exists():
-        shutil.copyfile(empty_mlflow_store(), tmp_path / "mlflow.db")
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    migrations cost each new store about a second of CPU; the Slurm, sweep and README tests start from none), and
+    this environment's bin first on PATH: the one `ninja` that the Slurm jobs' activated environment also finds
+    builds DeepSpeed's CPU extension (two ninjas' logs disagree, and each launch rebuilt it)."""
+    store = tmp_path / "mlflow.db"
+    if not store.exists():
+        shutil.copyfile(empty_mlflow_store(), store)
+        with sqlite3.connect(store) as db:  # its Default experiment where a store made here would keep it
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                       ((tmp_path / "mlruns" / "0").as_uri(),))
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PATH": path}
 
 
 @functools.cache

@@ -58,7 +58,8 @@ def test_sigkill_of_one_rank_ends_the_job_and_auto_resume_continues(tmp_path, sh
 
 
 def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, shard_dir, processes):
-    # A wide model makes each checkpoint ~200 MB, so the write lasts long enough to be interrupted: the last one's
+    # A wide model makes each checkpoint ~200 MB, so the write lasts long enough to be interrupted (the last one's,
+    # at step 20: the run resumes from step 10's)
     steps = ["train.max_steps=20", "checkpoint.every_steps=10", "model.base_channels=128"]
     run_dir = tmp_path / "run"
     proc = start(processes, tmp_path, shard_dir, run_dir, *steps)
@@ -275,7 +276,8 @@ def damage_every_shard(src: Path, dst: Path) -> None:
 def test_damaged_samples_are_skipped_counted_and_a_resume_after_them_is_bit_exact(tmp_path, shard_dir):
     shards = tmp_path / "damaged"
     damage_every_shard(shard_dir, shards)
-    common = ["data.skip_corrupt=true", "train.val_every_steps=3", "checkpoint.every_steps=3"]
+    common = ["data.skip_corrupt=true", "train.val_every_steps=3", "checkpoint.every_steps=3",
+              "train.threads=2"]  # a one-process run sums on 2 threads, whatever the worker's share of the cores
     proc = train(tmp_path, shards, tmp_path / "straight", "train.max_steps=12", *common)
     assert "skipped: " in proc.stderr and "does not decode" in proc.stderr
     at_9 = tmp_path / "straight" / "checkpoints" / "step-00000009"
@@ -286,6 +288,8 @@ def test_damaged_samples_are_skipped_counted_and_a_resume_after_them_is_bit_exac
     assert all((a[k] == b[k]).all() for k in a)  # the resume landed where the uninterrupted run was
     summary = json.loads((tmp_path / "straight" / "COMPLETED.json").read_text())
     assert summary["skipped_samples"] >= 3  # 12 steps x 16 images pass through several damaged training shards
+    assert json.loads((tmp_path / "resumed" / "COMPLETED.json").read_text())["skipped_samples"] == \
+        summary["skipped_samples"]  # the count carried over the resume
     import mlflow
 
     history = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(summary["mlflow_run_id"],
