@@ -4,6 +4,7 @@ leaves nothing running behind a test."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -44,7 +45,8 @@ def pytest_configure(config):
     if worker and len(cpus) >= workers > 1:
         share = cpus[int(worker.removeprefix("gw")) % workers::workers]
         for thread in os.listdir("/proc/self/task"):
-            os.sched_setaffinity(int(thread), share)
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(thread), share)
 
 
 @pytest.hookimpl(optionalhook=True)
