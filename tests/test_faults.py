@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -444,10 +445,14 @@ def test_the_heartbeat_outlives_full_and_read_only_disks_and_a_live_owner_is_nev
 
 
 def test_a_stop_ends_a_one_process_run_waiting_on_a_hung_read(tmp_path, shard_dir, processes):
-    """Its shards come through a pipe that never closes (a hung network filesystem): after the first shard's two
-    batches the run waits for data. SIGTERM stops it there, after its last whole step, as any stop does."""
+    """Its shards come through a pipe that sends a shard's first 36 of 40 samples and then nothing, never closing
+    (a hung network filesystem): after two batches the run waits in a read. SIGTERM stops it there, after its last
+    whole step, as any stop does. (Not a whole shard and then silence: the reader sees the end of the archive,
+    and where it then waits depends on when the garbage collector closes the shard's pipe.)"""
     run_dir, log = tmp_path / "run", tmp_path / "train.err"
-    hung = f"pipe:cat {shard_dir}/train-{{000000..000007}}.tar && sleep 600"
+    with tarfile.open(shard_dir / "train-000000.tar") as tar:  # two members a sample: where sample 37 begins
+        cut = tar.getmembers()[72].offset
+    hung = f"pipe:head -c {cut} {shard_dir}/train-{{000000..000007}}.tar && sleep 600"
     cmd = [*launch_cmd(1), *base_args(shard_dir, run_dir, f"data.shards={hung}", "data.num_samples=320",
                                       "data.shuffle_buffer=0", "log.enabled=false", "log.progress_every_s=0",
                                       "train.max_steps=400", "checkpoint.every_steps=0", "model.base_channels=8")]
