@@ -85,14 +85,15 @@ def test_unreachable_server_with_warn_trains_untracked(tmp_path, shard_dir):
 
 
 def test_server_killed_mid_run_training_goes_on_and_buffered_metrics_arrive(tmp_path, shard_dir, processes):
+    """The run outlasts the outage and its reconnection (it is stopped a few steps after), whenever they come."""
     import mlflow
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_server(processes, tmp_path, port)
     run_dir, stderr = tmp_path / "run", tmp_path / "trainer.err"
-    cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, "train.max_steps=300", f"log.tracking_uri={uri}",
-                                      "checkpoint.every_steps=0")]
+    cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, "train.max_steps=20000", f"log.tracking_uri={uri}",
+                                      "checkpoint.every_steps=0", "log.progress_every_s=0", "model.base_channels=8")]
     with stderr.open("w") as err_file:
         trainer = processes.popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=err_file)
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -106,13 +107,15 @@ def test_server_killed_mid_run_training_goes_on_and_buffered_metrics_arrive(tmp_
     # The outage lasts until the trainer has noticed it, mid-run.
     wait_until(lambda: "MLflow unreachable" in stderr.read_text(), 120, "the trainer to notice the outage")
     start_server(processes, tmp_path, port)
-    trainer.wait(timeout=300)
-    err = stderr.read_text()
-    assert trainer.returncode == 0, err[-3000:]
-    assert "MLflow reachable again" in err  # noticed, not fatal
-    run_id = json.loads((run_dir / "COMPLETED.json").read_text())["mlflow_run_id"]
-    steps = [m.step for m in mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/total")]
-    assert sorted(steps) == list(range(1, 301))  # outage metrics were buffered and sent, none twice
+    wait_until(lambda: "MLflow reachable again" in stderr.read_text(), 120, "the trainer to reach the server again")
+    seen = stderr.read_text().count("\nstep ")
+    wait_until(lambda: stderr.read_text().count("\nstep ") >= seen + 3, 120, "steps after the outage")
+    trainer.send_signal(signal.SIGTERM)  # the launcher forwards it to every rank; the marker is the contract
+    trainer.wait(timeout=120)
+    stopped = json.loads((run_dir / "RESUME_ME.json").read_text())
+    steps = [m.step for m in mlflow.MlflowClient(tracking_uri=uri).get_metric_history(stopped["mlflow_run_id"],
+                                                                                      "train/total")]
+    assert sorted(steps) == list(range(1, stopped["step"] + 1))  # outage metrics were buffered and sent, none twice
 
 
 @pytest.mark.parametrize("ending", ["finishes", "sigterm"])

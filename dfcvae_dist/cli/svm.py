@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--mlflow-run", help="log the report into this MLflow run: a run id or a training run directory")
     p.add_argument("--subsample", type=int, default=20_000, help="training images used to choose C")
-    p.add_argument("--jobs", type=int, default=2, help="attributes fitted in parallel")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="attributes fitted in parallel (at most one per CPU this process may use)")
     p.add_argument("--class-weight", choices=["none", "balanced"], default="none",
                    help="none: the paper's plain SVM (accuracy); balanced: reweight rare classes")
     p.add_argument("--focus", help="also report the means over these attributes (comma-separated), or "

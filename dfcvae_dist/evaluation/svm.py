@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from joblib import Parallel, delayed
+from joblib import Parallel, cpu_count, delayed
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
@@ -36,8 +36,9 @@ REPORT_FILE, TABLE_FILE = "svm_report.json", "svm_table.md"
 def evaluate_svms(latents_file: Path, out: Path, subsample: int = 20_000, jobs: int = 2, class_weight: str = "none",
                   focus: str | None = None, run_id: str | None = None, client=None) -> dict:
     """OUT/svm_report.json and OUT/svm_table.md of the latents in `latents_file`: one SVM per attribute
-    (`class_weight` none or balanced; C chosen on `subsample` training images; `jobs` attributes at a time),
-    the means over the `focus` attributes too (`focus_attributes`), and the latent statistics of the test split.
+    (`class_weight` none or balanced; C chosen on `subsample` training images; `jobs` attributes at a time, at
+    most one per CPU this process may use), the means over the `focus` attributes too (`focus_attributes`), and
+    the latent statistics of the test split.
     With `run_id`, also logged into that MLflow run (eval/svm/*, eval/latent/*, the files under evaluation/)
     through `client` (default: a client of MLflow's default store)."""
     start = time.perf_counter()
@@ -120,7 +121,8 @@ def evaluate(latents: dict, c_grid=C_GRID, subsample: int = 20_000, n_jobs: int 
         c_chosen_on = "every 10th train image (no val partition)"
     scaler = StandardScaler().fit(x[train])
     xs = scaler.transform(x)
-    results = Parallel(n_jobs=n_jobs)(
+    # liblinear is single-threaded: workers past the CPUs this process may use only add their start-up
+    results = Parallel(n_jobs=max(1, min(n_jobs, cpu_count())))(
         delayed(fit_attribute)(xs[train], attrs[train, j], xs[val], attrs[val, j], xs[test], attrs[test, j],
                                c_grid, subsample, seed, class_weight)
         for j in range(len(names)))
