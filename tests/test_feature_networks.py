@@ -101,6 +101,17 @@ def test_random_weights_of_any_network_are_seeded_and_announced(caplog):
     assert torch.equal(a.conv1.weight, b.conv1.weight)
 
 
+@pytest.mark.parametrize("network", ["vgg19", "vgg16"])
+def test_a_headless_random_vgg_has_torchvisions_convolutions(network):
+    """A feature network's random VGG skips the classifier's second draw: its convolutions, which runs trained on
+    random weights depend on (and resume with), are still those of torchvision's random VGG of the same seed."""
+    whole, _ = load_network(network, "random", seed=5)
+    headless, source = load_network(network, "random", seed=5, head=False)
+    assert source == "random(seed=5)"
+    for (name, a), b in zip(whole.features.state_dict().items(), headless.features.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_imagenet_weights_of_resnet18_not_cached_name_its_file(unreachable_hub):
     with pytest.raises(UserError) as err:
         load_network("resnet18", "imagenet")

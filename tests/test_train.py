@@ -97,17 +97,23 @@ def test_two_process_ddp_ranks_agree_and_read_disjoint_shards(tmp_path, shard_di
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # written by the main process only
 
 
-@pytest.mark.parametrize("workers,accum,every,total,cache", [(1, 1, 10, 20, "none"), (2, 2, 3, 8, "none"),
-                                                             (1, 1, 3, 8, "memory")],
-                         ids=["epoch-boundary", "mid-epoch-2-workers-grad-accum-2", "mid-epoch-cached"])
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, processes, workers, accum, every, total,
-                                                        cache):
-    # 2 ranks x 16 x accum: 10 steps per epoch without accumulation, 5 with it (a checkpoint at 3 or 6 is mid-epoch)
-    steps = [f"train.max_steps={total}", f"checkpoint.every_steps={every}", f"data.num_workers={workers}",
-             f"train.grad_accum={accum}", "log.image_every_steps=2",  # the image panels draw on no training stream
-             f"data.cache={cache}"]
-    straight = train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
-    assert ("data.cache=memory: " in straight.stderr) == (cache == "memory")
+def resume_settings(every: int, total: int, workers: int = 1, accum: int = 1, cache: str = "none") -> list[str]:
+    return [f"train.max_steps={total}", f"checkpoint.every_steps={every}", f"data.num_workers={workers}",
+            f"train.grad_accum={accum}", "log.image_every_steps=2",  # the image panels draw on no training stream
+            f"data.cache={cache}"]
+
+
+def same_weights(run_a: Path, run_b: Path, step: int) -> bool:
+    a, b = (load_file(run / "checkpoints" / f"step-{step:08d}" / "weights.safetensors") for run in (run_a, run_b))
+    return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, processes):
+    """Mid-epoch, with 2 loader workers per rank and 2 accumulated micro-batches a step: 2 ranks x 16 x 2, so 5
+    steps an epoch and the checkpoint at step 3 is mid-epoch."""
+    every, total = 3, 8
+    steps = resume_settings(every, total, workers=2, accum=2)
+    train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
     run_dir = tmp_path / "killed"
     cmd = [*launch_cmd(2), *base_args(shard_dir, run_dir, *steps)]
     proc = processes.popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL,
@@ -117,9 +123,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, pro
     assert not (run_dir / "checkpoints" / f"step-{total:08d}").exists()
     resumed = train(tmp_path, shard_dir, run_dir, *steps, nproc=2)  # train.resume=auto by default
     assert f"resumed from {run_dir / 'checkpoints'}/step-" in resumed.stderr
-    a = load_file(tmp_path / "straight" / "checkpoints" / f"step-{total:08d}" / "weights.safetensors")
-    b = load_file(run_dir / "checkpoints" / f"step-{total:08d}" / "weights.safetensors")
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
+    assert same_weights(tmp_path / "straight", run_dir, total)
     client = mlflow_client(tmp_path)
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id],
@@ -129,7 +133,21 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, pro
     assert sorted(logged) == list(range(1, total + 1))  # each step exactly once
     state = json.loads((run_dir / "checkpoints" / f"step-{total:08d}" / "trainer_state.json").read_text())
     assert state["mlflow_run_id"] == summary["mlflow_run_id"] and state["world_size"] == 2
-    assert state["grad_accum"] == accum and state["step"] == total
+    assert state["grad_accum"] == 2 and state["step"] == total
+
+
+@pytest.mark.parametrize("every,total,cache", [(10, 20, "none"), (3, 8, "memory")],
+                         ids=["epoch-boundary", "mid-epoch-cached"])
+def test_a_resume_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, shard_dir, every, total, cache):
+    """At an epoch's boundary (10 steps an epoch), and mid-epoch from the memory cache: the uninterrupted run's own
+    checkpoint, resumed in another directory (the SIGKILL above shows a killed run resumes from its checkpoint)."""
+    steps = [*resume_settings(every, total, cache=cache), "checkpoint.keep=3"]
+    straight = train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
+    assert ("data.cache=memory: " in straight.stderr) == (cache == "memory")
+    checkpoint = tmp_path / "straight" / "checkpoints" / f"step-{every:08d}"
+    resumed = train(tmp_path, shard_dir, tmp_path / "resumed", *steps, f"train.resume={checkpoint}", nproc=2)
+    assert f"resumed from {checkpoint} at step {every}" in resumed.stderr
+    assert same_weights(tmp_path / "straight", tmp_path / "resumed", total)
 
 
 def test_a_resume_keeps_the_recorded_worker_count_under_auto_and_refuses_another_explicit_one(tmp_path, shard_dir):

