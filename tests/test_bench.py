@@ -133,7 +133,7 @@ def test_quick_end_to_end_trains_with_a_shipped_config_and_sets_the_cached_train
     assert e2e["skipped"] == {} and e2e["failed"] == {}
     for name, run in e2e["runs"].items():
         assert run["config"] == "dfcvae-123" and run["device"] == "cpu" and run["warmup_steps"] == 1, name
-        assert run["steady_steps"] == 3 and run["global_batch"] == 16 and positive(run["img_s"]), name
+        assert run["steady_steps"] == 3 and run["global_batch"] == 8 and positive(run["img_s"]), name
         assert run["img_s"] == pytest.approx(run["steady_steps"] * run["global_batch"] / run["steady_s"]), name
         assert 0 < run["first_step_s"] <= run["warmup_s"] and positive(run["startup_s"]), name
         assert run["process_s"] > run["startup_s"] + run["warmup_s"] + run["steady_s"], name

@@ -50,10 +50,10 @@ class BenchSettings:
         runs = [list(r) for r in (end_to_end.CPU_RUNS if device == "cpu" else end_to_end.GPU_RUNS)]
         sections = sections or list(SECTIONS)
         if quick:
-            return cls(device, True, batch=16, rounds=2, loader_rounds=2, block_s=0.05, kernel_block_s=0.05,
+            return cls(device, True, batch=8, rounds=2, loader_rounds=2, block_s=0.05, kernel_block_s=0.05,
                        compile_variants=["off"], loader_workers=[1], loader_batches=8, synthetic_images=400,
                        svm_n=svm_n or 20_000, e2e_runs=runs[:2] if device == "cpu" else runs,  # 123 only
-                       e2e_warmup_steps=1, e2e_steady_images=48,
+                       e2e_warmup_steps=1, e2e_steady_images=24,
                        sections=sections)
         if device == "cpu":
             return cls(device, False, loader_workers=workers, svm_n=svm_n or cls.svm_n, sections=sections)
