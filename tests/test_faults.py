@@ -45,9 +45,9 @@ def rank_pid(launcher: int, local_rank: int) -> int:
 
 def test_sigkill_of_one_rank_ends_the_job_and_auto_resume_continues(tmp_path, shard_dir, processes):
     run_dir = tmp_path / "run"
-    steps = ["train.max_steps=60", "checkpoint.every_steps=10", "train.collective_timeout_s=60"]
+    steps = ["train.max_steps=20", "checkpoint.every_steps=5", "train.collective_timeout_s=60"]
     proc = start(processes, tmp_path, shard_dir, run_dir, *steps)
-    wait_for(run_dir / "checkpoints" / "step-00000010")
+    wait_for(run_dir / "checkpoints" / "step-00000005")
     os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
     start_wait = time.time()
     proc.communicate(timeout=180)  # the other rank must not hang
@@ -55,7 +55,7 @@ def test_sigkill_of_one_rank_ends_the_job_and_auto_resume_continues(tmp_path, sh
     assert not (run_dir / "COMPLETED.json").exists()
     resumed = train(tmp_path, shard_dir, run_dir, *steps, nproc=2)
     assert "resumed from" in resumed.stderr
-    assert json.loads((run_dir / "COMPLETED.json").read_text())["step"] == 60
+    assert json.loads((run_dir / "COMPLETED.json").read_text())["step"] == 20
 
 
 def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, shard_dir, processes):
