@@ -60,18 +60,18 @@ def test_sigkill_of_one_rank_ends_the_job_and_auto_resume_continues(tmp_path, sh
 
 def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, shard_dir, processes):
     # A wide model makes each checkpoint ~200 MB, so the write lasts long enough to be interrupted (the last one's,
-    # at step 6: the run resumes from step 3's). One process: a checkpoint is written as it is with more.
+    # at step 6: the run resumes from step 3's). Two ranks: each writes its part of a checkpoint.
     steps = ["train.max_steps=6", "checkpoint.every_steps=3", "model.base_channels=128"]
     run_dir = tmp_path / "run"
-    proc = start(processes, tmp_path, shard_dir, run_dir, *steps, nproc=1)
+    proc = start(processes, tmp_path, shard_dir, run_dir, *steps)
     wait_for(run_dir / "checkpoints" / ".tmp-step-00000006", poll=0.001)
     processes.kill(proc)  # the whole job, mid-write
     checkpoints = run_dir / "checkpoints"
     assert not (checkpoints / "step-00000006" / "trainer_state.json").exists()
     assert (checkpoints / "latest").read_text().strip() == "step-00000003"
-    resumed = train(tmp_path, shard_dir, run_dir, *steps)
+    resumed = train(tmp_path, shard_dir, run_dir, *steps, nproc=2)
     assert f"resumed from {checkpoints / 'step-00000003'} at step 3" in resumed.stderr
-    train(tmp_path, shard_dir, tmp_path / "straight", *steps)
+    train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000006" / "weights.safetensors")
     b = load_file(checkpoints / "step-00000006" / "weights.safetensors")
     assert all((a[k] == b[k]).all() for k in a)  # nothing lost beyond the interval, bit for bit

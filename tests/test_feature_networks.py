@@ -110,6 +110,8 @@ def test_a_headless_random_vgg_has_torchvisions_convolutions(network):
     assert source == "random(seed=5)"
     for (name, a), b in zip(whole.features.state_dict().items(), headless.features.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    with_head = FeatureNetwork(network, ["relu1_2", "classifier.0"], weights="random", seed=5)  # keeps the head
+    assert torch.equal(with_head.net.get_submodule("classifier.0").weight, whole.classifier[0].weight)
 
 
 def test_imagenet_weights_of_resnet18_not_cached_name_its_file(unreachable_hub):

@@ -64,17 +64,17 @@ def test_train_sbatch_two_nodes_form_one_process_group_and_get_overrides_whole(c
 def test_preemption_checkpoints_requeues_and_resumes_into_the_same_run(cluster, tmp_path, shard_dir):
     run_dir = tmp_path / "run"
     job, out = submit(cluster, tmp_path, "train.sbatch",
-                      *train_args(shard_dir, run_dir, "train.max_steps=40", "checkpoint.every_steps=5"))
+                      *train_args(shard_dir, run_dir, "train.max_steps=24", "checkpoint.every_steps=5"))
     sent = preempt_after_first_checkpoint(cluster, job, run_dir, out)
     wait_done(cluster, job, out, timeout=400)
     log = out.read_text()
     assert "preemption signal" in log and "requeueing (restart 1" in log and "restart 1:" in log, sent.stderr
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
-    assert summary["step"] == 40 and not (run_dir / "RESUME_ME.json").exists()
+    assert summary["step"] == 24 and not (run_dir / "RESUME_ME.json").exists()
     client, run = run_of(tmp_path, run_dir)
     assert run.data.tags["slurm.restart_count"] == "1"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/total")]
-    assert sorted(steps) == list(range(1, 41))  # every step once, in one MLflow run
+    assert sorted(steps) == list(range(1, 25))  # every step once, in one MLflow run
 
 
 def test_preemption_past_max_requeues_fails_the_job_with_its_message_and_no_requeue(cluster, tmp_path, shard_dir):

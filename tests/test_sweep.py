@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from dfcvae_dist.errors import UserError
 from dfcvae_dist.rundir import RunLock
 from tests.helpers import (ROOT, ProcessGroups, log_tail, preempt_after_first_checkpoint, run_tool, wait_ended,
                            wait_until)
@@ -333,6 +334,16 @@ def test_slurm_array_runs_the_sweep_with_a_preempted_task_requeued_on_its_own(
                for i, n in enumerate(TINY_TASKS[:2]))
     assert len(sweep_runs(mlflow_server, sweep_dir, "tiny-slurm")[1]) == 2
     assert_report(path, sweep_dir, tmp_path / "report", (0, 1))
+
+
+def test_tasks_are_indices_and_ranges_and_a_task_the_sweep_lacks_is_named():
+    from dfcvae_dist.cli.sweep import parse_indices
+
+    assert parse_indices("0,2,5-7", 8) == [0, 2, 5, 6, 7]
+    with pytest.raises(UserError, match=r"^--tasks 6-8: no task 8 \(the sweep has tasks 0-7\)$"):
+        parse_indices("6-8", 8)
+    with pytest.raises(UserError, match=r"^--tasks 1,x: expected indices like 0,2,5-7$"):
+        parse_indices("1,x", 8)
 
 
 def test_the_papers_sweep_plans_its_four_runs_and_the_extra_dfcvae_gan_over_three_seeds():

@@ -136,17 +136,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, pro
     assert state["grad_accum"] == 2 and state["step"] == total
 
 
-@pytest.mark.parametrize("every,total,cache", [(20, 22, "none"), (3, 8, "memory")],
+@pytest.mark.parametrize("nproc,every,total,cache", [(1, 20, 22, "none"), (2, 3, 8, "memory")],
                          ids=["epoch-boundary", "mid-epoch-cached"])
-def test_a_resume_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, shard_dir, every, total, cache):
-    """At an epoch's boundary (one process: 20 steps an epoch), and mid-epoch from the memory cache: the
-    uninterrupted run's own checkpoint, resumed in another directory (the SIGKILL above shows that a killed run
-    resumes from its checkpoint, with two ranks)."""
+def test_a_resume_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, shard_dir, nproc, every, total, cache):
+    """At an epoch's boundary (one process: 20 steps an epoch), and mid-epoch from each rank's memory cache (2 ranks
+    x 16: 10 steps an epoch): the uninterrupted run's own checkpoint, resumed in another directory (the SIGKILL
+    above shows that a killed run resumes from its checkpoint)."""
     steps = [*resume_settings(every, total, cache=cache), "checkpoint.keep=3"]
-    straight = train(tmp_path, shard_dir, tmp_path / "straight", *steps)
+    straight = train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=nproc)
     assert ("data.cache=memory: " in straight.stderr) == (cache == "memory")
     checkpoint = tmp_path / "straight" / "checkpoints" / f"step-{every:08d}"
-    resumed = train(tmp_path, shard_dir, tmp_path / "resumed", *steps, f"train.resume={checkpoint}")
+    resumed = train(tmp_path, shard_dir, tmp_path / "resumed", *steps, f"train.resume={checkpoint}", nproc=nproc)
     assert f"resumed from {checkpoint} at step {every}" in resumed.stderr
     assert same_weights(tmp_path / "straight", tmp_path / "resumed", total)
 

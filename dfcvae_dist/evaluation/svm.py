@@ -122,7 +122,7 @@ def evaluate(latents: dict, c_grid=C_GRID, subsample: int = 20_000, n_jobs: int 
     scaler = StandardScaler().fit(x[train])
     xs = scaler.transform(x)
     # liblinear is single-threaded: workers past the CPUs this process may use only add their start-up
-    results = Parallel(n_jobs=max(1, min(n_jobs, cpu_count())))(
+    results = Parallel(n_jobs=min(n_jobs, cpu_count()) if n_jobs > 0 else n_jobs)(  # joblib's -1: every CPU
         delayed(fit_attribute)(xs[train], attrs[train, j], xs[val], attrs[val, j], xs[test], attrs[test, j],
                                c_grid, subsample, seed, class_weight)
         for j in range(len(names)))

@@ -110,8 +110,8 @@ def imagenet_cache_path(network: str) -> Path:
 
 def load_network(network: str, weights: str = "imagenet", seed: int = 0, head: bool = True) -> tuple[nn.Module, str]:
     """The whole network and a description of its weights: 'imagenet', 'random(seed=N)', 'file:PATH' (built-ins),
-    or what a custom network was given. `head=False`: for a feature network, which drops a VGG's classifier; its
-    random weights are then left as constructed, not drawn again (the convolutions are the same)."""
+    or what a custom network was given. `head=False`: for a feature network that uses none of a VGG's
+    classifier; its random weights are then left as constructed, not drawn again (the convolutions are the same)."""
     if is_custom(network):
         return _custom_network(network, weights, seed), weights
     if weights == "random":
@@ -192,9 +192,10 @@ class FeatureNetwork(nn.Module):
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.network, self.layers = network, list(layers)
-        model, self.weights_source = load_network(network, weights, seed, head=False)
         relu_nodes = vgg_relu_nodes(network) if network in VGG_CONFIGS else {}
         nodes = {relu_nodes.get(name, name): name for name in self.layers}
+        head = not all(node.startswith("features.") for node in nodes)  # a VGG layer past the convolutions
+        model, self.weights_source = load_network(network, weights, seed, head=head)
         try:
             self.net = create_feature_extractor(model.eval(), return_nodes=nodes)
         except (ValueError, KeyError) as err:  # an unknown node (custom networks are checked only here)
