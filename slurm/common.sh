@@ -64,6 +64,9 @@ requeue_or_fail() {
   : "${MAX_REQUEUES:=10}"
   if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_REQUEUES" ]; then
     echo "$2: requeueing (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )) of at most $MAX_REQUEUES)"
+    # The requeue SIGTERMs this shell: left to the trap, its scancel retried "Job can not be altered now" until
+    # KillWait's SIGKILL, and the requeued job waited that long for its node.
+    trap '' USR1 TERM
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
   fi

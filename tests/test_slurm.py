@@ -68,7 +68,8 @@ def test_preemption_checkpoints_requeues_and_resumes_into_the_same_run(cluster, 
     sent = preempt_after_first_checkpoint(cluster, job, run_dir, out)
     wait_done(cluster, job, out, timeout=400)
     log = out.read_text()
-    assert "preemption signal" in log and "requeueing (restart 1" in log and "restart 1:" in log, sent.stderr
+    assert "requeueing (restart 1" in log and "restart 1:" in log, sent.stderr
+    assert log.count("preemption signal") == 1  # the requeue's own SIGTERM is no second preemption
     summary = json.loads((run_dir / "COMPLETED.json").read_text())
     assert summary["step"] == 24 and not (run_dir / "RESUME_ME.json").exists()
     client, run = run_of(tmp_path, run_dir)
