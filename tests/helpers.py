@@ -146,6 +146,15 @@ def empty_mlflow_store() -> Path:
     return folder / "mlflow.db"
 
 
+def same_weights(run_a: Path, run_b: Path, step: int) -> bool:
+    """The two runs' step-`step` checkpoints hold the same weights, bit for bit (BatchNorm's statistics too)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(run / "checkpoints" / f"step-{step:08d}" / "weights.safetensors") for run in (run_a, run_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def launch_cmd(nproc):
     if nproc == 1:
         return [sys.executable, "-m", "dfcvae_dist.train"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import base_args, env_for, launch_cmd, run_tool, train, wait_until
+from tests.helpers import base_args, env_for, launch_cmd, run_tool, same_weights, train, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -72,9 +72,7 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path,
     resumed = train(tmp_path, shard_dir, run_dir, *steps, nproc=2)
     assert f"resumed from {checkpoints / 'step-00000003'} at step 3" in resumed.stderr
     train(tmp_path, shard_dir, tmp_path / "straight", *steps, nproc=2)
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000006" / "weights.safetensors")
-    b = load_file(checkpoints / "step-00000006" / "weights.safetensors")
-    assert all((a[k] == b[k]).all() for k in a)  # nothing lost beyond the interval, bit for bit
+    assert same_weights(tmp_path / "straight", run_dir, 6)  # nothing lost beyond the interval, bit for bit
 
 
 def mounted_tmpfs(mount: Path, size: str):
@@ -284,9 +282,7 @@ def test_damaged_samples_are_skipped_counted_and_a_resume_after_them_is_bit_exac
     at_9 = tmp_path / "straight" / "checkpoints" / "step-00000009"
     resumed = train(tmp_path, shards, tmp_path / "resumed", "train.max_steps=12", *common, f"train.resume={at_9}")
     assert f"resumed from {at_9} at step 9" in resumed.stderr
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000012" / "weights.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000012" / "weights.safetensors")
-    assert all((a[k] == b[k]).all() for k in a)  # the resume landed where the uninterrupted run was
+    assert same_weights(tmp_path / "straight", tmp_path / "resumed", 12)  # where the uninterrupted run was
     summary = json.loads((tmp_path / "straight" / "COMPLETED.json").read_text())
     assert summary["skipped_samples"] >= 3  # 12 steps x 16 images pass through several damaged training shards
     assert json.loads((tmp_path / "resumed" / "COMPLETED.json").read_text())["skipped_samples"] == \
@@ -450,7 +446,7 @@ def test_a_stop_ends_a_one_process_run_waiting_on_a_hung_read(tmp_path, shard_di
     whole step, as any stop does. (Not a whole shard and then silence: the reader sees the end of the archive,
     and where it then waits depends on when the garbage collector closes the shard's pipe.)"""
     run_dir, log = tmp_path / "run", tmp_path / "train.err"
-    with tarfile.open(shard_dir / "train-000000.tar") as tar:  # two members a sample: where sample 37 begins
+    with tarfile.open(shard_dir / "train-000000.tar") as tar:  # two members a sample (every shard laid out alike)
         cut = tar.getmembers()[72].offset
     hung = f"pipe:head -c {cut} {shard_dir}/train-{{000000..000007}}.tar && sleep 600"
     cmd = [*launch_cmd(1), *base_args(shard_dir, run_dir, f"data.shards={hung}", "data.num_samples=320",

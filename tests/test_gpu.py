@@ -9,7 +9,6 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from safetensors.torch import load_file
 
 from dfcvae_dist.bench.step_overhead import measure
 from dfcvae_dist.config import LossConfig, load_config
@@ -17,7 +16,7 @@ from dfcvae_dist.families import get_family
 from dfcvae_dist.losses import FeaturePerceptualLoss
 from dfcvae_dist.models.vae import EdgePad
 from dfcvae_dist.training.recipes import LossHealth, set_lr
-from tests.helpers import train
+from tests.helpers import same_weights, train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
 
@@ -91,9 +90,7 @@ def test_compiled_loss_and_deterministic_bit_exact_resume_on_cuda(tmp_path, shar
     train(tmp_path, shard_dir, tmp_path / "straight", *steps)
     train(tmp_path, shard_dir, tmp_path / "resumed", "train.max_steps=3", *steps[1:])
     train(tmp_path, shard_dir, tmp_path / "resumed", *steps)
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000006" / "weights.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000006" / "weights.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(tmp_path / "straight", tmp_path / "resumed", 6)
     assert json.loads((tmp_path / "straight" / "COMPLETED.json").read_text())["step"] == 6
 
 

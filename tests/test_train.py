@@ -13,7 +13,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.helpers import ProcessGroups, base_args, env_for, image_steps, launch_cmd, run_tool, train, wait_until
+from tests.helpers import (ProcessGroups, base_args, env_for, image_steps, launch_cmd, run_tool, same_weights, train,
+                           wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -101,11 +102,6 @@ def resume_settings(every: int, total: int, workers: int = 1, accum: int = 1, ca
     return [f"train.max_steps={total}", f"checkpoint.every_steps={every}", f"data.num_workers={workers}",
             f"train.grad_accum={accum}", "log.image_every_steps=2",  # the image panels draw on no training stream
             f"data.cache={cache}"]
-
-
-def same_weights(run_a: Path, run_b: Path, step: int) -> bool:
-    a, b = (load_file(run / "checkpoints" / f"step-{step:08d}" / "weights.safetensors") for run in (run_a, run_b))
-    return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shard_dir, processes):
@@ -364,9 +360,7 @@ def test_a_compiled_step_run_resumes_bit_exactly_and_keeps_its_graphs_across_the
     digests = [json.loads((tmp_path / run / "ranks" / "rank-0.json").read_text())["params_sha256"]
                for run in ("straight", "resumed")]
     assert digests[0] == digests[1]
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000012" / "weights.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000012" / "weights.safetensors")
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # BatchNorm's running statistics too
+    assert same_weights(tmp_path / "straight", tmp_path / "resumed", 12)  # BatchNorm's running statistics too
 
 
 def test_torchrun_with_a_webdataset_url_pattern(tmp_path, shard_dir):
